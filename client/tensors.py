@@ -1,0 +1,78 @@
+"""The `Tensor` wire form: little-endian, row-major bytes with dtype and shape.
+
+One implementation for both sides: the client encodes, the server decodes and
+validates. Decoding never trusts the message: shape, dtype and byte count are
+checked before any memory is interpreted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from canvaswatch.v1 import monitor_pb2 as pb
+
+
+class TensorFormatError(ValueError):
+    """A Tensor message that cannot be read as declared; `field` names where."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+# dtype -> (torch dtype, bytes per element). bfloat16 has no numpy dtype, so
+# every decode goes through torch.frombuffer on the raw bytes.
+_DTYPES: dict[int, tuple[torch.dtype, int]] = {
+    pb.FLOAT32: (torch.float32, 4),
+    pb.FLOAT16: (torch.float16, 2),
+    pb.BFLOAT16: (torch.bfloat16, 2),
+    pb.INT32: (torch.int32, 4),
+    pb.INT64: (torch.int64, 8),
+}
+_TORCH_TO_WIRE = {torch_dtype: wire for wire, (torch_dtype, _) in _DTYPES.items()}
+
+
+def encode_tensor(tensor: torch.Tensor) -> pb.Tensor:
+    """Serialise a tensor (any device) into the wire form."""
+    if tensor.dtype not in _TORCH_TO_WIRE:
+        raise TypeError(f"dtype {tensor.dtype} has no wire form; use one of {list(_TORCH_TO_WIRE)}")
+    cpu = tensor.detach().to("cpu").contiguous()
+    # torch has no direct bytes view for bfloat16 via numpy, so reinterpret as int16 first.
+    raw = cpu.view(torch.int16) if cpu.dtype == torch.bfloat16 else cpu
+    data = raw.numpy().astype(raw.numpy().dtype.newbyteorder("<"), copy=False).tobytes()
+    return pb.Tensor(dtype=_TORCH_TO_WIRE[cpu.dtype], shape=list(cpu.shape), data=data)
+
+
+def decode_tensor(message: pb.Tensor, field: str, *, ndim: int | None = None) -> torch.Tensor:
+    """Read a wire tensor into a CPU torch tensor, validating it.
+
+    Raises TensorFormatError naming `field` for an unknown dtype, a shape of the
+    wrong rank, or a byte count that disagrees with shape x element size.
+    """
+    if message.dtype not in _DTYPES:
+        name = pb.DType.Name(message.dtype) if message.dtype in pb.DType.values() else str(message.dtype)
+        raise TensorFormatError(f"{field}.dtype", f"unsupported dtype {name}")
+    torch_dtype, itemsize = _DTYPES[message.dtype]
+    shape = tuple(int(s) for s in message.shape)
+    if ndim is not None and len(shape) != ndim:
+        raise TensorFormatError(f"{field}.shape", f"expected {ndim} dimensions, got shape {list(shape)}")
+    expected = math.prod(shape) * itemsize
+    if len(message.data) != expected:
+        raise TensorFormatError(
+            f"{field}.data",
+            f"shape {list(shape)} of {pb.DType.Name(message.dtype)} needs {expected} bytes, got {len(message.data)}",
+        )
+    if expected == 0:
+        return torch.empty(shape, dtype=torch_dtype)
+    # frombuffer shares the message's immutable bytes; clone so the tensor is writable and owned.
+    flat = torch.frombuffer(bytearray(message.data), dtype=torch_dtype)
+    if not _little_endian_host():
+        flat = flat.view(torch.uint8).view(-1, itemsize).flip(-1).contiguous().view(torch_dtype).flatten()
+    return flat.view(shape)
+
+
+def _little_endian_host() -> bool:
+    return np.little_endian

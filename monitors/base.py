@@ -1,0 +1,165 @@
+"""The monitor contract: what a monitor sees and what it returns.
+
+A monitor sees decoded steps (tensors plus a vocabulary to read them), never
+protobuf, and returns `Flag` values. The server owns transport, decoding,
+isolation (exceptions and time budgets) and metrics; a monitor owns only its
+definition of a phenomenon and its per-request state, which must stay bounded
+by canvas size, not by the number of steps.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+class Severity(enum.IntEnum):
+    """Same numbers as canvaswatch.v1.Severity."""
+
+    INFO = 1
+    WARNING = 2
+    CRITICAL = 3
+
+    @classmethod
+    def parse(cls, name: str) -> "Severity":
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ValueError(f"unknown severity {name!r}; expected one of info, warning, critical") from None
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Where a flag was seen: a step of a block, positions on its canvas, the decoded text."""
+
+    block: int
+    step: int
+    positions: tuple[int, ...] = ()
+    snippet: str = ""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """What a monitor raises. `reason` and `attributes` must hold no decoded
+    text (they go to logs and metrics-adjacent places); text goes in evidence
+    snippets, which logs keep only where the config allows content."""
+
+    monitor: str
+    severity: Severity
+    reason: str
+    score: float = 1.0
+    evidence: tuple[Evidence, ...] = ()
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestMeta:
+    """What the first message of a stream says about the request."""
+
+    request_id: str
+    model: str
+    tenant: str
+    prompt_ids: tuple[int, ...]
+    canvas_length: int
+    total_steps: int
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Vocabulary(Protocol):
+    """Turns token ids into text and back; the server passes its tokenizer-backed one.
+
+    decode() is the concatenation of each token's display piece, so that
+    char_offsets() can map a character span of the text back to positions.
+    """
+
+    size: int
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def piece(self, token_id: int) -> str: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def char_offsets(self, ids: Sequence[int]) -> Sequence[int]:
+        """Start offset of each token in decode(ids), plus the total length (len(ids) + 1 values)."""
+        ...
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedStep:
+    """One denoising step through the token bottleneck.
+
+    ids/probs are [L, k], most probable first, probabilities normalised over
+    the full vocabulary (0 = padding); residual[L] is the mass outside the kept
+    tokens (None when the client did not say, e.g. it sent only its top-k).
+    """
+
+    block: int
+    step: int
+    ids: torch.Tensor  # [L, k] int64
+    probs: torch.Tensor  # [L, k] float32
+    vocab: Vocabulary
+    residual: torch.Tensor | None = None  # [L] float32
+    canvas_ids: torch.Tensor | None = None  # [L] int64, the sampled canvas if sent
+
+    @property
+    def canvas_length(self) -> int:
+        return int(self.ids.shape[0])
+
+    @cached_property
+    def top1(self) -> torch.Tensor:
+        return self.ids[:, 0]
+
+    @cached_property
+    def top1_prob(self) -> torch.Tensor:
+        return self.probs[:, 0]
+
+    @cached_property
+    def text(self) -> str:
+        """The canvas read as its top-1 tokens."""
+        return self.vocab.decode(self.top1.tolist())
+
+    def span_text(self, start: int, stop: int) -> str:
+        start, stop = max(0, start), min(self.canvas_length, stop)
+        return self.vocab.decode(self.top1[start:stop].tolist())
+
+    def alternatives(self, position: int) -> list[tuple[str, float]]:
+        """The kept tokens at one position as (piece, prob), padding left out."""
+        ids = self.ids[position].tolist()
+        probs = self.probs[position].tolist()
+        return [(self.vocab.piece(i), p) for i, p in zip(ids, probs) if p > 0]
+
+
+@dataclass(frozen=True)
+class FinalCanvas:
+    """The request's end: the final output ids (all blocks) and its text."""
+
+    output_ids: tuple[int, ...]
+    text: str
+    steps_seen: int
+    steps_dropped: int
+
+
+class Monitor(Protocol):
+    """A pluggable monitor. One instance serves every request; state lives in what start() returns.
+
+    Implementations also provide `Params`, a dataclass of their TOML parameters
+    (validated by the registry), a `description`, and a constructor taking
+    `params: Params`. on_step must cost time proportional to canvas size and
+    use tensor operations rather than Python loops over positions.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Params: ClassVar[type]
+
+    def start(self, request: RequestMeta) -> Any: ...
+
+    def on_step(self, state: Any, step: DecodedStep) -> list[Flag]: ...
+
+    def on_finish(self, state: Any, final: FinalCanvas) -> list[Flag]: ...

@@ -1,0 +1,137 @@
+"""self_correction: a settled position that later flips to another token.
+
+Definition (retroactive self-correction, "How Transparent is DiffusionGemma?").
+Within one block, a position is *settled* once the same token has been its
+top-1 for `settle_steps` consecutive steps, each with probability at least
+`settle_prob`. A settled position *flips* when a different token becomes its
+top-1 with probability at least `flip_prob`. Each step with flips raises one
+flag whose evidence names the flipped spans, the step the old token settled,
+the flip step, and the before/after text.
+
+Hard negatives this excludes: ordinary refinement (positions that change while
+still uncertain never settled) and a settled token's probability wobbling
+without another token overtaking it.
+
+State per request: five [L] tensors, reset at each new block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
+
+
+@dataclass(frozen=True)
+class SelfCorrectionParams:
+    settle_prob: float = 0.8
+    settle_steps: int = 3
+    flip_prob: float = 0.3
+    severity: str = "warning"
+
+    def __post_init__(self) -> None:
+        for key in ("settle_prob", "flip_prob"):
+            value = getattr(self, key)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{key}: must be in (0, 1], got {value}")
+        if self.settle_steps < 1:
+            raise ValueError(f"settle_steps: must be >= 1, got {self.settle_steps}")
+        Severity.parse(self.severity)
+
+
+@dataclass
+class SelfCorrectionState:
+    block: int = -1
+    previous: torch.Tensor | None = None  # [L] top-1 at the last step
+    run: torch.Tensor | None = None  # [L] consecutive confident steps of that top-1
+    settled: torch.Tensor | None = None  # [L] bool
+    settled_token: torch.Tensor | None = None  # [L]
+    settled_step: torch.Tensor | None = None  # [L] step at which it settled
+
+
+class SelfCorrectionMonitor:
+    name: ClassVar[str] = "self_correction"
+    description: ClassVar[str] = (
+        "Retroactive self-correction: a position that held one token stably with high probability "
+        "for several steps later flips to another."
+    )
+    Params: ClassVar[type] = SelfCorrectionParams
+
+    def __init__(self, params: SelfCorrectionParams) -> None:
+        self.params = params
+        self.severity = Severity.parse(params.severity)
+
+    def start(self, request: RequestMeta) -> SelfCorrectionState:
+        return SelfCorrectionState()
+
+    def on_step(self, state: SelfCorrectionState, step: DecodedStep) -> list[Flag]:
+        top1, prob = step.top1, step.top1_prob
+        if state.block != step.block or state.previous is None or state.previous.shape != top1.shape:
+            self._reset(state, step.block, top1)
+        p = self.params
+        confident = prob >= p.settle_prob
+        same = top1 == state.previous
+        state.run = torch.where(confident, torch.where(same, state.run + 1, torch.ones_like(state.run)), 0)
+
+        flipped = state.settled & (top1 != state.settled_token) & (prob >= p.flip_prob)
+        flags: list[Flag] = []
+        if bool(flipped.any()):
+            flags.append(self._flag(state, step, flipped))
+            state.settled &= ~flipped
+
+        newly = (state.run >= p.settle_steps) & ~state.settled
+        state.settled_step = torch.where(newly, step.step - p.settle_steps + 1, state.settled_step)
+        state.settled_token = torch.where(newly, top1, state.settled_token)
+        state.settled |= newly
+        state.previous = top1.clone()
+        return flags
+
+    def on_finish(self, state: SelfCorrectionState, final: FinalCanvas) -> list[Flag]:
+        return []
+
+    def _reset(self, state: SelfCorrectionState, block: int, top1: torch.Tensor) -> None:
+        state.block = block
+        state.previous = torch.full_like(top1, -1)
+        state.run = torch.zeros_like(top1)
+        state.settled = torch.zeros_like(top1, dtype=torch.bool)
+        state.settled_token = torch.full_like(top1, -1)
+        state.settled_step = torch.zeros_like(top1)
+
+    def _flag(self, state: SelfCorrectionState, step: DecodedStep, flipped: torch.Tensor) -> Flag:
+        positions = flipped.nonzero().flatten().tolist()
+        vocab = step.vocab
+        evidence = []
+        changes = []
+        for span in _contiguous(positions):
+            before = vocab.decode(state.settled_token[span[0] : span[-1] + 1].tolist())
+            after = vocab.decode(step.top1[span[0] : span[-1] + 1].tolist())
+            since = int(state.settled_step[span[0]])
+            changes.append(f"{_span_name(span)} (settled at step {since})")
+            evidence.append(Evidence(step.block, step.step, tuple(span), f"{before!r} -> {after!r}"))
+        held = int((step.step - state.settled_step[flipped]).max())
+        score = float(step.top1_prob[flipped].mean())
+        return Flag(
+            monitor=self.name,
+            severity=self.severity,
+            reason=f"block {step.block} step {step.step}: settled tokens flipped at " + "; ".join(changes),
+            score=score,
+            evidence=tuple(evidence),
+            attributes={"flipped_positions": str(len(positions)), "held_steps": str(held)},
+        )
+
+
+def _contiguous(positions: list[int]) -> list[list[int]]:
+    spans: list[list[int]] = []
+    for position in positions:
+        if spans and position == spans[-1][-1] + 1:
+            spans[-1].append(position)
+        else:
+            spans.append([position])
+    return spans
+
+
+def _span_name(span: list[int]) -> str:
+    return f"position {span[0]}" if len(span) == 1 else f"positions {span[0]}-{span[-1]}"

@@ -1,0 +1,1 @@
+"""canvaswatch.server: the gRPC sidecar (transport, decoding, sessions, metrics, CLI)."""

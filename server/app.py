@@ -1,0 +1,113 @@
+"""Assemble and run the sidecar: grpc.aio server, health, reflection, auth, metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from canvaswatch.monitors.base import Vocabulary
+from canvaswatch.server.auth import BearerTokenInterceptor
+from canvaswatch.server.config import Config
+from canvaswatch.server.engine import Engine
+from canvaswatch.server.metrics import Metrics
+from canvaswatch.server.servicer import CanvasMonitorServicer
+from canvaswatch.server.vocab import load_vocabulary
+from canvaswatch.v1 import monitor_pb2 as pb
+from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CanvasMonitor"].full_name
+
+
+class Sidecar:
+    """One sidecar: call `await start()`, then `await wait()` or `await stop()`."""
+
+    def __init__(self, config: Config, vocab: Vocabulary | None = None, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.vocab = vocab or load_vocabulary(config.vocab.tokenizer)
+        self.engine = Engine(config, self.vocab, metrics=metrics)
+        self.executor = ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="canvaswatch-step")
+        self.grpc_port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http = None
+
+    async def start(self) -> int:
+        s = self.config.server
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+        ]
+        interceptors = [BearerTokenInterceptor(s.auth_tokens)] if s.auth_tokens else []
+        server = grpc.aio.server(options=options, interceptors=interceptors)
+        pb_grpc.add_CanvasMonitorServicer_to_server(
+            CanvasMonitorServicer(self.engine, self.executor, s.max_streams), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.grpc_port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"server.grpc_port: cannot bind {s.host}:{s.grpc_port}")
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._metrics_http = self.engine.metrics.serve(s.host, s.metrics_port) if s.metrics_port >= 0 else None
+        if self._metrics_http is not None:
+            self.metrics_port = self._metrics_http[0].server_port
+        self._server = server
+        log.info("sidecar_started", grpc=f"{s.host}:{self.grpc_port}", metrics_port=self.metrics_port,
+                 monitors=[m.name for m in self.engine.monitors], vocab_size=self.vocab.size)
+        return self.grpc_port
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._metrics_http is not None:
+            self._metrics_http[0].shutdown()
+            self._metrics_http[0].server_close()
+            self._metrics_http = None
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.engine.close()
+        log.info("sidecar_stopped")
+
+
+class SidecarThread:
+    """A sidecar on its own event loop in a background thread (tests, the demo)."""
+
+    def __init__(self, config: Config, vocab: Vocabulary | None = None) -> None:
+        self.sidecar = Sidecar(config, vocab=vocab)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="canvaswatch-sidecar", daemon=True)
+
+    def start(self) -> "SidecarThread":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.sidecar.start(), self._loop).result(timeout=30)
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"{self.sidecar.config.server.host}:{self.sidecar.grpc_port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.sidecar.stop(0.5), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> "SidecarThread":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

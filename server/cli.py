@@ -1,0 +1,221 @@
+"""The `canvaswatch` command: serve, demo, check, replay."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from canvaswatch.server.config import ConfigError, load_config
+from canvaswatch.server.logs import configure_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="canvaswatch", description="Monitor sidecar for diffusion language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC sidecar")
+    serve.add_argument("--config", help="TOML config (default: built-in monitors with their defaults)")
+    serve.add_argument("--grpc-port", type=int, help="overrides server.grpc_port")
+    serve.add_argument("--metrics-port", type=int, help="overrides server.metrics_port (-1: off)")
+    serve.add_argument("--host", help="overrides server.host")
+
+    demo = sub.add_parser("demo", help="a sidecar on its defaults plus simulated traffic, to see it work")
+    demo.add_argument("--requests", type=int, default=8, help="simulated requests to stream")
+    demo.add_argument("--concurrency", type=int, default=4)
+    demo.add_argument("--grpc-port", type=int, default=50051)
+    demo.add_argument("--metrics-port", type=int, default=9464)
+    demo.add_argument("--serve-after", action="store_true", help="keep the sidecar up after the traffic (Ctrl-C to stop)")
+
+    check = sub.add_parser("check", help="run a .cwtrace file through the monitors in-process")
+    check.add_argument("trace")
+    check.add_argument("--config")
+    check.add_argument("--json", action="store_true", help="print verdicts as JSON lines")
+
+    replay = sub.add_parser("replay", help="stream a .cwtrace file to a running sidecar")
+    replay.add_argument("trace")
+    replay.add_argument("--target", required=True, help="HOST:PORT of the sidecar")
+    replay.add_argument("--token", help="bearer token, if the sidecar requires one")
+    replay.add_argument("--json", action="store_true")
+
+    record = sub.add_parser("simulate", help="write simulated traces (labelled SIMULATED) to a .cwtrace file")
+    record.add_argument("output")
+    record.add_argument("--requests", type=int, default=8)
+    record.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    try:
+        return {
+            "serve": _serve, "demo": _demo, "check": _check, "replay": _replay, "simulate": _simulate,
+        }[args.command](args)
+    except ConfigError as err:
+        print(f"canvaswatch: configuration error: {err}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    overrides = {k: v for k, v in (("grpc_port", args.grpc_port), ("metrics_port", args.metrics_port), ("host", args.host)) if v is not None}
+    config = config.with_server(**overrides) if overrides else config
+    configure_logging(config.logging.level)
+    from canvaswatch.server.app import Sidecar
+
+    async def run() -> None:
+        sidecar = Sidecar(config)
+        await sidecar.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await sidecar.stop(grace=5.0)
+
+    asyncio.run(run())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from canvaswatch.client import simulate
+    from canvaswatch.client.replay import replay
+    from canvaswatch.client.stream import channel_options
+    from canvaswatch.server.app import SidecarThread
+    from canvaswatch.server.config import default_config
+
+    config = default_config().with_server(grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+    configure_logging("warning")
+    print("canvaswatch demo: starting the sidecar with the default monitors "
+          "(first run converts the Gemma vocabulary once, ~20 s)...", flush=True)
+    sidecar = SidecarThread(config).start()
+    vocab = sidecar.sidecar.vocab
+    print(f"  gRPC  {sidecar.target}   metrics  http://127.0.0.1:{sidecar.sidecar.metrics_port}/metrics", flush=True)
+    print(f"  monitors: {', '.join(m.name for m in sidecar.sidecar.engine.monitors)}; vocabulary: {vocab.size} tokens")
+    print("\nStreaming SIMULATED denoising traces (real text through the real Gemma tokenizer, simulated "
+          "trajectories with planted phenomena):\n", flush=True)
+    kinds = [simulate.SCENARIOS[i % len(simulate.SCENARIOS)] for i in range(args.requests)]
+    traces = [simulate.scenario(kind, vocab.encode, vocab.size, request_id=f"demo-{i:03d}-{kind}", seed=i)
+              for i, kind in enumerate(kinds)]
+    channel = grpc.insecure_channel(sidecar.target, options=channel_options())
+    printing = threading.Lock()
+
+    def show(event) -> None:
+        if event.WhichOneof("event") == "flag":
+            flag = event.flag
+            with printing:
+                snippet = flag.evidence[0].snippet if flag.evidence else ""
+                print(f"  [{event.request_id}] FLAG {flag.monitor} {_severity(flag.severity)}: {flag.reason}"
+                      + (f"\n      evidence: {snippet!r}" if snippet else ""), flush=True)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        verdicts = list(pool.map(lambda t: replay(t, channel, on_event=show), traces))
+    elapsed = time.perf_counter() - started
+    steps = sum(len(t.steps) for t in traces)
+    print("\nVerdicts:")
+    for kind, verdict in zip(kinds, verdicts):
+        print(f"  {verdict.request_id:<32} planted={kind:<17} flags={len(verdict.flags):<2} "
+              f"max={_severity(verdict.max_severity):<8} steps_seen={verdict.steps_seen}")
+    print(f"\n{len(traces)} requests, {steps} steps in {elapsed:.2f} s over gRPC.")
+    if sidecar.sidecar.metrics_port:
+        url = f"http://127.0.0.1:{sidecar.sidecar.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        print(f"\nFrom {url}:")
+        for line in text.splitlines():
+            if line.startswith(("canvaswatch_flags_total", "canvaswatch_requests_total", "canvaswatch_steps_total")):
+                print("  " + line)
+    channel.close()
+    if args.serve_after:
+        print(f"\nSidecar still serving on {sidecar.target}; Ctrl-C to stop.", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+    sidecar.stop()
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from canvaswatch.client.trace import read_traces
+    from canvaswatch.server.convert import verdict_to_pb
+    from canvaswatch.server.decode import StepError
+    from canvaswatch.server.engine import Engine
+    from canvaswatch.server.vocab import load_vocabulary
+
+    config = load_config(args.config)
+    configure_logging("warning")
+    engine = Engine(config, load_vocabulary(config.vocab.tokenizer))
+    worst = 0
+    for index, trace in enumerate(read_traces(args.trace)):
+        try:
+            verdict = verdict_to_pb(engine.check_trace(trace))
+        except StepError as err:
+            print(f"canvaswatch: trace {index}: {err.code.name}: {err.message}", file=sys.stderr)
+            return 1
+        _print_verdict(verdict, args.json)
+        worst = max(worst, verdict.max_severity)
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from canvaswatch.client.replay import replay
+    from canvaswatch.client.stream import WatchError, channel_options
+    from canvaswatch.client.trace import read_traces
+
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
+    with grpc.insecure_channel(args.target, options=channel_options()) as channel:
+        for index, trace in enumerate(read_traces(args.trace)):
+            try:
+                verdict = replay(trace, channel, metadata=metadata)
+            except WatchError as err:
+                print(f"canvaswatch: trace {index}: {err}", file=sys.stderr)
+                return 1
+            _print_verdict(verdict, args.json)
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from canvaswatch.client import simulate
+    from canvaswatch.client.trace import write_traces
+    from canvaswatch.server.vocab import load_vocabulary
+
+    vocab = load_vocabulary()
+    traces = [
+        simulate.scenario(simulate.SCENARIOS[i % len(simulate.SCENARIOS)], vocab.encode, vocab.size,
+                          request_id=f"sim-{args.seed}-{i:04d}", seed=args.seed + i)
+        for i in range(args.requests)
+    ]
+    count = write_traces(Path(args.output), traces)
+    print(f"wrote {count} SIMULATED traces to {args.output}")
+    return 0
+
+
+def _severity(value: int) -> str:
+    from canvaswatch.v1 import monitor_pb2 as pb
+
+    return pb.Severity.Name(value) if value else "NONE"
+
+
+def _print_verdict(verdict, as_json: bool) -> None:
+    if as_json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps(MessageToDict(verdict, preserving_proto_field_name=True)))
+        return
+    print(f"{verdict.request_id}: max={_severity(verdict.max_severity)} flags={len(verdict.flags)} "
+          f"steps_seen={verdict.steps_seen} steps_dropped={verdict.steps_dropped}")
+    for flag in verdict.flags:
+        print(f"  {flag.monitor} {_severity(flag.severity)}: {flag.reason}")
+    for error in verdict.monitor_errors:
+        print(f"  monitor error: {error}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""One TOML file configures the sidecar; it is validated at start-up and errors name the key.
+
+    [server]
+    grpc_port = 50051
+    metrics_port = 9464            # 0 = any free port, -1 = no metrics endpoint
+    host = "127.0.0.1"
+    max_message_bytes = 67108864
+    max_streams = 256
+    monitor_policy = "fail_open"   # or "fail_closed": a failed monitor makes the verdict CRITICAL
+    monitor_budget_ms = 50.0       # per monitor per step; overruns are counted, not killed
+    dense_k = 8                    # tokens kept per position when a client sends dense logits
+    auth_tokens = []               # if set, calls need "authorization: Bearer <token>"
+
+    [vocab]
+    tokenizer = "gemma3-270m"      # or a transformers tokenizer directory
+
+    [logging]
+    level = "info"
+    log_content = false            # decoded text in logs, events and the audit log
+    audit_log = ""                 # JSON lines of every flag; empty = off
+
+    [monitors.lexicon]             # enabled by being present; `enabled = false` turns one off
+    patterns = ["..."]
+
+With no file, every built-in monitor that needs no external file runs with its
+defaults (see DEFAULT_MONITORS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from canvaswatch.monitors import registry
+from canvaswatch.monitors.base import Monitor
+from canvaswatch.server.vocab import DEFAULT_TOKENIZER
+
+# Built-ins that work with no external file; new ones join as they land.
+DEFAULT_MONITORS: tuple[str, ...] = ("lexicon", "self_correction")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message starts with the offending key."""
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    metrics_port: int = 9464
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_streams: int = 256
+    monitor_policy: str = "fail_open"
+    monitor_budget_ms: float = 50.0
+    dense_k: int = 8
+    auth_tokens: list[str] = field(default_factory=list)
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"grpc_port: must be a port number in [0, 65535], got {self.grpc_port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port: must be a port number in [0, 65535] or -1 (off), got {self.metrics_port}")
+        if self.monitor_policy not in ("fail_open", "fail_closed"):
+            raise ValueError(f"monitor_policy: expected 'fail_open' or 'fail_closed', got {self.monitor_policy!r}")
+        for key in ("max_message_bytes", "max_streams", "dense_k", "workers"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.monitor_budget_ms <= 0:
+            raise ValueError(f"monitor_budget_ms: must be > 0, got {self.monitor_budget_ms}")
+
+
+@dataclass(frozen=True)
+class VocabSection:
+    tokenizer: str = DEFAULT_TOKENIZER
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    level: str = "info"
+    log_content: bool = False
+    audit_log: str = ""
+
+    def __post_init__(self) -> None:
+        if self.level.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"level: expected debug, info, warning or error, got {self.level!r}")
+
+
+@dataclass(frozen=True)
+class MonitorSpec:
+    name: str
+    table: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerSection = field(default_factory=ServerSection)
+    vocab: VocabSection = field(default_factory=VocabSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    monitors: tuple[MonitorSpec, ...] = tuple(MonitorSpec(name, {}) for name in DEFAULT_MONITORS)
+
+    def build_monitors(self) -> list[Monitor]:
+        """Instantiate the enabled monitors; raises ConfigError naming the key on any problem."""
+        built = []
+        for spec in self.monitors:
+            try:
+                built.append(registry.build(spec.name, spec.table, f"monitors.{spec.name}"))
+            except registry.MonitorConfigError as err:
+                raise ConfigError(str(err)) from None
+        return built
+
+    def with_server(self, **overrides: Any) -> "Config":
+        return dataclasses.replace(self, server=dataclasses.replace(self.server, **overrides))
+
+
+_SECTIONS = {"server": ServerSection, "vocab": VocabSection, "logging": LoggingSection}
+
+
+def load_config(path: str | Path | None) -> Config:
+    if path is None:
+        return default_config()
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config: no such file {str(path)!r}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return parse_config(raw)
+
+
+def default_config() -> Config:
+    config = Config()
+    config.build_monitors()  # the defaults must always validate
+    return config
+
+
+def parse_config(raw: Mapping[str, Any]) -> Config:
+    unknown = set(raw) - set(_SECTIONS) - {"monitors"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section; expected server, vocab, logging, monitors")
+    sections = {name: _parse_section(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    monitors_table = raw.get("monitors", None)
+    if monitors_table is None:
+        specs = tuple(MonitorSpec(name, {}) for name in DEFAULT_MONITORS)
+    else:
+        if not isinstance(monitors_table, dict):
+            raise ConfigError("monitors: expected tables [monitors.<name>]")
+        specs = []
+        for name, table in monitors_table.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"monitors.{name}: expected a table [monitors.{name}]")
+            enabled = table.get("enabled", True)
+            if not isinstance(enabled, bool):
+                raise ConfigError(f"monitors.{name}.enabled: expected bool, got {type(enabled).__name__}")
+            if enabled:
+                specs.append(MonitorSpec(name, dict(table)))
+        specs = tuple(specs)
+    config = Config(monitors=specs, **sections)
+    config.build_monitors()
+    return config
+
+
+def _parse_section(cls: type, table: Any, key: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: expected a table [{key}]")
+    try:
+        return registry.parse_params(cls, table, key)
+    except registry.MonitorConfigError as err:
+        raise ConfigError(str(err)) from None
+
+
+__all__ = ["Config", "ConfigError", "DEFAULT_MONITORS", "load_config", "parse_config", "default_config"]

@@ -1,0 +1,137 @@
+"""Turn a StepState's state into a DecodedStep, validating everything the client sent.
+
+Three wire forms (canvaswatch.v1.StepState.state): `topk` is read as is,
+`logits` goes through the token bottleneck (canvaswatch.client.bottleneck, the
+one implementation of that math), and `embeddings` needs the dense decoder
+with the model's embedding matrix (not configured in this version: the
+client gets UNIMPLEMENTED naming the form).
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import torch
+
+from canvaswatch.client.bottleneck import bottleneck
+from canvaswatch.client.tensors import TensorFormatError, decode_tensor
+from canvaswatch.monitors.base import DecodedStep, Vocabulary
+from canvaswatch.server.metrics import Metrics
+from canvaswatch.v1 import monitor_pb2 as pb
+
+# Probabilities are floats sent by clients in up to bf16; this much slack over 1 is rounding, more is a bug.
+PROB_SUM_SLACK = 1e-2
+
+
+class StepError(Exception):
+    """A step the sidecar refuses; carries the gRPC status and a message naming the field."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> StepError:
+    return StepError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class StepDecoder:
+    def __init__(self, vocab: Vocabulary, metrics: Metrics, dense_k: int = 8) -> None:
+        self.vocab = vocab
+        self.metrics = metrics
+        self.dense_k = dense_k
+
+    def decode(self, message: pb.StepState, canvas_length: int, where: str) -> DecodedStep | None:
+        """The decoded canvas of `message`, or None for a final message that carries no state.
+
+        `where` prefixes error messages (e.g. "steps[3]") so a client can find the bad message.
+        """
+        form = message.WhichOneof("state")
+        started = time.perf_counter()
+        if form is None:
+            if message.final:
+                return None
+            raise invalid(f"{where}.state: a non-final step needs one of topk, embeddings, logits")
+        if form == "embeddings":
+            raise StepError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{where}.embeddings: this sidecar has no embedding matrix configured; send topk or logits",
+            )
+        try:
+            if form == "topk":
+                ids, probs, residual = self._read_topk(message.topk, canvas_length, where)
+            else:
+                ids, probs, residual = self._read_logits(message.logits, canvas_length, where)
+        except TensorFormatError as err:
+            raise invalid(f"{where}.{form}.{err}") from None
+        canvas = self._read_canvas(message, canvas_length, where)
+        self.metrics.decode_seconds.labels(form).observe(time.perf_counter() - started)
+        return DecodedStep(
+            block=message.block, step=message.step, ids=ids, probs=probs, vocab=self.vocab,
+            residual=residual, canvas_ids=canvas,
+        )
+
+    def _read_topk(self, topk: pb.TopK, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not topk.HasField("ids") or not topk.HasField("probs"):
+            raise invalid(f"{where}.topk: both ids and probs are required")
+        ids = decode_tensor(topk.ids, "ids", ndim=2)
+        probs = decode_tensor(topk.probs, "probs", ndim=2)
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise invalid(f"{where}.topk.ids.dtype: expected INT32 or INT64, got {ids.dtype}")
+        if not probs.dtype.is_floating_point:
+            raise invalid(f"{where}.topk.probs.dtype: expected FLOAT32, FLOAT16 or BFLOAT16, got {probs.dtype}")
+        if ids.shape != probs.shape:
+            raise invalid(f"{where}.topk: ids shape {list(ids.shape)} differs from probs shape {list(probs.shape)}")
+        if ids.shape[0] != length:
+            raise invalid(f"{where}.topk.ids.shape: {ids.shape[0]} positions, but info.canvas_length is {length}")
+        if ids.shape[1] < 1:
+            raise invalid(f"{where}.topk.ids.shape: k must be >= 1")
+        probs = probs.float()
+        if not bool(torch.isfinite(probs).all()):
+            bad = (~torch.isfinite(probs)).nonzero()[0].tolist()
+            raise invalid(f"{where}.topk.probs: non-finite probability at position {bad[0]}, slot {bad[1]}")
+        if bool((probs < 0).any()) or bool((probs > 1).any()):
+            bad = ((probs < 0) | (probs > 1)).nonzero()[0].tolist()
+            raise invalid(f"{where}.topk.probs: probability {probs[bad[0], bad[1]].item():g} outside [0, 1] at position {bad[0]}, slot {bad[1]}")
+        ids = ids.long()
+        live = probs > 0
+        out_of_vocab = live & ((ids < 0) | (ids >= self.vocab.size))
+        if bool(out_of_vocab.any()):
+            bad = out_of_vocab.nonzero()[0].tolist()
+            raise invalid(
+                f"{where}.topk.ids: token id {ids[bad[0], bad[1]].item()} at position {bad[0]} is outside the vocabulary [0, {self.vocab.size})"
+            )
+        sums = probs.sum(dim=1)
+        if bool((sums > 1 + PROB_SUM_SLACK).any()):
+            position = int((sums > 1 + PROB_SUM_SLACK).nonzero()[0])
+            raise invalid(f"{where}.topk.probs: position {position} sums to {sums[position].item():.4f} > 1")
+        # Most probable first, whatever order the client used; padding sorts last.
+        probs, order = torch.sort(probs, dim=1, descending=True)
+        ids = torch.where(probs > 0, torch.gather(ids, 1, order), torch.zeros_like(ids))
+        residual = (1.0 - sums).clamp_min(0.0)
+        return ids, probs, residual
+
+    def _read_logits(self, logits_msg: pb.Tensor, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = decode_tensor(logits_msg, "logits", ndim=2)
+        if not logits.dtype.is_floating_point:
+            raise invalid(f"{where}.logits.dtype: expected a float dtype, got {logits.dtype}")
+        if logits.shape[0] != length:
+            raise invalid(f"{where}.logits.shape: {logits.shape[0]} positions, but info.canvas_length is {length}")
+        if logits.shape[1] != self.vocab.size:
+            raise invalid(f"{where}.logits.shape: vocabulary of {logits.shape[1]}, but the sidecar's is {self.vocab.size}")
+        if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+            raise invalid(f"{where}.logits: NaN or +inf present")
+        kept = bottleneck(logits, k=self.dense_k)
+        return kept.ids.long(), kept.probs, kept.residual
+
+    def _read_canvas(self, message: pb.StepState, length: int, where: str) -> torch.Tensor | None:
+        if not message.canvas_ids:
+            return None
+        canvas = torch.tensor(list(message.canvas_ids), dtype=torch.long)
+        if canvas.numel() != length:
+            raise invalid(f"{where}.canvas_ids: {canvas.numel()} ids, but info.canvas_length is {length}")
+        if bool(((canvas < 0) | (canvas >= self.vocab.size)).any()):
+            raise invalid(f"{where}.canvas_ids: id outside the vocabulary [0, {self.vocab.size})")
+        return canvas

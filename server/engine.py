@@ -1,0 +1,110 @@
+"""The sidecar's data path, transport-free: open a session, decode and monitor a step, finish.
+
+The gRPC servicer calls these from a worker thread per step; `check_trace`
+runs a whole recorded trace in-process (the `Check` RPC and `canvaswatch
+check`). Errors are StepError with a gRPC status and a message naming the
+field, raised before any state changes, so a bad message never corrupts a
+session or touches another stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import structlog
+
+from canvaswatch.monitors.base import Flag, Monitor, Vocabulary
+from canvaswatch.monitors.registry import describe_params
+from canvaswatch.server.audit import AuditLog
+from canvaswatch.server.config import Config
+from canvaswatch.server.convert import request_meta
+from canvaswatch.server.decode import StepDecoder, invalid
+from canvaswatch.server.metrics import Metrics
+from canvaswatch.server.session import Session, SessionSettings, SessionVerdict
+from canvaswatch.v1 import monitor_pb2 as pb
+
+log = structlog.get_logger(__name__)
+
+
+class Engine:
+    def __init__(self, config: Config, vocab: Vocabulary, metrics: Metrics | None = None,
+                 monitors: list[Monitor] | None = None) -> None:
+        self.config = config
+        self.vocab = vocab
+        self.metrics = metrics or Metrics()
+        self.monitors = monitors if monitors is not None else config.build_monitors()
+        self.audit = AuditLog(config.logging.audit_log or None, include_content=config.logging.log_content)
+        self.decoder = StepDecoder(vocab, self.metrics, dense_k=config.server.dense_k)
+        self.settings = SessionSettings(
+            policy=config.server.monitor_policy,
+            budget_s=config.server.monitor_budget_ms / 1000.0,
+            log_content=config.logging.log_content,
+        )
+
+    def open(self, info: pb.RequestInfo, where: str) -> Session:
+        meta = request_meta(info, where)
+        log.info("request_started", request_id=meta.request_id, model=meta.model, canvas_length=meta.canvas_length)
+        return Session(meta=meta, monitors=self.monitors, settings=self.settings, metrics=self.metrics, audit=self.audit)
+
+    def step(self, session: Session, message: pb.StepState, where: str) -> list[Flag]:
+        """Validate, decode and monitor one message (final ones included, for their state)."""
+        previous = session.last
+        if message.WhichOneof("state") is not None:
+            # A final message without a state carries no step, so only states are ordered.
+            session.check_order(message.block, message.step, where)
+        try:
+            decoded = self.decoder.decode(message, session.meta.canvas_length, where)
+        except Exception:
+            session.last = previous
+            raise
+        session.note_dropped(message.client_dropped_steps)
+        if decoded is None:
+            return []
+        return session.on_step(decoded)
+
+    def finish(self, session: Session, message: pb.StepState, where: str) -> tuple[list[Flag], SessionVerdict]:
+        output = tuple(message.output_ids)
+        if any(not 0 <= token < self.vocab.size for token in output):
+            raise invalid(f"{where}.output_ids: id outside the vocabulary [0, {self.vocab.size})")
+        flags, verdict = session.finish(output, self.vocab.decode(output))
+        log.info("request_finished", request_id=verdict.request_id, flags=len(verdict.flags),
+                 max_severity=verdict.max_severity.name if verdict.max_severity else "none",
+                 steps_seen=verdict.steps_seen, steps_dropped=verdict.steps_dropped)
+        return flags, verdict
+
+    def check_trace(self, trace: pb.Trace) -> SessionVerdict:
+        """A whole recorded trace, in order; the first step may rely on trace.info."""
+        if not trace.steps:
+            raise invalid("steps: the trace has no steps")
+        first = trace.steps[0]
+        info = first.info if first.HasField("info") else trace.info
+        if not info.request_id and not info.canvas_length:
+            raise invalid("info: required on the trace or its first step")
+        session = self.open(info, "info")
+        for index, message in enumerate(trace.steps):
+            where = f"steps[{index}]"
+            self.step(session, message, where)
+            if message.final:
+                if index != len(trace.steps) - 1:
+                    raise invalid(f"{where}.final: the final step must be the last one")
+                _, verdict = self.finish(session, message, where)
+                self.metrics.requests.labels(session.model_label, "ok").inc()
+                return verdict
+        self.metrics.requests.labels(session.model_label, "incomplete").inc()
+        raise invalid(f"steps[{len(trace.steps) - 1}].final: the trace ends without a final step")
+
+    def list_monitors(self) -> pb.ListMonitorsResponse:
+        return pb.ListMonitorsResponse(
+            monitors=[
+                pb.MonitorInfo(name=m.name, description=getattr(m, "description", ""), params=_params_of(m))
+                for m in self.monitors
+            ]
+        )
+
+    def close(self) -> None:
+        self.audit.close()
+
+
+def _params_of(monitor: Monitor) -> dict[str, str]:
+    params = getattr(monitor, "params", None)
+    return describe_params(params) if dataclasses.is_dataclass(params) else {}

@@ -1,0 +1,68 @@
+"""Prometheus metrics. The names and label sets are a contract (DESIGN.md): dashboards and alert rules use them.
+
+Labels stay bounded: `model` comes from clients, so only the first
+MAX_MODEL_LABELS distinct values are kept and later ones are reported as
+"other". Request ids, tenants and token text never become labels.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+MAX_MODEL_LABELS = 32
+OTHER = "other"
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_MASS_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+
+
+class Metrics:
+    """Every metric the sidecar exports, in its own registry (no process-global state)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.steps = Counter("canvaswatch_steps", "Denoising steps received and decoded.", ["model"], registry=r)
+        self.requests = Counter(
+            "canvaswatch_requests", "Requests finished, by outcome (ok, invalid, incomplete, cancelled, error).",
+            ["model", "outcome"], registry=r,
+        )
+        self.flags = Counter("canvaswatch_flags", "Flags raised by monitors.", ["monitor", "severity", "model"], registry=r)
+        self.monitor_seconds = Histogram(
+            "canvaswatch_monitor_seconds", "Time a monitor spent on one step or finish.", ["monitor"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "canvaswatch_decode_seconds", "Time to decode one step's state into a canvas, by wire form.", ["form"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.monitor_errors = Counter(
+            "canvaswatch_monitor_errors", "Monitor failures by kind (exception, overrun).", ["monitor", "kind"], registry=r
+        )
+        self.active_streams = Gauge("canvaswatch_active_streams", "Watch streams open now.", registry=r)
+        self.residual_mass = Histogram(
+            "canvaswatch_bottleneck_residual_mass",
+            "Probability mass outside the kept top-k/top-p per position: when it grows, the bottleneck stops being a faithful view.",
+            buckets=_MASS_BUCKETS, registry=r,
+        )
+        self.steps_dropped = Counter(
+            "canvaswatch_steps_dropped", "Steps the client dropped before they reached the sidecar.", ["model"], registry=r
+        )
+        self._models: set[str] = set()
+        self._lock = threading.Lock()
+
+    def model_label(self, model: str) -> str:
+        model = model or "unknown"
+        with self._lock:
+            if model in self._models:
+                return model
+            if len(self._models) < MAX_MODEL_LABELS:
+                self._models.add(model)
+                return model
+        return OTHER
+
+    def serve(self, host: str, port: int) -> tuple[object, object]:
+        """Start the /metrics HTTP endpoint in a thread; returns (server, thread)."""
+        return start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,147 @@
+"""One request's session: step order, the monitors' per-request state, isolation, the verdict.
+
+Memory per request is what the monitors keep (bounded by canvas size by their
+contract) plus a few counters: steps are processed and released, never stored.
+Each monitor is isolated: an exception is counted and logged, that monitor is
+switched off for the rest of the request, and the request goes on. Under
+fail_closed a failure also adds a CRITICAL flag, so the verdict cannot look
+clean when a monitor did not run. A call over the time budget is counted as an
+overrun (it is not killed: Python threads cannot be, safely).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import structlog
+
+from canvaswatch.monitors.base import DecodedStep, FinalCanvas, Flag, Monitor, RequestMeta, Severity
+from canvaswatch.server.audit import AuditLog
+from canvaswatch.server.decode import invalid
+from canvaswatch.server.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class SessionVerdict:
+    request_id: str
+    flags: tuple[Flag, ...]
+    max_severity: Severity | None
+    steps_seen: int
+    steps_dropped: int
+    monitor_errors: tuple[str, ...]
+
+
+@dataclass
+class SessionSettings:
+    policy: str = "fail_open"
+    budget_s: float = 0.05
+    log_content: bool = False
+
+
+@dataclass
+class Session:
+    meta: RequestMeta
+    monitors: list[Monitor]
+    settings: SessionSettings
+    metrics: Metrics
+    audit: AuditLog
+    model_label: str = ""
+    states: dict[str, Any] = field(default_factory=dict)
+    flags: list[Flag] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    disabled: set[str] = field(default_factory=set)
+    steps_seen: int = 0
+    client_dropped: int = 0
+    last: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        self.model_label = self.metrics.model_label(self.meta.model)
+        for monitor in self.monitors:
+            self._guard(monitor, "start", lambda m=monitor: self.states.__setitem__(m.name, m.start(self.meta)))
+
+    def check_order(self, block: int, step: int, where: str) -> None:
+        """Blocks run left to right; steps strictly increase within a block."""
+        if self.last is not None:
+            last_block, last_step = self.last
+            if block < last_block:
+                raise invalid(f"{where}.block: block {block} after block {last_block}; blocks must not go back")
+            if block == last_block and step <= last_step:
+                raise invalid(f"{where}.step: step {step} after step {last_step} in block {block}; steps must increase")
+        self.last = (block, step)
+
+    def note_dropped(self, client_dropped: int) -> None:
+        if client_dropped > self.client_dropped:
+            self.metrics.steps_dropped.labels(self.model_label).inc(client_dropped - self.client_dropped)
+            self.client_dropped = client_dropped
+
+    def on_step(self, step: DecodedStep) -> list[Flag]:
+        self.steps_seen += 1
+        self.metrics.steps.labels(self.model_label).inc()
+        if step.residual is not None:
+            # One observation per step (its mean), not per position: the histogram tracks steps.
+            self.metrics.residual_mass.observe(float(step.residual.mean()))
+        raised: list[Flag] = []
+        for monitor in self.monitors:
+            result = self._guard(monitor, "on_step", lambda m=monitor: m.on_step(self.states[m.name], step))
+            raised.extend(result or [])
+        return self._record(raised)
+
+    def finish(self, output_ids: tuple[int, ...], text: str) -> tuple[list[Flag], SessionVerdict]:
+        final = FinalCanvas(output_ids=output_ids, text=text, steps_seen=self.steps_seen, steps_dropped=self.client_dropped)
+        raised: list[Flag] = []
+        for monitor in self.monitors:
+            result = self._guard(monitor, "on_finish", lambda m=monitor: m.on_finish(self.states[m.name], final))
+            raised.extend(result or [])
+        new = self._record(raised)
+        return new, self.verdict()
+
+    def verdict(self) -> SessionVerdict:
+        return SessionVerdict(
+            request_id=self.meta.request_id,
+            flags=tuple(self.flags),
+            max_severity=max((f.severity for f in self.flags), default=None),
+            steps_seen=self.steps_seen,
+            steps_dropped=self.client_dropped,
+            monitor_errors=tuple(self.errors),
+        )
+
+    def _record(self, raised: list[Flag]) -> list[Flag]:
+        for flag in raised:
+            self.flags.append(flag)
+            self.metrics.flags.labels(flag.monitor, flag.severity.name, self.model_label).inc()
+            self.audit.record(self.meta, flag)
+            log.info(
+                "flag_raised", request_id=self.meta.request_id, monitor=flag.monitor,
+                severity=flag.severity.name, reason=flag.reason,
+                **({"snippets": [e.snippet for e in flag.evidence]} if self.settings.log_content else {}),
+            )
+        return raised
+
+    def _guard(self, monitor: Monitor, phase: str, call: Callable[[], Any]) -> Any:
+        if monitor.name in self.disabled:
+            return None
+        started = time.perf_counter()
+        try:
+            return call()
+        except Exception as err:  # isolation: a monitor's bug must not end the request
+            self.disabled.add(monitor.name)
+            self.metrics.monitor_errors.labels(monitor.name, "exception").inc()
+            self.errors.append(f"{monitor.name}: {phase} raised {type(err).__name__}: {err}")
+            log.error("monitor_failed", request_id=self.meta.request_id, monitor=monitor.name, phase=phase,
+                      error=f"{type(err).__name__}: {err}")
+            if self.settings.policy == "fail_closed":
+                self._record([Flag(monitor=monitor.name, severity=Severity.CRITICAL,
+                                   reason=f"monitor failed in {phase} and the policy is fail_closed",
+                                   score=1.0, attributes={"error": type(err).__name__})])
+            return None
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.monitor_seconds.labels(monitor.name).observe(elapsed)
+            if elapsed > self.settings.budget_s:
+                self.metrics.monitor_errors.labels(monitor.name, "overrun").inc()
+                log.warning("monitor_overrun", request_id=self.meta.request_id, monitor=monitor.name,
+                            phase=phase, seconds=round(elapsed, 4), budget_s=self.settings.budget_s)
