@@ -1,0 +1,102 @@
+"""WatchStream and AsyncWatchStream against a real sidecar, a lagging one, and a missing one."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import grpc
+import pytest
+import torch
+
+from canvaswatch.client.stream import AsyncWatchStream, WatchError, WatchStream, channel_options
+from tests.conftest import info_for, topk_step
+
+L, K = 16, 4
+
+
+def _step(step: int, token: int = 3000):
+    ids = torch.full((L, K), token) + torch.arange(K)
+    return topk_step(ids, torch.tensor([[0.5, 0.2, 0.1, 0.05]] * L), step=step)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_every_step_arrives_in_order_when_nothing_is_dropped(sidecar):
+    with WatchStream(sidecar.target, info_for("all-steps", L), max_pending=100) as stream:
+        for step in range(50):
+            stream.send(_step(step))
+        stream.finish([3000, 3001])
+        verdict = stream.result(timeout=30)
+    assert verdict.steps_seen == 50 and verdict.steps_dropped == 0 and stream.dropped == 0
+
+
+def test_lazy_steps_are_built_on_the_sender_thread(sidecar):
+    import threading
+
+    built_on = []
+
+    def lazy(step):
+        def build():
+            built_on.append(threading.current_thread().name)
+            return _step(step)
+        return build
+
+    with WatchStream(sidecar.target, info_for("lazy", L)) as stream:
+        for step in range(5):
+            stream.send(lazy(step))
+        stream.finish([])
+        verdict = stream.result(timeout=30)
+    assert verdict.steps_seen == 5
+    assert threading.current_thread().name not in built_on
+
+
+def test_overflowing_client_drops_steps_counts_them_and_the_verdict_agrees(sidecar):
+    sent = 400
+    with WatchStream(sidecar.target, info_for("overflow", L), max_pending=2) as stream:
+        for step in range(sent):
+            stream.send(_step(step))
+        stream.finish([3000])
+        verdict = stream.result(timeout=60)
+    assert stream.dropped == verdict.steps_dropped
+    assert verdict.steps_seen + verdict.steps_dropped == sent
+
+
+def test_send_never_raises_or_waits_when_the_sidecar_is_gone():
+    stream = WatchStream(f"127.0.0.1:{_closed_port()}", info_for("nobody-home", L), max_pending=4)
+    for step in range(1000):
+        stream.send(_step(step))  # returns at once whatever happens to the stream
+    stream.finish([1])
+    with pytest.raises(WatchError) as caught:
+        stream.result(timeout=30)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert stream.dropped >= 1000 - 4
+    stream.close()
+
+
+def test_request_id_is_generated_when_missing(sidecar):
+    info = info_for("", L)
+    with WatchStream(sidecar.target, info) as stream:
+        stream.send(_step(0))
+        stream.finish([])
+        verdict = stream.result(timeout=30)
+    assert len(verdict.request_id) == 32 and verdict.request_id == stream.request_id
+
+
+def test_async_stream_end_to_end(sidecar):
+    async def run():
+        async with grpc.aio.insecure_channel(sidecar.target, options=channel_options()) as channel:
+            stream = AsyncWatchStream(channel, info_for("async-1", L), max_pending=64)
+            for step in range(20):
+                stream.send(_step(step))
+                await asyncio.sleep(0)
+            stream.finish([3000])
+            return await stream.result(timeout=30), stream.dropped
+
+    verdict, dropped = asyncio.run(run())
+    assert verdict.request_id == "async-1"
+    assert verdict.steps_seen + verdict.steps_dropped == 20 and verdict.steps_dropped == dropped

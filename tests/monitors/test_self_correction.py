@@ -1,0 +1,76 @@
+"""self_correction: settled-then-flipped positions, and the refinements that are not it."""
+
+from __future__ import annotations
+
+from canvaswatch.monitors.base import RequestMeta
+from canvaswatch.monitors.self_correction import SelfCorrectionMonitor, SelfCorrectionParams
+from tests.monitors.canvas import canvas_step
+
+META = RequestMeta("r", "m", "", (), 8, 0)
+BASE = [3000, 3001, 3002, 3003, 3004, 3005, 3006, 3007]
+
+
+def _run(monitor, canvases, block_of=lambda step: 0, vocab=None):
+    state = monitor.start(META)
+    flags = []
+    for step, (top1, prob) in enumerate(canvases):
+        flags.extend(monitor.on_step(state, canvas_step(top1, prob, step=step, block=block_of(step), vocab=vocab)))
+    return flags
+
+
+def _with(position: int, token: int) -> list[int]:
+    canvas = list(BASE)
+    canvas[position] = token
+    return canvas
+
+
+def test_settled_position_that_flips_is_flagged_with_before_after_and_steps(vocab):
+    seven, eight = vocab.encode("7")[0], vocab.encode("8")[0]
+    canvases = [(_with(5, seven), 0.95)] * 5 + [(_with(5, eight), 0.9)] * 2
+    flags = _run(SelfCorrectionMonitor(SelfCorrectionParams()), canvases, vocab=vocab)
+    assert len(flags) == 1
+    flag = flags[0]
+    assert flag.evidence[0].positions == (5,)
+    assert flag.evidence[0].step == 5
+    assert flag.evidence[0].snippet == "'7' -> '8'"
+    assert "settled at step 0" in flag.reason
+    assert flag.attributes["held_steps"] == "5"
+
+
+def test_refinement_of_unsettled_positions_is_not_a_correction(vocab):
+    # The token changes every step, but never with enough probability for long enough to be settled.
+    canvases = [(_with(2, 4000 + step), 0.95 if step % 2 else 0.5) for step in range(10)]
+    assert _run(SelfCorrectionMonitor(SelfCorrectionParams()), canvases, vocab=vocab) == []
+
+
+def test_too_short_a_hold_is_not_settled(vocab):
+    canvases = [(_with(1, 4100), 0.95)] * 2 + [(_with(1, 4200), 0.95)] * 3
+    assert _run(SelfCorrectionMonitor(SelfCorrectionParams(settle_steps=3)), canvases, vocab=vocab) == []
+
+
+def test_probability_wobble_without_a_new_winner_is_not_a_flip(vocab):
+    # Settled, then the same token dips below the threshold and recovers: no other token overtook it.
+    canvases = [(BASE, 0.95)] * 4 + [(BASE, 0.4)] * 2 + [(BASE, 0.95)] * 2
+    assert _run(SelfCorrectionMonitor(SelfCorrectionParams()), canvases, vocab=vocab) == []
+
+
+def test_a_low_probability_newcomer_does_not_count_as_a_flip(vocab):
+    canvases = [(BASE, 0.95)] * 4 + [(_with(3, 4300), [0.95, 0.95, 0.95, 0.2, 0.95, 0.95, 0.95, 0.95])]
+    assert _run(SelfCorrectionMonitor(SelfCorrectionParams(flip_prob=0.3)), canvases, vocab=vocab) == []
+
+
+def test_a_new_block_starts_fresh(vocab):
+    # Block 0 settles BASE; block 1 is a different canvas: its first tokens are not flips.
+    canvases = [(BASE, 0.95)] * 4 + [(_with(0, 4400), 0.95)] * 3
+    flags = _run(SelfCorrectionMonitor(SelfCorrectionParams()), canvases, block_of=lambda s: 0 if s < 4 else 1, vocab=vocab)
+    assert flags == []
+
+
+def test_several_flips_in_one_step_are_grouped_into_spans(vocab):
+    flipped = list(BASE)
+    flipped[1], flipped[2], flipped[6] = 4501, 4502, 4506
+    canvases = [(BASE, 0.95)] * 3 + [(flipped, 0.9)]
+    flags = _run(SelfCorrectionMonitor(SelfCorrectionParams()), canvases, vocab=vocab)
+    assert len(flags) == 1
+    assert [e.positions for e in flags[0].evidence] == [(1, 2), (6,)]
+    assert flags[0].attributes["flipped_positions"] == "3"

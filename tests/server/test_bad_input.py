@@ -1,0 +1,142 @@
+"""Bad input gets a clear status naming the field, never a crash, and never disturbs other streams."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+
+from canvaswatch.client import simulate
+from canvaswatch.client.replay import replay
+from canvaswatch.client.tensors import encode_tensor
+from canvaswatch.server.config import ConfigError, parse_config
+from canvaswatch.v1 import monitor_pb2 as pb
+from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
+from tests.conftest import info_for, topk_step
+
+L, K = 8, 4
+
+
+def _ids(value: int = 3000) -> torch.Tensor:
+    return torch.full((L, K), value) + torch.arange(K)
+
+
+def _probs() -> torch.Tensor:
+    return torch.tensor([[0.6, 0.2, 0.1, 0.05]] * L)
+
+
+def _good(step: int = 0, block: int = 0, info: bool = False) -> pb.StepState:
+    return topk_step(_ids(), _probs(), block=block, step=step, info=info_for("bad", L) if info else None)
+
+
+def _watch(sidecar, messages: list[pb.StepState]) -> grpc.RpcError:
+    with sidecar.channel() as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            list(pb_grpc.CanvasMonitorStub(channel).Watch(iter(messages), timeout=20))
+    return caught.value
+
+
+def _with_probs(data: torch.Tensor) -> pb.StepState:
+    message = _good(info=True)
+    message.topk.probs.CopyFrom(encode_tensor(data))
+    return message
+
+
+def _final() -> pb.StepState:
+    return pb.StepState(final=True, output_ids=[3000])
+
+
+CASES = {
+    "missing info": ([_good(), _final()], "INVALID_ARGUMENT", "message[0].info: required"),
+    "empty request id": ([topk_step(_ids(), _probs(), info=pb.RequestInfo(canvas_length=L)), _final()],
+                         "INVALID_ARGUMENT", "message[0].info.request_id"),
+    "shape disagrees with bytes": (
+        [(lambda m: (m.topk.ids.shape.__setitem__(0, L + 1), m)[1])(_good(info=True)), _final()],
+        "INVALID_ARGUMENT", "message[0].topk.ids.data: shape [9, 4] of INT32 needs 144 bytes, got 128"),
+    "unknown dtype": ([(lambda m: (setattr(m.topk.probs, "dtype", 42), m)[1])(_good(info=True)), _final()],
+                      "INVALID_ARGUMENT", "message[0].topk.probs.dtype: unsupported dtype 42"),
+    "ids outside the vocabulary": ([topk_step(_ids(300_000), _probs(), info=info_for("bad", L)), _final()],
+                                   "INVALID_ARGUMENT", "message[0].topk.ids: token id 300000 at position 0 is outside the vocabulary"),
+    "NaN probability": ([_with_probs(torch.where(torch.arange(L * K).view(L, K) == 5, float("nan"), _probs())), _final()],
+                        "INVALID_ARGUMENT", "message[0].topk.probs: non-finite probability at position 1, slot 1"),
+    "negative probability": ([_with_probs(-_probs()), _final()], "INVALID_ARGUMENT", "outside [0, 1] at position 0"),
+    "probabilities above one": ([_with_probs(_probs() * 1.5), _final()], "INVALID_ARGUMENT", "sums to"),
+    "wrong canvas length": ([topk_step(_ids(), _probs(), info=info_for("bad", L + 2)), _final()],
+                            "INVALID_ARGUMENT", "message[0].topk.ids.shape: 8 positions, but info.canvas_length is 10"),
+    "steps out of order": ([_good(step=3, info=True), _good(step=2), _final()],
+                           "INVALID_ARGUMENT", "message[1].step: step 2 after step 3"),
+    "block goes back": ([_good(block=1, info=True), _good(block=0, step=5), _final()],
+                        "INVALID_ARGUMENT", "message[1].block: block 0 after block 1"),
+    "no final": ([_good(info=True), _good(step=1)], "INVALID_ARGUMENT", "message[1].final: the stream ended without a final message"),
+    "empty stream": ([], "INVALID_ARGUMENT", "stream: ended with no messages"),
+    "message after final": ([_good(info=True), _final(), _good(step=2)], "INVALID_ARGUMENT", "message[2]: message after the final one"),
+    "no state": ([pb.StepState(info=info_for("bad", L))], "INVALID_ARGUMENT", "message[0].state: a non-final step needs one of"),
+    "embeddings without a matrix": ([pb.StepState(info=info_for("bad", L), embeddings=encode_tensor(torch.zeros(L, 4))), _final()],
+                                    "UNIMPLEMENTED", "message[0].embeddings"),
+    "logits of another vocabulary": ([pb.StepState(info=info_for("bad", L), logits=encode_tensor(torch.zeros(L, 1000))), _final()],
+                                     "INVALID_ARGUMENT", "message[0].logits.shape: vocabulary of 1000, but the sidecar's is 262144"),
+    "output ids outside the vocabulary": ([_good(info=True), pb.StepState(final=True, output_ids=[-1])],
+                                          "INVALID_ARGUMENT", "message[1].output_ids"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_stream_is_refused_with_the_field_named(sidecar, case):
+    messages, code, fragment = CASES[case]
+    error = _watch(sidecar, messages)
+    assert error.code().name == code, error.details()
+    assert fragment in error.details()
+
+
+def test_oversized_message_is_resource_exhausted(sidecar):
+    huge = pb.StepState(info=info_for("huge", L), logits=pb.Tensor(dtype=pb.FLOAT32, shape=[L, 262144], data=bytes(L * 262144 * 4)))
+    error = _watch(sidecar, [huge, _final()])
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_bad_streams_do_not_disturb_a_good_one_running_beside_them(sidecar, vocab):
+    trace = simulate.scenario("surviving_phrase", vocab.encode, vocab.size, request_id="good-neighbour", seed=9)
+    result: dict[str, pb.Verdict] = {}
+    with sidecar.channel() as channel:
+        good = threading.Thread(target=lambda: result.setdefault("v", replay(trace, channel)))
+        good.start()
+        for case in ("shape disagrees with bytes", "NaN probability", "steps out of order", "no final"):
+            _watch(sidecar, CASES[case][0])
+        good.join(timeout=60)
+        # and the server still takes new work afterwards
+        again = replay(simulate.scenario("clean", vocab.encode, vocab.size, request_id="after", seed=1), channel)
+    assert result["v"].request_id == "good-neighbour" and result["v"].steps_seen == len(trace.steps) - 1
+    assert again.steps_seen > 0
+    metrics = sidecar.metrics_text()
+    assert 'outcome="invalid"' in metrics and 'outcome="incomplete"' in metrics
+
+
+def test_check_rpc_refuses_a_trace_without_final(sidecar, vocab):
+    trace = simulate.scenario("clean", vocab.encode, vocab.size, request_id="nofinal", seed=1)
+    del trace.steps[-1]
+    with sidecar.channel() as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.CanvasMonitorStub(channel).Check(trace)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ends without a final step" in caught.value.details()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"monitors": {"no_such_monitor": {}}}, "monitors.no_such_monitor: unknown monitor 'no_such_monitor'"),
+        ({"server": {"grpc_port": 70000}}, "server.grpc_port: must be a port number"),
+        ({"server": {"monitor_policy": "maybe"}}, "server.monitor_policy"),
+        ({"server": {"max_streams": "many"}}, "server.max_streams: expected int"),
+        ({"logging": {"level": "loud"}}, "logging.level"),
+        ({"surprise": {}}, "surprise: unknown section"),
+        ({"monitors": {"lexicon": {"enabled": "yes"}}}, "monitors.lexicon.enabled: expected bool"),
+        ({"monitors": {"self_correction": {"settle_steps": 0}}}, "monitors.self_correction.settle_steps"),
+    ],
+)
+def test_bad_config_is_refused_at_startup_naming_the_key(raw, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    assert message in str(caught.value)

@@ -1,0 +1,109 @@
+"""The canvaswatch command: simulate, check, replay, serve, demo (each run as a user would)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from canvaswatch.client.trace import TraceFileError, read_traces, write_traces
+from canvaswatch.server.cli import main
+
+CLI = [sys.executable, "-m", "canvaswatch.server.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def trace_file(tmp_path_factory, vocab) -> Path:
+    path = tmp_path_factory.mktemp("traces") / "sim.cwtrace"
+    assert main(["simulate", str(path), "--requests", "4", "--seed", "7"]) == 0
+    return path
+
+
+def test_simulate_writes_readable_labelled_traces(trace_file):
+    traces = list(read_traces(trace_file))
+    assert [t.info.attributes["scenario"] for t in traces] == ["clean", "transient_phrase", "surviving_phrase", "self_correction"]
+    assert all(t.info.attributes["simulated"] == "true" and t.steps[-1].final for t in traces)
+
+
+def test_check_prints_a_verdict_per_trace(trace_file, capsys):
+    assert main(["check", str(trace_file), "--json"]) == 0
+    verdicts = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(verdicts) == 4
+    by_id = {v["request_id"]: v for v in verdicts}
+    surviving = next(v for k, v in by_id.items() if k.endswith("0002"))
+    assert surviving["max_severity"] == "CRITICAL"
+    assert "flags" not in next(v for k, v in by_id.items() if k.endswith("0000"))
+
+
+def test_check_reports_a_corrupt_file(tmp_path):
+    path = tmp_path / "bad.cwtrace"
+    path.write_bytes(b"\x05abc")
+    with pytest.raises(TraceFileError, match="record 0 is truncated"):
+        list(read_traces(path))
+
+
+def test_config_errors_exit_2_naming_the_key(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text('[monitors.lexicon]\nregex = ["(oops"]\n')
+    assert main(["check", "nothing.cwtrace", "--config", str(config)]) == 2
+    assert "monitors.lexicon.regex[0]: invalid regular expression" in capsys.readouterr().err
+
+
+def test_serve_then_replay_over_real_processes(trace_file, tmp_path):
+    grpc_port, metrics_port = _free_port(), _free_port()
+    config = tmp_path / "sidecar.toml"
+    audit = tmp_path / "audit.jsonl"
+    config.write_text(f'[logging]\naudit_log = "{audit}"\n[monitors.lexicon]\n[monitors.self_correction]\n')
+    server = subprocess.Popen(CLI + ["serve", "--config", str(config), "--grpc-port", str(grpc_port),
+                                     "--metrics-port", str(metrics_port)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()
+                assert time.monotonic() < deadline, "sidecar did not start"
+                time.sleep(0.3)
+        replayed = subprocess.run(CLI + ["replay", str(trace_file), "--target", f"127.0.0.1:{grpc_port}", "--json"],
+                                  capture_output=True, text=True, timeout=120)
+        assert replayed.returncode == 0, replayed.stderr
+        verdicts = [json.loads(line) for line in replayed.stdout.splitlines()]
+        assert [v.get("max_severity", "NONE") for v in verdicts] == ["NONE", "WARNING", "CRITICAL", "WARNING"]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert 'canvaswatch_requests_total{model="simulated/diffusion",outcome="ok"} 4.0' in metrics
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode == 0
+    events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
+    assert "sidecar_started" in events and "flag_raised" in events and "sidecar_stopped" in events
+    assert len(audit.read_text().splitlines()) >= 5
+
+
+def test_demo_runs_traffic_and_shows_flags_and_metrics():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(CLI + ["demo", "--requests", "4", "--grpc-port", str(_free_port()),
+                                 "--metrics-port", str(_free_port())],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "SIMULATED" in out
+    assert "FLAG lexicon CRITICAL" in out and "FLAG self_correction WARNING" in out
+    assert 'canvaswatch_flags_total{model="simulated/diffusion",monitor="lexicon",severity="CRITICAL"} 1.0' in out
