@@ -48,6 +48,8 @@ class Engine:
 
     def step(self, session: Session, message: pb.StepState, where: str) -> list[Flag]:
         """Validate, decode and monitor one message (final ones included, for their state)."""
+        if message.WhichOneof("state") is None and not message.final and message.HasField("info") and session.last is None:
+            return []  # a header: the first message may carry only the request's info
         previous = session.last
         if message.WhichOneof("state") is not None:
             # A final message without a state carries no step, so only states are ordered.

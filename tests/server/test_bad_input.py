@@ -72,7 +72,7 @@ CASES = {
     "no final": ([_good(info=True), _good(step=1)], "INVALID_ARGUMENT", "message[1].final: the stream ended without a final message"),
     "empty stream": ([], "INVALID_ARGUMENT", "stream: ended with no messages"),
     "message after final": ([_good(info=True), _final(), _good(step=2)], "INVALID_ARGUMENT", "message[2]: message after the final one"),
-    "no state": ([pb.StepState(info=info_for("bad", L))], "INVALID_ARGUMENT", "message[0].state: a non-final step needs one of"),
+    "no state": ([_good(info=True), pb.StepState(step=1)], "INVALID_ARGUMENT", "message[1].state: a non-final step needs one of"),
     "embeddings without a matrix": ([pb.StepState(info=info_for("bad", L), embeddings=encode_tensor(torch.zeros(L, 4))), _final()],
                                     "UNIMPLEMENTED", "message[0].embeddings"),
     "logits of another vocabulary": ([pb.StepState(info=info_for("bad", L), logits=encode_tensor(torch.zeros(L, 1000))), _final()],

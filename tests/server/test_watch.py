@@ -149,3 +149,31 @@ def test_auth_tokens_guard_the_monitor_service_but_not_health(vocab, tmp_path):
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         running.thread.stop()
+
+
+def test_stream_limit_gives_resource_exhausted(vocab, tmp_path):
+    from tests.conftest import info_for, start_sidecar
+
+    running = start_sidecar(vocab, tmp_path, {"server": {"max_streams": 1}})
+    try:
+        with running.channel() as channel:
+            stub = pb_grpc.CanvasMonitorStub(channel)
+            import queue
+
+            held: queue.Queue = queue.Queue()
+            first = stub.Watch(iter(held.get, None), timeout=30)
+            held.put(pb.StepState(info=info_for("holder", 4)))  # no state yet: the stream stays open
+            import time
+
+            deadline = time.monotonic() + 10
+            while running.thread.sidecar.engine.metrics.active_streams._value.get() < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.Watch(iter([pb.StepState(info=info_for("second", 4), final=True)]), timeout=10))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "limit is 1" in caught.value.details()
+            held.put(None)
+            first.cancel()
+    finally:
+        running.thread.stop()
