@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from canvaswatch.monitors.base import Vocabulary
 from canvaswatch.server.auth import BearerTokenInterceptor
 from canvaswatch.server.config import Config
+from canvaswatch.server.dense import DenseDecoder
 from canvaswatch.server.engine import Engine
 from canvaswatch.server.metrics import Metrics
 from canvaswatch.server.servicer import CanvasMonitorServicer
@@ -28,10 +29,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CanvasMonitor"].full_name
 class Sidecar:
     """One sidecar: call `await start()`, then `await wait()` or `await stop()`."""
 
-    def __init__(self, config: Config, vocab: Vocabulary | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, vocab: Vocabulary | None = None, metrics: Metrics | None = None,
+                 dense: DenseDecoder | None = None) -> None:
         self.config = config
         self.vocab = vocab or load_vocabulary(config.vocab.tokenizer)
-        self.engine = Engine(config, self.vocab, metrics=metrics)
+        self.engine = Engine(config, self.vocab, metrics=metrics, dense=dense)
         self.executor = ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="canvaswatch-step")
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
@@ -86,8 +88,8 @@ class Sidecar:
 class SidecarThread:
     """A sidecar on its own event loop in a background thread (tests, the demo)."""
 
-    def __init__(self, config: Config, vocab: Vocabulary | None = None) -> None:
-        self.sidecar = Sidecar(config, vocab=vocab)
+    def __init__(self, config: Config, vocab: Vocabulary | None = None, dense: DenseDecoder | None = None) -> None:
+        self.sidecar = Sidecar(config, vocab=vocab, dense=dense)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="canvaswatch-sidecar", daemon=True)
 

@@ -4,15 +4,26 @@
     grpc_port = 50051
     metrics_port = 9464            # 0 = any free port, -1 = no metrics endpoint
     host = "127.0.0.1"
-    max_message_bytes = 67108864
+    max_message_bytes = 150994944  # 144 MiB: one 256 x 262,144 float16 logits step fits
     max_streams = 256
     monitor_policy = "fail_open"   # or "fail_closed": a failed monitor makes the verdict CRITICAL
     monitor_budget_ms = 50.0       # per monitor per step; overruns are counted, not killed
-    dense_k = 8                    # tokens kept per position when a client sends dense logits
     auth_tokens = []               # if set, calls need "authorization: Bearer <token>"
 
     [vocab]
     tokenizer = "gemma3-270m"      # or a transformers tokenizer directory
+
+    [dense]                        # the `embeddings` and `logits` forms
+    embeddings = "gemma3-270m"     # tied embedding matrix: "", a .gguf file or a checkpoint dir
+    tensor = ""                    # its name, if not a usual *embed_tokens.weight
+    device = "cpu"                 # or "cuda", "cuda:1"
+    dtype = "float32"              # or "bfloat16", "float16"
+    k = 8                          # tokens kept per position
+    top_p = 0.0                    # > 0: the smallest set reaching p, at most k tokens
+    logit_scale = 1.0              # logits = softcap(logit_scale * H Eᵀ)
+    softcap = 0.0                  # > 0: c * tanh(x / c), Gemma-style final soft-capping
+    backend = "auto"               # "torch" (chunked), "triton" (fused, CUDA) or "auto"
+    batch_window_ms = 0.0          # > 0: concurrent streams' steps share one launch (GPU)
 
     [logging]
     level = "info"
@@ -36,6 +47,7 @@ from typing import Any, Mapping
 
 from canvaswatch.monitors import registry
 from canvaswatch.monitors.base import Monitor
+from canvaswatch.server.embedding import DEFAULT_EMBEDDINGS
 from canvaswatch.server.vocab import DEFAULT_TOKENIZER
 
 # Built-ins that work with no external file; new ones join as they land.
@@ -51,11 +63,10 @@ class ServerSection:
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     metrics_port: int = 9464
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = 144 * 1024 * 1024
     max_streams: int = 256
     monitor_policy: str = "fail_open"
     monitor_budget_ms: float = 50.0
-    dense_k: int = 8
     auth_tokens: list[str] = field(default_factory=list)
     workers: int = 2
 
@@ -66,7 +77,7 @@ class ServerSection:
             raise ValueError(f"metrics_port: must be a port number in [0, 65535] or -1 (off), got {self.metrics_port}")
         if self.monitor_policy not in ("fail_open", "fail_closed"):
             raise ValueError(f"monitor_policy: expected 'fail_open' or 'fail_closed', got {self.monitor_policy!r}")
-        for key in ("max_message_bytes", "max_streams", "dense_k", "workers"):
+        for key in ("max_message_bytes", "max_streams", "workers"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.monitor_budget_ms <= 0:
@@ -76,6 +87,37 @@ class ServerSection:
 @dataclass(frozen=True)
 class VocabSection:
     tokenizer: str = DEFAULT_TOKENIZER
+
+
+@dataclass(frozen=True)
+class DenseSection:
+    embeddings: str = DEFAULT_EMBEDDINGS
+    tensor: str = ""
+    device: str = "cpu"
+    dtype: str = "float32"
+    k: int = 8
+    top_p: float = 0.0
+    logit_scale: float = 1.0
+    softcap: float = 0.0
+    backend: str = "auto"
+    chunk: int = 32768
+    batch_window_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend: expected auto, torch or triton, got {self.backend!r}")
+        if not 1 <= self.k <= 1024:
+            raise ValueError(f"k: must be in [1, 1024], got {self.k}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p: must be in [0, 1] (0 = off), got {self.top_p}")
+        if not 0.0 <= self.batch_window_ms <= 100.0:
+            raise ValueError(f"batch_window_ms: must be in [0, 100], got {self.batch_window_ms}")
+        if self.softcap < 0 or self.chunk < 1:
+            raise ValueError("softcap: must be >= 0" if self.softcap < 0 else f"chunk: must be >= 1, got {self.chunk}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +141,7 @@ class MonitorSpec:
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     vocab: VocabSection = field(default_factory=VocabSection)
+    dense: DenseSection = field(default_factory=DenseSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     monitors: tuple[MonitorSpec, ...] = tuple(MonitorSpec(name, {}) for name in DEFAULT_MONITORS)
 
@@ -116,7 +159,7 @@ class Config:
         return dataclasses.replace(self, server=dataclasses.replace(self.server, **overrides))
 
 
-_SECTIONS = {"server": ServerSection, "vocab": VocabSection, "logging": LoggingSection}
+_SECTIONS = {"server": ServerSection, "vocab": VocabSection, "dense": DenseSection, "logging": LoggingSection}
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -141,7 +184,7 @@ def default_config() -> Config:
 def parse_config(raw: Mapping[str, Any]) -> Config:
     unknown = set(raw) - set(_SECTIONS) - {"monitors"}
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown section; expected server, vocab, logging, monitors")
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section; expected server, vocab, dense, logging, monitors")
     sections = {name: _parse_section(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()}
     monitors_table = raw.get("monitors", None)
     if monitors_table is None:

@@ -1,10 +1,10 @@
 """Turn a StepState's state into a DecodedStep, validating everything the client sent.
 
-Three wire forms (canvaswatch.v1.StepState.state): `topk` is read as is,
-`logits` goes through the token bottleneck (canvaswatch.client.bottleneck, the
-one implementation of that math), and `embeddings` needs the dense decoder
-with the model's embedding matrix (not configured in this version: the
-client gets UNIMPLEMENTED naming the form).
+Three wire forms (canvaswatch.v1.StepState.state): `topk` is read as is;
+`logits` [L, V] and `embeddings` [L, d] go through the dense token
+bottleneck (canvaswatch.server.dense), the latter projected with the model's
+tied embedding matrix. A sidecar configured without a matrix answers the
+`embeddings` form with UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import time
 import grpc
 import torch
 
-from canvaswatch.client.bottleneck import bottleneck
 from canvaswatch.client.tensors import TensorFormatError, decode_tensor
 from canvaswatch.monitors.base import DecodedStep, Vocabulary
+from canvaswatch.server.dense import DenseDecoder
 from canvaswatch.server.metrics import Metrics
 from canvaswatch.v1 import monitor_pb2 as pb
 
@@ -38,10 +38,10 @@ def invalid(message: str) -> StepError:
 
 
 class StepDecoder:
-    def __init__(self, vocab: Vocabulary, metrics: Metrics, dense_k: int = 8) -> None:
+    def __init__(self, vocab: Vocabulary, metrics: Metrics, dense: DenseDecoder) -> None:
         self.vocab = vocab
         self.metrics = metrics
-        self.dense_k = dense_k
+        self.dense = dense
 
     def decode(self, message: pb.StepState, canvas_length: int, where: str) -> DecodedStep | None:
         """The decoded canvas of `message`, or None for a final message that carries no state.
@@ -54,16 +54,18 @@ class StepDecoder:
             if message.final:
                 return None
             raise invalid(f"{where}.state: a non-final step needs one of topk, embeddings, logits")
-        if form == "embeddings":
+        if form == "embeddings" and self.dense.embeddings is None:
             raise StepError(
                 grpc.StatusCode.UNIMPLEMENTED,
-                f"{where}.embeddings: this sidecar has no embedding matrix configured; send topk or logits",
+                f"{where}.embeddings: this sidecar has no embedding matrix configured (dense.embeddings); send topk or logits",
             )
         try:
             if form == "topk":
                 ids, probs, residual = self._read_topk(message.topk, canvas_length, where)
-            else:
+            elif form == "logits":
                 ids, probs, residual = self._read_logits(message.logits, canvas_length, where)
+            else:
+                ids, probs, residual = self._read_embeddings(message.embeddings, canvas_length, where)
         except TensorFormatError as err:
             raise invalid(f"{where}.{form}.{err}") from None
         canvas = self._read_canvas(message, canvas_length, where)
@@ -123,8 +125,24 @@ class StepDecoder:
             raise invalid(f"{where}.logits.shape: vocabulary of {logits.shape[1]}, but the sidecar's is {self.vocab.size}")
         if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
             raise invalid(f"{where}.logits: NaN or +inf present")
-        kept = bottleneck(logits, k=self.dense_k)
+        kept = self.dense.decode_logits(logits)
         return kept.ids.long(), kept.probs, kept.residual
+
+    def _read_embeddings(self, tensor: pb.Tensor, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden = decode_tensor(tensor, "embeddings", ndim=2)
+        if not hidden.dtype.is_floating_point:
+            raise invalid(f"{where}.embeddings.dtype: expected FLOAT32, FLOAT16 or BFLOAT16, got {hidden.dtype}")
+        if hidden.shape[0] != length:
+            raise invalid(f"{where}.embeddings.shape: {hidden.shape[0]} positions, but info.canvas_length is {length}")
+        if hidden.shape[1] != self.dense.hidden_size:
+            raise invalid(
+                f"{where}.embeddings.shape: hidden size {hidden.shape[1]}, but the loaded embedding matrix has d = {self.dense.hidden_size}"
+            )
+        if not bool(torch.isfinite(hidden).all()):
+            position = int((~torch.isfinite(hidden)).any(dim=1).nonzero()[0])
+            raise invalid(f"{where}.embeddings: NaN or Inf at position {position}")
+        kept = self.dense.decode_embeddings(hidden)
+        return kept.ids.long().cpu(), kept.probs.cpu(), kept.residual.cpu()
 
     def _read_canvas(self, message: pb.StepState, length: int, where: str) -> torch.Tensor | None:
         if not message.canvas_ids:

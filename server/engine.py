@@ -19,6 +19,8 @@ from canvaswatch.server.audit import AuditLog
 from canvaswatch.server.config import Config
 from canvaswatch.server.convert import request_meta
 from canvaswatch.server.decode import StepDecoder, invalid
+from canvaswatch.server.dense import DenseDecoder, build_dense_decoder
+from canvaswatch.server.dense_batching import DenseBatcher
 from canvaswatch.server.metrics import Metrics
 from canvaswatch.server.session import Session, SessionSettings, SessionVerdict
 from canvaswatch.v1 import monitor_pb2 as pb
@@ -28,13 +30,17 @@ log = structlog.get_logger(__name__)
 
 class Engine:
     def __init__(self, config: Config, vocab: Vocabulary, metrics: Metrics | None = None,
-                 monitors: list[Monitor] | None = None) -> None:
+                 monitors: list[Monitor] | None = None, dense: DenseDecoder | None = None) -> None:
         self.config = config
         self.vocab = vocab
         self.metrics = metrics or Metrics()
         self.monitors = monitors if monitors is not None else config.build_monitors()
         self.audit = AuditLog(config.logging.audit_log or None, include_content=config.logging.log_content)
-        self.decoder = StepDecoder(vocab, self.metrics, dense_k=config.server.dense_k)
+        self.dense = dense if dense is not None else build_dense_decoder(config.dense, vocab.size)
+        self.batcher = None
+        if config.dense.batch_window_ms > 0 and self.dense.embeddings is not None:
+            self.batcher = DenseBatcher(self.dense, config.dense.batch_window_ms / 1000.0)
+        self.decoder = StepDecoder(vocab, self.metrics, self.batcher or self.dense)
         self.settings = SessionSettings(
             policy=config.server.monitor_policy,
             budget_s=config.server.monitor_budget_ms / 1000.0,
@@ -104,6 +110,8 @@ class Engine:
         )
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         self.audit.close()
 
 

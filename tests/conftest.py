@@ -1,32 +1,47 @@
-"""Shared fixtures: the real Gemma vocabulary, a real sidecar on an ephemeral loopback port, trace builders."""
+"""Shared fixtures: the real Gemma vocabulary, a real sidecar on an ephemeral loopback port, trace builders.
+
+Imports of gRPC and generated code stay inside the helpers, so GPU-only tests
+can run on a machine whose grpcio is older than the generated code needs.
+"""
 
 from __future__ import annotations
 
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import grpc
 import pytest
 import torch
 
-from canvaswatch.client.stream import channel_options
-from canvaswatch.client.tensors import encode_tensor
-from canvaswatch.server.app import SidecarThread
-from canvaswatch.server.config import parse_config
-from canvaswatch.server.vocab import TokenizerVocabulary, load_vocabulary
-from canvaswatch.v1 import monitor_pb2 as pb
+
+@pytest.fixture(scope="session")
+def vocab():
+    """The real default vocabulary (Gemma 3, 262,144 tokens); converted once per machine, then ~1.5 s."""
+    from canvaswatch.server.vocab import load_vocabulary
+
+    return load_vocabulary()
 
 
 @pytest.fixture(scope="session")
-def vocab() -> TokenizerVocabulary:
-    """The real default vocabulary (Gemma 3, 262,144 tokens); converted once per machine, then ~1.5 s."""
-    return load_vocabulary()
+def gemma_embeddings() -> torch.Tensor:
+    """The real Gemma 3 270M embedding matrix [262144, 640], float32 (dequantised once per machine)."""
+    from canvaswatch.server.embedding import load_embedding_matrix
+
+    return load_embedding_matrix()
+
+
+@pytest.fixture(scope="session")
+def dense(gemma_embeddings, vocab):
+    """The default dense decoder, shared so each test sidecar does not load the matrix again."""
+    from canvaswatch.server.dense import DenseDecoder
+
+    return DenseDecoder(gemma_embeddings, vocab.size, k=8)
 
 
 @dataclass
 class RunningSidecar:
-    thread: SidecarThread
+    thread: Any
     audit_path: Path
 
     @property
@@ -40,11 +55,19 @@ class RunningSidecar:
     def metrics_text(self) -> str:
         return urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
 
-    def channel(self) -> grpc.Channel:
+    def channel(self):
+        import grpc
+
+        from canvaswatch.client.stream import channel_options
+
         return grpc.insecure_channel(self.target, options=channel_options())
 
 
-def start_sidecar(vocab: TokenizerVocabulary, tmp_path: Path, extra: dict | None = None) -> RunningSidecar:
+def start_sidecar(vocab, tmp_path: Path, extra: dict | None = None, dense=None) -> RunningSidecar:
+    from canvaswatch.server.app import SidecarThread
+    from canvaswatch.server.config import parse_config
+    from canvaswatch.server.dense import DenseDecoder
+
     audit = tmp_path / "audit.jsonl"
     raw = {
         "server": {"grpc_port": 0, "metrics_port": 0, "max_message_bytes": 8 * 1024 * 1024},
@@ -52,12 +75,15 @@ def start_sidecar(vocab: TokenizerVocabulary, tmp_path: Path, extra: dict | None
     }
     for section, table in (extra or {}).items():
         raw.setdefault(section, {}).update(table)
-    return RunningSidecar(SidecarThread(parse_config(raw), vocab=vocab).start(), audit)
+    raw.setdefault("dense", {}).setdefault("embeddings", "")  # tests pass a shared decoder instead
+    config = parse_config(raw)
+    dense = dense or DenseDecoder(None, vocab.size, k=config.dense.k)
+    return RunningSidecar(SidecarThread(config, vocab=vocab, dense=dense).start(), audit)
 
 
 @pytest.fixture
-def sidecar(vocab: TokenizerVocabulary, tmp_path: Path):
-    running = start_sidecar(vocab, tmp_path)
+def sidecar(vocab, tmp_path: Path, dense):
+    running = start_sidecar(vocab, tmp_path, dense=dense)
     yield running
     running.thread.stop()
 
@@ -71,8 +97,10 @@ def install_entry_point(directory: Path, monkeypatch: pytest.MonkeyPatch, name: 
     monkeypatch.syspath_prepend(str(directory))
 
 
-def topk_step(ids: torch.Tensor, probs: torch.Tensor, block: int = 0, step: int = 0,
-              info: pb.RequestInfo | None = None) -> pb.StepState:
+def topk_step(ids: torch.Tensor, probs: torch.Tensor, block: int = 0, step: int = 0, info=None):
+    from canvaswatch.client.tensors import encode_tensor
+    from canvaswatch.v1 import monitor_pb2 as pb
+
     message = pb.StepState(block=block, step=step, topk=pb.TopK(ids=encode_tensor(ids.to(torch.int32)),
                                                                  probs=encode_tensor(probs.float())))
     if info is not None:
@@ -80,5 +108,7 @@ def topk_step(ids: torch.Tensor, probs: torch.Tensor, block: int = 0, step: int 
     return message
 
 
-def info_for(request_id: str, canvas_length: int, model: str = "test-model") -> pb.RequestInfo:
+def info_for(request_id: str, canvas_length: int, model: str = "test-model"):
+    from canvaswatch.v1 import monitor_pb2 as pb
+
     return pb.RequestInfo(request_id=request_id, model=model, canvas_length=canvas_length)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from canvaswatch.client.bottleneck import bottleneck, bottleneck_probs
+from canvaswatch.client.token_bottleneck import bottleneck, bottleneck_probs
 from canvaswatch.client.tensors import TensorFormatError, decode_tensor, encode_tensor
 from canvaswatch.v1 import monitor_pb2 as pb
 

@@ -39,7 +39,8 @@ class _Witness(CanvasWatchStreamer):
         self.model_top1: list[list[int]] = []
 
     def put_draft(self, value=None, logits=None, **kwargs) -> None:
-        self.model_top1.append(logits[0].argmax(-1).tolist())
+        if logits is not None:
+            self.model_top1.append(logits[0].argmax(-1).tolist())
         super().put_draft(value=value, logits=logits, **kwargs)
 
 
@@ -76,3 +77,68 @@ def test_generate_streams_every_denoising_step_to_the_sidecar(vocab, tmp_path, m
     [final] = [r for r in recording_monitor.RECORDED if r["request_id"] == "dg-1" and "final" in r]
     assert final["final"] == output.sequences[0, prompt.shape[1]:].tolist()
     assert verdict.request_id == "dg-1"
+
+
+def test_on_device_bottleneck_sends_only_topk_and_matches_the_model(vocab, tmp_path, monkeypatch):
+    from canvaswatch.client.diffusion_gemma import attach_bottleneck
+
+    install_entry_point(tmp_path, monkeypatch, "recorder", "tests.recording_monitor:Recorder")
+    recording_monitor.RECORDED.clear()
+    running = start_sidecar(vocab, tmp_path, {"monitors": {"recorder": {}}})
+    model = tiny_diffusion_gemma()
+    seen_logits: list[list[int]] = []
+    try:
+        streamer = _Witness(running.target, request_id="dg-device", k=4, max_pending=1000)
+        hook = attach_bottleneck(model, streamer)
+        assert streamer._takes_logits is False  # transformers will not copy the full logits to the CPU
+        original = hook._original
+
+        def spy(*args, **kwargs):
+            out = original(*args, **kwargs)
+            seen_logits.append(out[2][0].argmax(-1).tolist())
+            return out
+
+        hook._original = spy
+        model.generate(torch.tensor([[2, 9259]]), max_new_tokens=CANVAS, max_denoising_steps=STEPS, streamer=streamer)
+        hook.detach()
+        [verdict] = streamer.verdicts(timeout=60)
+        streamer.close()
+    finally:
+        running.thread.stop()
+    steps = [r for r in recording_monitor.RECORDED if r["request_id"] == "dg-device" and "final" not in r]
+    assert streamer.model_top1 == []  # put_draft never received logits
+    assert verdict.steps_seen == len(steps) == len(seen_logits) == streamer.steps_sent > 0
+    assert [r["top1"] for r in steps] == seen_logits
+    assert all(r["k"] == 4 and r["length"] == CANVAS for r in steps)
+
+
+def test_enforced_bottleneck_is_what_the_decoder_conditions_on():
+    from canvaswatch.client.diffusion_gemma import attach_bottleneck
+
+    model = tiny_diffusion_gemma()
+    conditioned: list[torch.Tensor] = []
+
+    def capture(module, args, kwargs):
+        logits = kwargs.get("self_conditioning_logits")
+        if logits is not None:
+            conditioned.append(torch.isfinite(logits).sum(-1))
+
+    handle = model.model.decoder.register_forward_pre_hook(capture, with_kwargs=True)
+    hook = attach_bottleneck(model, None, k=5, enforce=True)
+    model.generate(torch.tensor([[2, 9259]]), max_new_tokens=CANVAS, max_denoising_steps=4)
+    hook.detach()
+    handle.remove()
+    assert conditioned, "the decoder never received self-conditioning logits"
+    assert all(int(kept.max()) <= 5 and int(kept.min()) >= 1 for kept in conditioned)
+
+
+def test_enforce_bottleneck_softmax_is_the_renormalised_kept_set():
+    from canvaswatch.client.diffusion_gemma import enforce_bottleneck
+    from canvaswatch.client.token_bottleneck import bottleneck
+
+    logits = torch.randn(2, 3, 500, generator=torch.Generator().manual_seed(0)) * 3
+    for top_p in (None, 0.3):
+        kept = bottleneck(logits, k=6, top_p=top_p)
+        enforced = torch.softmax(enforce_bottleneck(logits, kept), dim=-1)
+        expected = torch.zeros_like(logits).scatter_(-1, kept.ids.long(), kept.probs / kept.probs.sum(-1, keepdim=True))
+        torch.testing.assert_close(enforced, expected)

@@ -73,8 +73,18 @@ CASES = {
     "empty stream": ([], "INVALID_ARGUMENT", "stream: ended with no messages"),
     "message after final": ([_good(info=True), _final(), _good(step=2)], "INVALID_ARGUMENT", "message[2]: message after the final one"),
     "no state": ([_good(info=True), pb.StepState(step=1)], "INVALID_ARGUMENT", "message[1].state: a non-final step needs one of"),
-    "embeddings without a matrix": ([pb.StepState(info=info_for("bad", L), embeddings=encode_tensor(torch.zeros(L, 4))), _final()],
-                                    "UNIMPLEMENTED", "message[0].embeddings"),
+    "embeddings of the wrong hidden size": (
+        [pb.StepState(info=info_for("bad", L), embeddings=encode_tensor(torch.zeros(L, 4))), _final()],
+        "INVALID_ARGUMENT", "message[0].embeddings.shape: hidden size 4, but the loaded embedding matrix has d = 640"),
+    "embeddings with Inf": (
+        [pb.StepState(info=info_for("bad", L), embeddings=encode_tensor(torch.zeros(L, 640).index_fill_(0, torch.tensor([3]), float("inf")))), _final()],
+        "INVALID_ARGUMENT", "message[0].embeddings: NaN or Inf at position 3"),
+    "embeddings whose L disagrees": (
+        [pb.StepState(info=info_for("bad", L), embeddings=encode_tensor(torch.zeros(L + 1, 640))), _final()],
+        "INVALID_ARGUMENT", "message[0].embeddings.shape: 9 positions, but info.canvas_length is 8"),
+    "embeddings as integers": (
+        [pb.StepState(info=info_for("bad", L), embeddings=encode_tensor(torch.zeros(L, 640, dtype=torch.int32))), _final()],
+        "INVALID_ARGUMENT", "message[0].embeddings.dtype"),
     "logits of another vocabulary": ([pb.StepState(info=info_for("bad", L), logits=encode_tensor(torch.zeros(L, 1000))), _final()],
                                      "INVALID_ARGUMENT", "message[0].logits.shape: vocabulary of 1000, but the sidecar's is 262144"),
     "output ids outside the vocabulary": ([_good(info=True), pb.StepState(final=True, output_ids=[-1])],
@@ -90,10 +100,23 @@ def test_bad_stream_is_refused_with_the_field_named(sidecar, case):
     assert fragment in error.details()
 
 
-def test_oversized_message_is_resource_exhausted(sidecar):
+def test_oversized_message_is_resource_exhausted_naming_the_limit(sidecar):
     huge = pb.StepState(info=info_for("huge", L), logits=pb.Tensor(dtype=pb.FLOAT32, shape=[L, 262144], data=bytes(L * 262144 * 4)))
     error = _watch(sidecar, [huge, _final()])
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert str(8 * 1024 * 1024) in error.details()  # the test sidecar's server.max_message_bytes
+
+
+def test_embeddings_form_without_a_matrix_is_unimplemented(vocab, tmp_path):
+    from tests.conftest import start_sidecar
+
+    running = start_sidecar(vocab, tmp_path)  # no dense decoder with a matrix
+    try:
+        error = _watch(running, [pb.StepState(info=info_for("bad", L), embeddings=encode_tensor(torch.zeros(L, 640))), _final()])
+    finally:
+        running.thread.stop()
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "message[0].embeddings: this sidecar has no embedding matrix configured" in error.details()
 
 
 def test_bad_streams_do_not_disturb_a_good_one_running_beside_them(sidecar, vocab):
@@ -134,6 +157,9 @@ def test_check_rpc_refuses_a_trace_without_final(sidecar, vocab):
         ({"surprise": {}}, "surprise: unknown section"),
         ({"monitors": {"lexicon": {"enabled": "yes"}}}, "monitors.lexicon.enabled: expected bool"),
         ({"monitors": {"self_correction": {"settle_steps": 0}}}, "monitors.self_correction.settle_steps"),
+        ({"dense": {"dtype": "int8"}}, "dense.dtype: expected float32, bfloat16 or float16"),
+        ({"dense": {"device": "tpu"}}, "dense.device"),
+        ({"dense": {"top_p": 1.5}}, "dense.top_p"),
     ],
 )
 def test_bad_config_is_refused_at_startup_naming_the_key(raw, message):

@@ -46,19 +46,31 @@ def bottleneck(logits: torch.Tensor, k: int = 8, top_p: float | None = None) -> 
     smallest prefix of its sorted top-k whose mass reaches p (at least one
     token); the rest of the k slots are padding (prob 0).
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    _check_k_p(k, top_p)
     k = min(k, logits.shape[-1])
     values, ids = torch.topk(logits, k, dim=-1, sorted=True)
-    log_z = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
-    probs = torch.exp(values.float() - log_z)
+    return from_candidates(values, ids, torch.logsumexp(logits.float(), dim=-1), top_p)
+
+
+def from_candidates(values: torch.Tensor, ids: torch.Tensor, log_z: torch.Tensor, top_p: float | None = None) -> Bottleneck:
+    """The bottleneck from each position's kept logits (sorted, most probable first) and log-partition.
+
+    Shared by every path that finds the top-k its own way (chunked over V, a
+    fused GPU kernel): only the normalisation and the top-p cut happen here.
+    """
+    probs = torch.exp(values.float() - log_z.float().unsqueeze(-1))
     if top_p is not None:
         probs = _truncate_to_top_p(probs, top_p)
         ids = torch.where(probs > 0, ids, torch.zeros_like(ids))
     residual = (1.0 - probs.sum(dim=-1)).clamp_min(0.0)
     return Bottleneck(ids=ids.to(torch.int32), probs=probs, residual=residual, top_p=top_p or 0.0)
+
+
+def _check_k_p(k: int, top_p: float | None) -> None:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def bottleneck_probs(probs: torch.Tensor, k: int = 8, top_p: float | None = None) -> Bottleneck:

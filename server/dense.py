@@ -1,0 +1,156 @@
+"""The token bottleneck for dense states: embeddings [L, d] or logits [L, V] to exact top-k / top-p.
+
+embeddings: the self-conditioning vectors are projected onto the vocabulary
+with the model's tied embedding matrix, logits = softcap(scale * H Eᵀ), where
+softcap(x) = c * tanh(x / c) when configured (Gemma-family final logit
+soft-capping). Probabilities are normalised over the FULL vocabulary with an
+exact logsumexp, so the residual mass outside the kept set is exact.
+
+Two implementations, same results:
+- chunked (torch, CPU or CUDA): V is processed in chunks, keeping a running
+  logsumexp and a running top-k, so memory is O(L x chunk), never O(L x V);
+- fused (Triton, CUDA; canvaswatch.server.dense_triton): one pass over E that
+  never writes the [L, V] logits (see that module for how it stays exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from canvaswatch.client.token_bottleneck import Bottleneck, from_candidates
+
+DEFAULT_CHUNK = 32768
+
+
+@dataclass(frozen=True)
+class Projection:
+    """How hidden states become logits: softcap(scale * H Eᵀ)."""
+
+    scale: float = 1.0
+    softcap: float = 0.0
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits * self.scale if self.scale != 1.0 else logits
+        if self.softcap > 0:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+class DenseDecoder:
+    def __init__(self, embeddings: torch.Tensor | None, vocab_size: int, *, k: int = 8, top_p: float | None = None,
+                 projection: Projection = Projection(), chunk: int = DEFAULT_CHUNK, backend: str = "auto") -> None:
+        if embeddings is not None and embeddings.shape[0] != vocab_size:
+            raise ValueError(f"embedding matrix has {embeddings.shape[0]} rows, the vocabulary {vocab_size} tokens")
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be auto, torch or triton, got {backend!r}")
+        self.embeddings = embeddings
+        self.vocab_size = vocab_size
+        self.k, self.top_p = k, top_p
+        self.projection = projection
+        self.chunk = chunk
+        self.backend = self._choose(backend)
+
+    @property
+    def hidden_size(self) -> int | None:
+        return None if self.embeddings is None else int(self.embeddings.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.device if self.embeddings is not None else torch.device("cpu")
+
+    def decode_logits(self, logits: torch.Tensor) -> Bottleneck:
+        """[..., V] logits (already projected) to the bottleneck, chunked over V."""
+        if logits.shape[-1] != self.vocab_size:
+            raise ValueError(f"logits have a vocabulary of {logits.shape[-1]}, expected {self.vocab_size}")
+        values, ids, log_z = _chunked_topk(lambda a, b: logits[..., a:b].float(), self.vocab_size, self.k, self.chunk)
+        return from_candidates(values, ids, log_z, self.top_p)
+
+    def decode_embeddings(self, hidden: torch.Tensor) -> Bottleneck:
+        """[..., d] self-conditioning vectors to the bottleneck over the full vocabulary."""
+        if self.embeddings is None:
+            raise ValueError("no embedding matrix loaded")
+        if hidden.shape[-1] != self.embeddings.shape[1]:
+            raise ValueError(f"hidden size {hidden.shape[-1]}, but the embedding matrix has d = {self.embeddings.shape[1]}")
+        lead = hidden.shape[:-1]
+        flat = hidden.reshape(-1, hidden.shape[-1]).to(device=self.embeddings.device, dtype=self.embeddings.dtype)
+        if self.backend == "triton":
+            from canvaswatch.server.dense_triton import fused_topk
+
+            fused = fused_topk(flat, self.embeddings, self.k, self.projection)
+            if self.top_p is None:
+                kept = Bottleneck(ids=fused.ids, probs=fused.probs, residual=fused.residual)
+            else:
+                kept = from_candidates(fused.values, fused.ids, fused.log_z, self.top_p)
+        else:
+            values, ids, log_z = project_topk_chunked(flat, self.embeddings, self.k, self.projection, self.chunk)
+            kept = from_candidates(values, ids, log_z, self.top_p)
+        return Bottleneck(ids=kept.ids.reshape(*lead, -1), probs=kept.probs.reshape(*lead, -1),
+                          residual=kept.residual.reshape(lead), top_p=kept.top_p)
+
+    def _choose(self, backend: str) -> str:
+        on_cuda = self.embeddings is not None and self.embeddings.is_cuda
+        if backend == "torch" or not on_cuda:
+            if backend == "triton":
+                raise ValueError("the triton backend needs the embedding matrix on a CUDA device")
+            return "torch"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            if backend == "triton":
+                raise
+            return "torch"
+        return "triton"
+
+
+def project_topk_chunked(hidden: torch.Tensor, embeddings: torch.Tensor, k: int, projection: Projection,
+                         chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top-k logits sorted, their ids, logsumexp) of softcap(scale * H Eᵀ) without materialising [L, V]."""
+    if embeddings.dtype == torch.float32:
+        def block(start: int, stop: int) -> torch.Tensor:
+            return projection.apply(hidden.float() @ embeddings[start:stop].T)
+    else:
+        # Half-precision products round each logit to 8 (bf16) bits of mantissa, which reorders
+        # near-ties; the chunk is upcast so the top-k is exact for the matrix as stored.
+        def block(start: int, stop: int) -> torch.Tensor:
+            return projection.apply(hidden.float() @ embeddings[start:stop].float().T)
+
+    return _chunked_topk(block, embeddings.shape[0], k, chunk)
+
+
+def _chunked_topk(block, vocab_size: int, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = min(k, vocab_size)
+    best_values = best_ids = log_z = None
+    for start in range(0, vocab_size, chunk):
+        stop = min(start + chunk, vocab_size)
+        logits = block(start, stop)
+        chunk_z = torch.logsumexp(logits, dim=-1)
+        log_z = chunk_z if log_z is None else torch.logaddexp(log_z, chunk_z)
+        values, ids = torch.topk(logits, min(k, stop - start), dim=-1)
+        ids = ids + start
+        if best_values is not None:
+            values, ids = torch.cat([best_values, values], -1), torch.cat([best_ids, ids], -1)
+        best_values, order = torch.topk(values, min(k, values.shape[-1]), dim=-1)
+        best_ids = torch.gather(ids, -1, order)
+    return best_values, best_ids, log_z
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_dense_decoder(section, vocab_size: int) -> DenseDecoder:
+    """The decoder a [dense] config section describes (section: canvaswatch.server.config.DenseSection)."""
+    from canvaswatch.server.embedding import load_embedding_matrix
+
+    embeddings = None
+    if section.embeddings:
+        embeddings = load_embedding_matrix(section.embeddings, tensor=section.tensor,
+                                           dtype=_DTYPES[section.dtype], device=section.device)
+        if embeddings.shape[0] != vocab_size:
+            raise ValueError(
+                f"dense.embeddings: the matrix has {embeddings.shape[0]} rows but vocab.tokenizer has {vocab_size} tokens"
+            )
+    return DenseDecoder(embeddings, vocab_size, k=section.k, top_p=section.top_p or None,
+                        projection=Projection(section.logit_scale, section.softcap),
+                        chunk=section.chunk, backend=section.backend)
