@@ -106,6 +106,7 @@ class DecodedStep:
     vocab: Vocabulary
     residual: torch.Tensor | None = None  # [L] float32
     canvas_ids: torch.Tensor | None = None  # [L] int64, the sampled canvas if sent
+    hidden: torch.Tensor | None = None  # [L, d] the self-conditioning vectors, when sent in that form
 
     @property
     def canvas_length(self) -> int:

@@ -80,6 +80,8 @@ class _Sighting:
     snippet: str
     via: str  # "top1" or "topk"
     steps_present: int = 1
+    last_block: int = -1
+    last_step: int = -1
 
 
 @dataclass
@@ -131,7 +133,9 @@ class LexiconMonitor:
             previous = state.seen.get(index)
             if previous is not None:
                 previous.steps_present += 1
+                previous.last_block, previous.last_step = step.block, step.step
                 continue
+            sighting.last_block, sighting.last_step = step.block, step.step
             state.seen[index] = sighting
             flags.append(self._appearance_flag(index, sighting))
         return flags
@@ -149,6 +153,8 @@ class LexiconMonitor:
                 attributes.update(
                     first_block=str(sighting.block),
                     first_step=str(sighting.step),
+                    last_block=str(sighting.last_block),
+                    last_step=str(sighting.last_step),
                     steps_present=str(sighting.steps_present),
                     seen_via=sighting.via,
                 )

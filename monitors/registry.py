@@ -17,11 +17,23 @@ from importlib.metadata import entry_points
 from typing import Any, Mapping
 
 from canvaswatch.monitors.base import Monitor
+from canvaswatch.monitors.intermediate_context import IntermediateContextMonitor
 from canvaswatch.monitors.lexicon import LexiconMonitor
+from canvaswatch.monitors.non_chronological import NonChronologicalMonitor
+from canvaswatch.monitors.probe import ProbeMonitor
 from canvaswatch.monitors.self_correction import SelfCorrectionMonitor
+from canvaswatch.monitors.sequence_smearing import SequenceSmearingMonitor
+from canvaswatch.monitors.token_smearing import TokenSmearingMonitor
+from canvaswatch.monitors.transparency import TransparencyMonitor
 
 ENTRY_POINT_GROUP = "canvaswatch.monitors"
-BUILTINS: dict[str, type] = {cls.name: cls for cls in (LexiconMonitor, SelfCorrectionMonitor)}
+BUILTINS: dict[str, type] = {
+    cls.name: cls
+    for cls in (
+        LexiconMonitor, SelfCorrectionMonitor, NonChronologicalMonitor, TokenSmearingMonitor,
+        SequenceSmearingMonitor, IntermediateContextMonitor, TransparencyMonitor, ProbeMonitor,
+    )
+}
 
 
 class MonitorConfigError(ValueError):
@@ -52,7 +64,7 @@ def build(name: str, table: Mapping[str, Any], key: str) -> Monitor:
     """Instantiate monitor `name` from its TOML table (key is e.g. 'monitors.lexicon')."""
     cls = resolve(name, key)
     params = parse_params(cls.Params, table, key)
-    return cls(params)
+    return instantiate(cls, params, key)
 
 
 def parse_params(params_cls: type, table: Mapping[str, Any], key: str) -> Any:
@@ -68,6 +80,14 @@ def parse_params(params_cls: type, table: Mapping[str, Any], key: str) -> Any:
         values[name] = _check_type(value, hints[name], f"{key}.{name}")
     try:
         return params_cls(**values)
+    except ValueError as err:
+        raise MonitorConfigError(f"{key}.{err}") from None
+
+
+def instantiate(cls: type, params: Any, key: str) -> Any:
+    """A monitor from checked params; a constructor's ValueError (e.g. a bad file) names the key."""
+    try:
+        return cls(params)
     except ValueError as err:
         raise MonitorConfigError(f"{key}.{err}") from None
 

@@ -8,6 +8,12 @@ top-1 with probability at least `flip_prob`. Each step with flips raises one
 flag whose evidence names the flipped spans, the step the old token settled,
 the flip step, and the before/after text.
 
+Stronger when the flip follows changes elsewhere on the canvas (the paper's
+perfect-squares case: a wrong count, then the list written elsewhere, then the
+count corrected): the flag's score rises from 0.5 to 1.0 with the number of
+other positions whose top-1 changed in the `context_window` steps before the
+flip, reported as the `changes_elsewhere` attribute.
+
 Hard negatives this excludes: ordinary refinement (positions that change while
 still uncertain never settled) and a settled token's probability wobbling
 without another token overtaking it.
@@ -22,6 +28,7 @@ from typing import ClassVar
 
 import torch
 
+from canvaswatch.monitors.canvas_ops import contiguous_spans
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
 
 
@@ -30,6 +37,7 @@ class SelfCorrectionParams:
     settle_prob: float = 0.8
     settle_steps: int = 3
     flip_prob: float = 0.3
+    context_window: int = 3
     severity: str = "warning"
 
     def __post_init__(self) -> None:
@@ -39,6 +47,8 @@ class SelfCorrectionParams:
                 raise ValueError(f"{key}: must be in (0, 1], got {value}")
         if self.settle_steps < 1:
             raise ValueError(f"settle_steps: must be >= 1, got {self.settle_steps}")
+        if self.context_window < 0:
+            raise ValueError(f"context_window: must be >= 0, got {self.context_window}")
         Severity.parse(self.severity)
 
 
@@ -50,6 +60,7 @@ class SelfCorrectionState:
     settled: torch.Tensor | None = None  # [L] bool
     settled_token: torch.Tensor | None = None  # [L]
     settled_step: torch.Tensor | None = None  # [L] step at which it settled
+    changed_step: torch.Tensor | None = None  # [L] last step its top-1 changed
 
 
 class SelfCorrectionMonitor:
@@ -77,6 +88,7 @@ class SelfCorrectionMonitor:
         state.run = torch.where(confident, torch.where(same, state.run + 1, torch.ones_like(state.run)), 0)
 
         flipped = state.settled & (top1 != state.settled_token) & (prob >= p.flip_prob)
+        state.changed_step = torch.where(same, state.changed_step, step.step)
         flags: list[Flag] = []
         if bool(flipped.any()):
             flags.append(self._flag(state, step, flipped))
@@ -99,38 +111,33 @@ class SelfCorrectionMonitor:
         state.settled = torch.zeros_like(top1, dtype=torch.bool)
         state.settled_token = torch.full_like(top1, -1)
         state.settled_step = torch.zeros_like(top1)
+        state.changed_step = torch.full_like(top1, -(10**6))
 
     def _flag(self, state: SelfCorrectionState, step: DecodedStep, flipped: torch.Tensor) -> Flag:
         positions = flipped.nonzero().flatten().tolist()
         vocab = step.vocab
         evidence = []
         changes = []
-        for span in _contiguous(positions):
+        for span in contiguous_spans(positions):
             before = vocab.decode(state.settled_token[span[0] : span[-1] + 1].tolist())
             after = vocab.decode(step.top1[span[0] : span[-1] + 1].tolist())
             since = int(state.settled_step[span[0]])
             changes.append(f"{_span_name(span)} (settled at step {since})")
             evidence.append(Evidence(step.block, step.step, tuple(span), f"{before!r} -> {after!r}"))
         held = int((step.step - state.settled_step[flipped]).max())
-        score = float(step.top1_prob[flipped].mean())
+        # Other positions that changed just before (and at) the flip: the context that caused it.
+        recent = (state.changed_step >= step.step - self.params.context_window) & ~flipped
+        elsewhere = int(recent.sum())
+        score = 0.5 + 0.5 * min(1.0, elsewhere / 4)
         return Flag(
             monitor=self.name,
             severity=self.severity,
             reason=f"block {step.block} step {step.step}: settled tokens flipped at " + "; ".join(changes),
             score=score,
             evidence=tuple(evidence),
-            attributes={"flipped_positions": str(len(positions)), "held_steps": str(held)},
+            attributes={"flipped_positions": str(len(positions)), "held_steps": str(held),
+                        "changes_elsewhere": str(elsewhere)},
         )
-
-
-def _contiguous(positions: list[int]) -> list[list[int]]:
-    spans: list[list[int]] = []
-    for position in positions:
-        if spans and position == spans[-1][-1] + 1:
-            spans[-1].append(position)
-        else:
-            spans.append([position])
-    return spans
 
 
 def _span_name(span: list[int]) -> str:

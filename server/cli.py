@@ -51,11 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     record.add_argument("output")
     record.add_argument("--requests", type=int, default=8)
     record.add_argument("--seed", type=int, default=0)
+    record.add_argument("--corpus", action="store_true",
+                        help="the labelled eval corpus: every scenario --per-scenario times (ignores --requests)")
+    record.add_argument("--per-scenario", type=int, default=20)
+
+    evaluate = sub.add_parser("eval", help="precision, recall, FPR and AUROC of each monitor on labelled traces")
+    evaluate.add_argument("traces", help=".cwtrace file whose traces carry a 'labels' attribute")
+    evaluate.add_argument("--config")
+    evaluate.add_argument("--json", dest="json_path", help="also write the scores to this JSON file")
 
     args = parser.parse_args(argv)
     try:
         return {
             "serve": _serve, "demo": _demo, "check": _check, "replay": _replay, "simulate": _simulate,
+            "eval": _eval,
         }[args.command](args)
     except ConfigError as err:
         print(f"canvaswatch: configuration error: {err}", file=sys.stderr)
@@ -187,13 +196,32 @@ def _simulate(args: argparse.Namespace) -> int:
     from canvaswatch.server.vocab import load_vocabulary
 
     vocab = load_vocabulary()
-    traces = [
-        simulate.scenario(simulate.SCENARIOS[i % len(simulate.SCENARIOS)], vocab.encode, vocab.size,
-                          request_id=f"sim-{args.seed}-{i:04d}", seed=args.seed + i)
-        for i in range(args.requests)
-    ]
+    if args.corpus:
+        traces = simulate.labelled_corpus(vocab.encode, vocab.size, per_scenario=args.per_scenario, seed=args.seed)
+    else:
+        traces = [
+            simulate.scenario(simulate.SCENARIOS[i % len(simulate.SCENARIOS)], vocab.encode, vocab.size,
+                              request_id=f"sim-{args.seed}-{i:04d}", seed=args.seed + i)
+            for i in range(args.requests)
+        ]
     count = write_traces(Path(args.output), traces)
     print(f"wrote {count} SIMULATED traces to {args.output}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from canvaswatch.client.trace import read_traces
+    from canvaswatch.server.engine import Engine
+    from canvaswatch.server.evaluate import as_json, as_table, evaluate
+    from canvaswatch.server.vocab import load_vocabulary
+
+    config = load_config(args.config)
+    configure_logging("warning")
+    engine = Engine(config, load_vocabulary(config.vocab.tokenizer))
+    scores = evaluate(engine, read_traces(args.traces))
+    print(as_table(scores))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(as_json(scores), indent=2) + "\n")
     return 0
 
 

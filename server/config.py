@@ -51,7 +51,10 @@ from canvaswatch.server.embedding import DEFAULT_EMBEDDINGS
 from canvaswatch.server.vocab import DEFAULT_TOKENIZER
 
 # Built-ins that work with no external file; new ones join as they land.
-DEFAULT_MONITORS: tuple[str, ...] = ("lexicon", "self_correction")
+DEFAULT_MONITORS: tuple[str, ...] = (
+    "lexicon", "self_correction", "non_chronological", "token_smearing", "sequence_smearing",
+    "intermediate_context", "transparency",
+)
 
 
 class ConfigError(ValueError):

@@ -59,20 +59,21 @@ class StepDecoder:
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"{where}.embeddings: this sidecar has no embedding matrix configured (dense.embeddings); send topk or logits",
             )
+        hidden = None
         try:
             if form == "topk":
                 ids, probs, residual = self._read_topk(message.topk, canvas_length, where)
             elif form == "logits":
                 ids, probs, residual = self._read_logits(message.logits, canvas_length, where)
             else:
-                ids, probs, residual = self._read_embeddings(message.embeddings, canvas_length, where)
+                ids, probs, residual, hidden = self._read_embeddings(message.embeddings, canvas_length, where)
         except TensorFormatError as err:
             raise invalid(f"{where}.{form}.{err}") from None
         canvas = self._read_canvas(message, canvas_length, where)
         self.metrics.decode_seconds.labels(form).observe(time.perf_counter() - started)
         return DecodedStep(
             block=message.block, step=message.step, ids=ids, probs=probs, vocab=self.vocab,
-            residual=residual, canvas_ids=canvas,
+            residual=residual, canvas_ids=canvas, hidden=hidden,
         )
 
     def _read_topk(self, topk: pb.TopK, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,7 +129,7 @@ class StepDecoder:
         kept = self.dense.decode_logits(logits)
         return kept.ids.long(), kept.probs, kept.residual
 
-    def _read_embeddings(self, tensor: pb.Tensor, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _read_embeddings(self, tensor: pb.Tensor, length: int, where: str) -> tuple[torch.Tensor, ...]:
         hidden = decode_tensor(tensor, "embeddings", ndim=2)
         if not hidden.dtype.is_floating_point:
             raise invalid(f"{where}.embeddings.dtype: expected FLOAT32, FLOAT16 or BFLOAT16, got {hidden.dtype}")
@@ -142,7 +143,7 @@ class StepDecoder:
             position = int((~torch.isfinite(hidden)).any(dim=1).nonzero()[0])
             raise invalid(f"{where}.embeddings: NaN or Inf at position {position}")
         kept = self.dense.decode_embeddings(hidden)
-        return kept.ids.long().cpu(), kept.probs.cpu(), kept.residual.cpu()
+        return kept.ids.long().cpu(), kept.probs.cpu(), kept.residual.cpu(), hidden
 
     def _read_canvas(self, message: pb.StepState, length: int, where: str) -> torch.Tensor | None:
         if not message.canvas_ids:

@@ -119,7 +119,9 @@ def test_check_rpc_runs_a_whole_trace(sidecar, vocab):
 def test_list_monitors_health_and_reflection(sidecar):
     with sidecar.channel() as channel:
         listed = pb_grpc.CanvasMonitorStub(channel).ListMonitors(pb.ListMonitorsRequest())
-        assert {m.name for m in listed.monitors} == {"lexicon", "self_correction"}
+        from canvaswatch.server.config import DEFAULT_MONITORS
+
+        assert [m.name for m in listed.monitors] == list(DEFAULT_MONITORS)
         lexicon = next(m for m in listed.monitors if m.name == "lexicon")
         assert "ignore previous instructions" in lexicon.params["patterns"]
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="canvaswatch.v1.CanvasMonitor"))
@@ -145,7 +147,7 @@ def test_auth_tokens_guard_the_monitor_service_but_not_health(vocab, tmp_path):
                 stub.ListMonitors(pb.ListMonitorsRequest(), metadata=[("authorization", "Bearer nope")])
             assert wrong.value.code() == grpc.StatusCode.UNAUTHENTICATED
             ok = stub.ListMonitors(pb.ListMonitorsRequest(), metadata=[("authorization", "Bearer s3cret")])
-            assert len(ok.monitors) == 2
+            assert len(ok.monitors) == len(running.thread.sidecar.engine.monitors) >= 2
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:

@@ -1,0 +1,120 @@
+"""non_chronological: positions commit far out of left-to-right order, an answer before its reasons.
+
+Definition. Within a block, a position's *commit step* is the step from which
+its final top-1 token held with probability at least `settle_prob` without
+interruption to the block's last step. Positions whose final token is in
+`ignore_ids` (padding, end of sequence, which models settle first) and
+positions that never commit are left out. At the end of each block:
+  - rho: Spearman rank correlation between position and commit step
+    (1 = strictly left to right);
+  - lead: how many steps earlier the last `late_fraction` of the committed
+    positions (the answer, in a question-then-answer text) committed than the
+    positions before them (median against median).
+A block is flagged when lead >= `min_lead_steps` or rho < `min_rank_corr`,
+with at least `min_positions` committed positions. Score: (1 - rho) / 2.
+
+Hard negatives it excludes: ordinary left-to-right settling with jitter (rho
+stays high, no lead), early-settling padding (ignored ids).
+
+State per request: three [L] tensors and the last top-1, reset per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
+from canvaswatch.monitors.canvas_ops import isin, spearman
+
+
+@dataclass(frozen=True)
+class NonChronologicalParams:
+    settle_prob: float = 0.8
+    min_rank_corr: float = 0.2
+    late_fraction: float = 0.2
+    min_lead_steps: int = 3
+    min_positions: int = 8
+    ignore_ids: list[int] = field(default_factory=lambda: [0, 1])
+    severity: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.settle_prob <= 1.0:
+            raise ValueError(f"settle_prob: must be in (0, 1], got {self.settle_prob}")
+        if not -1.0 <= self.min_rank_corr <= 1.0:
+            raise ValueError(f"min_rank_corr: must be in [-1, 1], got {self.min_rank_corr}")
+        if not 0.0 < self.late_fraction < 1.0:
+            raise ValueError(f"late_fraction: must be in (0, 1), got {self.late_fraction}")
+        if self.min_positions < 3:
+            raise ValueError(f"min_positions: must be >= 3, got {self.min_positions}")
+        Severity.parse(self.severity)
+
+
+@dataclass
+class NonChronologicalState:
+    block: int = -1
+    last: DecodedStep | None = None
+    commit: torch.Tensor | None = None  # [L] commit step, -1 while not confident
+
+
+class NonChronologicalMonitor:
+    name: ClassVar[str] = "non_chronological"
+    description: ClassVar[str] = (
+        "Positions commit far from left to right (low rank correlation), or the last part of a "
+        "block (an answer) commits steps before the text that leads to it."
+    )
+    Params: ClassVar[type] = NonChronologicalParams
+
+    def __init__(self, params: NonChronologicalParams) -> None:
+        self.params = params
+        self.severity = Severity.parse(params.severity)
+        self._ignore = torch.tensor(params.ignore_ids, dtype=torch.long)
+
+    def start(self, request: RequestMeta) -> NonChronologicalState:
+        return NonChronologicalState()
+
+    def on_step(self, state: NonChronologicalState, step: DecodedStep) -> list[Flag]:
+        flags = []
+        if state.last is not None and step.block != state.block:
+            flags = self._judge(state)
+            state.last = None
+        top1, prob = step.top1, step.top1_prob
+        confident = prob >= self.params.settle_prob
+        if state.last is None or state.commit is None or state.commit.shape != top1.shape:
+            state.commit = torch.full_like(top1, -1)
+            holding = torch.zeros_like(confident)
+        else:
+            holding = (top1 == state.last.top1) & (state.commit >= 0)
+        state.commit = torch.where(confident, torch.where(holding, state.commit, step.step), -1)
+        state.block, state.last = step.block, step
+        return flags
+
+    def on_finish(self, state: NonChronologicalState, final: FinalCanvas) -> list[Flag]:
+        return self._judge(state) if state.last is not None else []
+
+    def _judge(self, state: NonChronologicalState) -> list[Flag]:
+        p, last = self.params, state.last
+        positions = ((state.commit >= 0) & ~isin(last.top1, self._ignore)).nonzero().flatten()
+        if positions.numel() < p.min_positions:
+            return []
+        commits = state.commit[positions]
+        rho = spearman(positions.float(), commits.float())
+        split = max(1, int(round(positions.numel() * (1 - p.late_fraction))))
+        early, late = commits[:split], commits[split:]
+        lead = float(early.float().median() - late.float().median()) if late.numel() else 0.0
+        if lead < p.min_lead_steps and rho >= p.min_rank_corr:
+            return []
+        late_positions = positions[split:].tolist()
+        snippet = last.span_text(late_positions[0], late_positions[-1] + 1) if late_positions else ""
+        return [Flag(
+            monitor=self.name,
+            severity=self.severity,
+            reason=(f"block {state.block}: commit order far from left to right (rho {rho:.2f}); "
+                    f"the last {len(late_positions)} positions committed {lead:.0f} steps before the rest"),
+            score=(1.0 - rho) / 2.0,
+            evidence=(Evidence(state.block, int(late.min()) if late.numel() else last.step, tuple(late_positions), snippet),),
+            attributes={"rank_correlation": f"{rho:.3f}", "lead_steps": f"{lead:.1f}",
+                        "committed_positions": str(positions.numel())},
+        )]

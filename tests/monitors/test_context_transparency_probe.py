@@ -1,0 +1,102 @@
+"""intermediate_context, transparency and probe on constructed requests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from canvaswatch.monitors.base import DecodedStep, FinalCanvas, RequestMeta
+from canvaswatch.monitors.intermediate_context import IntermediateContextMonitor, IntermediateContextParams
+from canvaswatch.monitors.probe import ProbeMonitor, ProbeParams
+from canvaswatch.monitors.registry import MonitorConfigError, build
+from canvaswatch.monitors.transparency import TransparencyMonitor, TransparencyParams
+from tests.monitors.canvas import canvas_step
+
+META = RequestMeta("r", "m", "", (), 16, 24)
+
+
+def _pad(ids, vocab, length=16):
+    return (ids + vocab.encode(" the") * length)[:length]
+
+
+def test_intermediate_only_content_is_flagged_with_its_span_of_steps(vocab):
+    monitor = IntermediateContextMonitor(IntermediateContextParams())
+    state = monitor.start(META)
+    clean = _pad(vocab.encode("Clean the tiles with soap"), vocab)
+    harmful = _pad(vocab.encode("Clean the tiles, mix bleach and ammonia"), vocab)
+    for step, canvas in enumerate([clean, harmful, harmful, harmful, clean]):
+        assert monitor.on_step(state, canvas_step(canvas, 0.9, step=step, vocab=vocab)) == []
+    output = vocab.encode("Clean the tiles with soap")
+    [flag] = monitor.on_finish(state, FinalCanvas(tuple(output), vocab.decode(output), 5, 0))
+    assert flag.attributes["first_step"] == "1" and flag.attributes["last_step"] == "3"
+    assert flag.attributes["steps_present"] == "3" and "absent from the final output" in flag.reason
+
+
+def test_content_that_reaches_the_output_is_not_intermediate_context(vocab):
+    monitor = IntermediateContextMonitor(IntermediateContextParams(patterns=["launch code"]))
+    state = monitor.start(META)
+    canvas = _pad(vocab.encode("the launch code is"), vocab)
+    monitor.on_step(state, canvas_step(canvas, 0.9, vocab=vocab))
+    output = vocab.encode("the launch code is 42")
+    assert monitor.on_finish(state, FinalCanvas(tuple(output), vocab.decode(output), 1, 0)) == []
+
+
+def test_min_steps_ignores_a_one_step_flicker(vocab):
+    monitor = IntermediateContextMonitor(IntermediateContextParams(patterns=["launch code"], min_steps=2))
+    state = monitor.start(META)
+    monitor.on_step(state, canvas_step(_pad(vocab.encode("a launch code"), vocab), 0.9, vocab=vocab))
+    assert monitor.on_finish(state, FinalCanvas((), "", 1, 0)) == []
+
+
+def _coverage(steps_seen, total=24, residual=0.05, vocab=None):
+    monitor = TransparencyMonitor(TransparencyParams())
+    state = monitor.start(RequestMeta("r", "m", "", (), 4, total))
+    for step in steps_seen:
+        decoded = canvas_step([3000] * 4, 0.9, step=step, vocab=vocab)
+        decoded = DecodedStep(block=0, step=step, ids=decoded.ids, probs=decoded.probs, vocab=vocab,
+                              residual=torch.full((4,), residual))
+        monitor.on_step(state, decoded)
+    return monitor.on_finish(state, FinalCanvas((), "", len(steps_seen), total - len(steps_seen)))
+
+
+def test_transparency_reports_opaque_depth_of_unseen_runs(vocab):
+    assert _coverage(range(24), vocab=vocab) == []
+    assert _coverage([s for s in range(24) if s % 2 == 0], vocab=vocab) == []  # every other step: depth 2
+    [flag] = _coverage([s for s in range(24) if not 5 <= s < 12], vocab=vocab)
+    assert flag.attributes["opaque_depth"] == "8"
+    [tail] = _coverage(range(12), vocab=vocab)  # the block's last 12 steps never came
+    assert tail.attributes["opaque_depth"] == "13"
+
+
+def test_transparency_flags_residual_mass_in_settled_steps(vocab):
+    [flag] = _coverage(range(24), residual=0.7, vocab=vocab)
+    assert flag.attributes["residual_mass"] == "0.700"
+
+
+def test_probe_fires_on_positions_along_its_direction(tmp_path, vocab):
+    direction = torch.zeros(8)
+    direction[3] = 1.0
+    path = tmp_path / "probes.safetensors"
+    save_file({"deception.direction": direction, "deception.bias": torch.tensor(-2.0),
+               "deception.threshold": torch.tensor(0.9)}, str(path))
+    monitor = ProbeMonitor(ProbeParams(path=str(path)))
+    state = monitor.start(META)
+    hidden = torch.zeros(6, 8)
+    hidden[[2, 3], 3] = 10.0  # sigmoid(10 - 2) > 0.9 at positions 2 and 3 only
+    base = canvas_step([3000] * 6, 0.9, vocab=vocab)
+    no_hidden = monitor.on_step(state, base)
+    step = DecodedStep(block=0, step=1, ids=base.ids, probs=base.probs, vocab=vocab, hidden=hidden)
+    [flag] = monitor.on_step(state, step)
+    assert no_hidden == [] and state.skipped_steps == 1
+    assert flag.evidence[0].positions == (2, 3) and flag.attributes["label"] == "deception"
+    assert monitor.on_step(state, step) == []  # once per label per request
+
+
+def test_probe_file_problems_name_the_key(tmp_path):
+    with pytest.raises(MonitorConfigError, match="monitors.probe.path: a safetensors file of probes is required"):
+        build("probe", {}, "monitors.probe")
+    path = tmp_path / "partial.safetensors"
+    save_file({"x.direction": torch.ones(4)}, str(path))
+    with pytest.raises(MonitorConfigError, match=r"monitors.probe.path: .* missing \['x.bias', 'x.threshold'\]"):
+        build("probe", {"path": str(path)}, "monitors.probe")

@@ -1,0 +1,58 @@
+"""non_chronological on hand-built commit orders: answer-first and scrambled vs left-to-right."""
+
+from __future__ import annotations
+
+import torch
+
+from canvaswatch.monitors.base import FinalCanvas, RequestMeta
+from canvaswatch.monitors.non_chronological import NonChronologicalMonitor, NonChronologicalParams
+from tests.monitors.canvas import canvas_step
+
+L = 20
+TEXT = list(range(3000, 3000 + L))
+META = RequestMeta("r", "m", "", (), L, 0)
+FINAL = FinalCanvas((), "", 0, 0)
+
+
+def _run(commit_steps: list[int], steps: int = 14, vocab=None, final_ids=TEXT):
+    """Each position shows noise until its commit step, then its final token at 0.9."""
+    monitor = NonChronologicalMonitor(NonChronologicalParams())
+    state = monitor.start(META)
+    flags = []
+    for step in range(steps):
+        top1 = [final_ids[p] if step >= commit_steps[p] else 9000 + step * 50 + p for p in range(L)]
+        prob = [0.9 if step >= commit_steps[p] else 0.3 for p in range(L)]
+        flags += monitor.on_step(state, canvas_step(top1, prob, step=step, vocab=vocab))
+    return flags + monitor.on_finish(state, FINAL)
+
+
+def test_answer_committed_before_its_reasons_is_flagged(vocab):
+    commits = [4 + p // 2 for p in range(16)] + [1, 1, 2, 2]  # the last 4 positions settle first
+    [flag] = _run(commits, vocab=vocab)
+    assert float(flag.attributes["lead_steps"]) >= 3
+    assert flag.evidence[0].positions == (16, 17, 18, 19)
+    assert flag.score > 0.4
+
+
+def test_left_to_right_with_jitter_is_not_flagged(vocab):
+    generator = torch.Generator().manual_seed(0)
+    commits = [1 + p // 2 + int(torch.randint(0, 2, (1,), generator=generator)) for p in range(L)]
+    assert _run(commits, vocab=vocab) == []
+
+
+def test_padding_that_settles_first_is_ignored(vocab):
+    # The text settles left to right; the trailing padding (id 0) settles at step 1, as models do.
+    final_ids = TEXT[:14] + [0] * 6
+    commits = [2 + p // 2 for p in range(14)] + [1] * 6
+    assert _run(commits, vocab=vocab, final_ids=final_ids) == []
+
+
+def test_a_position_that_wavers_commits_at_its_last_settling(vocab):
+    monitor = NonChronologicalMonitor(NonChronologicalParams(min_positions=3))
+    state = monitor.start(META)
+    for step in range(6):
+        prob = [0.9] * L
+        if step == 3:
+            prob[0] = 0.2  # position 0 loses confidence once
+        monitor.on_step(state, canvas_step(TEXT, prob, step=step, vocab=vocab))
+    assert int(state.commit[0]) == 4 and int(state.commit[1]) == 0
