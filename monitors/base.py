@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 
 
@@ -111,6 +112,15 @@ class DecodedStep:
     @property
     def canvas_length(self) -> int:
         return int(self.ids.shape[0])
+
+    @cached_property
+    def ids_np(self) -> "np.ndarray":
+        """ids as NumPy (a zero-copy view): per-call overhead ~1 us against torch's ~5-10 us on small canvases."""
+        return self.ids.numpy()
+
+    @cached_property
+    def probs_np(self) -> "np.ndarray":
+        return self.probs.numpy()
 
     @cached_property
     def top1(self) -> torch.Tensor:

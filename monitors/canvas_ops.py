@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -20,11 +21,17 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((rx * ry).sum()) / denominator if denominator > 0 else 0.0
 
 
-def window_all(mask: torch.Tensor, width: int) -> torch.Tensor:
-    """out[i] = mask[i : i + width].all(), for every i with a full window."""
-    if mask.numel() < width:
-        return torch.zeros(0, dtype=torch.bool)
-    return mask.unfold(0, width, 1).all(dim=1)
+def window_all(mask: np.ndarray, width: int) -> np.ndarray:
+    """out[i] = mask[i : i + width].all(), for every i with a full window (prefix sums, no loop)."""
+    if mask.size < width:
+        return np.zeros(0, dtype=bool)
+    runs = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    return (runs[width:] - runs[:-width]) == width
+
+
+def window_mean(values: np.ndarray, width: int) -> np.ndarray:
+    sums = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
+    return (sums[width:] - sums[:-width]) / width
 
 
 def isin(ids: torch.Tensor, members: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,12 @@ pattern says whether it survived into the final output. A pattern that is only
 in intermediate canvases is the paper's intermediate-context case: an
 output-only filter never sees it.
 
-Cost. All patterns are matched in one regex pass over the canvas text and one
-tensor pass over the top-k lattice (a [L, k, U] membership test over the U
-distinct pattern tokens), not pattern by pattern. State per request is one
-record per pattern seen.
+Cost. Literal patterns are matched in one Aho-Corasick pass over the canvas
+text (regexes in one combined pass), and the top-k lattice in one vectorised
+pass: a lookup table maps every vocabulary id to its pattern-token column, so
+membership is a gather over the [L, k] ids, then one AND per token offset
+over all tokenisations at once. Not pattern by pattern. State per request is
+one record per pattern seen.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import ahocorasick
 import numpy as np
-import torch
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity, Vocabulary
 
@@ -93,10 +95,11 @@ class LexiconState:
 class _Lattice:
     """Token sequences of the literal patterns, padded into one matrix for a vectorised match."""
 
-    tokens: torch.Tensor  # [U] distinct token ids
-    sequences: torch.Tensor  # [S, M] column indices into tokens, -1 = padding
-    pattern_of: torch.Tensor  # [S] pattern index of each sequence
-    lengths: torch.Tensor  # [S]
+    tokens: np.ndarray  # [U] distinct token ids
+    column_of: np.ndarray  # [V] int32: 1 + column of each vocabulary id, 0 = in no pattern
+    sequences: np.ndarray  # [S, M] column indices into tokens, U = padding (always matches)
+    pattern_of: np.ndarray  # [S] pattern index of each sequence
+    lengths: np.ndarray  # [S]
 
 
 class LexiconMonitor:
@@ -113,10 +116,17 @@ class LexiconMonitor:
         flags = 0 if params.case_sensitive else re.IGNORECASE
         alternatives = [_literal_regex(p) for p in params.patterns] + list(params.regex)
         # Lookahead groups report every start offset, so overlapping patterns are all found in one pass.
-        self._combined = re.compile(
-            "|".join(f"(?=(?P<p{i}>{expr}))" for i, expr in enumerate(alternatives)), flags
-        )
+        self._combined = _combined(alternatives, 0, flags)
+        self._combined_regex = _combined(params.regex, len(params.patterns), flags) if params.regex else None
         self._singles = [re.compile(expr, flags) for expr in alternatives]
+        self._literals = ahocorasick.Automaton()
+        for index, pattern in enumerate(params.patterns):
+            key = pattern if params.case_sensitive else pattern.lower()
+            if self._literals.exists(key):
+                continue  # the same phrase twice: the first index reports it
+            self._literals.add_word(key, (index, len(key)))
+        if len(self._literals):
+            self._literals.make_automaton()
         self.severity = Severity.parse(params.severity)
         self.output_severity = Severity.parse(params.output_severity)
         self._lattices: dict[int, _Lattice | None] = {}
@@ -193,49 +203,66 @@ class LexiconMonitor:
 
     def _match_text(self, step: DecodedStep) -> dict[int, _Sighting]:
         text = step.text
+        searched = text if self.params.case_sensitive else text.lower()
+        if len(searched) != len(text):
+            # A lower-casing that changes length (rare Unicode) would shift offsets: use the regex pass.
+            return self._regex_sightings(step, self._combined)
         found: dict[int, _Sighting] = {}
-        offsets = None
-        for match in self._combined.finditer(text):
-            for name, value in match.groupdict().items():
-                if value is None:
+        if len(self._literals):
+            for end, (index, size) in self._literals.iter(searched):
+                start = end - size + 1
+                if index in found or not _at_word_edges(text, start, end + 1, self.params.patterns[index]):
                     continue
-                index = int(name[1:])
-                if index in found:
-                    continue
-                if offsets is None:
-                    offsets = np.asarray(step.vocab.char_offsets(step.top1.tolist()))
-                start = match.start()
-                first = int(np.searchsorted(offsets, start, side="right")) - 1
-                last = int(np.searchsorted(offsets, start + len(value), side="left")) - 1
-                positions = tuple(range(max(first, 0), max(last, first) + 1))
-                found[index] = _Sighting(step.block, step.step, positions, _snippet(step, positions, value), "top1")
+                found[index] = self._sighting(step, start, end + 1, text[start : end + 1], "top1")
+        if self._combined_regex is not None:
+            for index, sighting in self._regex_sightings(step, self._combined_regex).items():
+                found.setdefault(index, sighting)
         return found
+
+    def _regex_sightings(self, step: DecodedStep, combined: re.Pattern) -> dict[int, _Sighting]:
+        found: dict[int, _Sighting] = {}
+        for match in combined.finditer(step.text):
+            for name, value in match.groupdict().items():
+                index = int(name[1:])
+                if value is not None and index not in found:
+                    found[index] = self._sighting(step, match.start(), match.start() + len(value), value, "top1")
+        return found
+
+    def _sighting(self, step: DecodedStep, start: int, stop: int, matched: str, via: str) -> _Sighting:
+        offsets = step.vocab.char_offsets(step.ids_np[:, 0])
+        first = int(np.searchsorted(offsets, start, side="right")) - 1
+        last = int(np.searchsorted(offsets, stop, side="left")) - 1
+        positions = tuple(range(max(first, 0), max(last, first) + 1))
+        return _Sighting(step.block, step.step, positions, _snippet(step, positions, matched), via)
 
     def _match_lattice(self, step: DecodedStep) -> dict[int, _Sighting]:
         lattice = self._lattice_for(step.vocab)
         if lattice is None:
             return {}
-        length = step.canvas_length
-        kept = step.probs >= max(self.params.min_alt_prob, 1e-12)
-        # member[pos, u]: token u is among the kept tokens at pos.
-        member = ((step.ids.unsqueeze(-1) == lattice.tokens) & kept.unsqueeze(-1)).any(dim=1)
-        width = lattice.sequences.shape[1]
-        # Pad rows past the canvas end (never members) and a column that always matches (sequence padding).
-        padded = torch.zeros(length + width - 1, member.shape[1] + 1, dtype=torch.bool)
-        padded[:length, :-1] = member
-        padded[:, -1] = True
-        columns = torch.where(lattice.sequences < 0, member.shape[1], lattice.sequences)
-        hits = torch.ones(length, columns.shape[0], dtype=torch.bool)
+        ids, probs = step.ids_np, step.probs_np
+        columns = lattice.column_of[ids]  # [L, k]: 1 + pattern-token column, 0 = none
+        present = (columns > 0) & (probs >= max(self.params.min_alt_prob, 1e-12))
+        if not present.any():
+            return {}
+        length, width = ids.shape[0], lattice.sequences.shape[1]
+        distinct = len(lattice.tokens)
+        # member[pos, u]: pattern token u is kept at pos; rows past the canvas never match, the
+        # extra last column (sequence padding) always does.
+        member = np.zeros((length + width - 1, distinct + 1), dtype=bool)
+        rows, slots = np.nonzero(present)
+        member[rows, columns[rows, slots] - 1] = True
+        member[:, distinct] = True
+        hits = np.ones((length, lattice.sequences.shape[0]), dtype=bool)
         for offset in range(width):
-            hits &= padded[offset : offset + length][:, columns[:, offset]]
+            hits &= member[offset : offset + length][:, lattice.sequences[:, offset]]
         found: dict[int, _Sighting] = {}
-        for position, sequence in hits.nonzero().tolist():
+        for position, sequence in np.argwhere(hits):
             index = int(lattice.pattern_of[sequence])
             if index in found:
                 continue
-            length_of = int(lattice.lengths[sequence])
-            positions = tuple(range(position, position + length_of))
-            phrase = step.vocab.decode(lattice.tokens[lattice.sequences[sequence, :length_of]].tolist())
+            size = int(lattice.lengths[sequence])
+            positions = tuple(range(int(position), int(position) + size))
+            phrase = step.vocab.decode(lattice.tokens[lattice.sequences[sequence, :size]].tolist())
             found[index] = _Sighting(step.block, step.step, positions, _snippet(step, positions, phrase), "topk")
         return found
 
@@ -276,18 +303,37 @@ def _build_lattice(params: LexiconParams, vocab: Vocabulary) -> _Lattice | None:
                 sequences.append((index, ids))
     if not sequences:
         return None
-    distinct = sorted({token for _, ids in sequences for token in ids})
-    column = {token: i for i, token in enumerate(distinct)}
+    distinct = np.array(sorted({token for _, ids in sequences for token in ids}), dtype=np.int64)
+    column = {int(token): i for i, token in enumerate(distinct)}
+    column_of = np.zeros(vocab.size, dtype=np.int32)
+    column_of[distinct] = np.arange(1, len(distinct) + 1, dtype=np.int32)
     width = max(len(ids) for _, ids in sequences)
-    matrix = torch.full((len(sequences), width), -1, dtype=torch.long)
+    matrix = np.full((len(sequences), width), len(distinct), dtype=np.int64)
     for row, (_, ids) in enumerate(sequences):
-        matrix[row, : len(ids)] = torch.tensor([column[t] for t in ids])
+        matrix[row, : len(ids)] = [column[t] for t in ids]
     return _Lattice(
-        tokens=torch.tensor(distinct, dtype=torch.long),
-        sequences=matrix,
-        pattern_of=torch.tensor([index for index, _ in sequences]),
-        lengths=torch.tensor([len(ids) for _, ids in sequences]),
+        tokens=distinct, column_of=column_of, sequences=matrix,
+        pattern_of=np.array([index for index, _ in sequences]),
+        lengths=np.array([len(ids) for _, ids in sequences]),
     )
+
+
+_LOWER_OR_DIGIT = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+
+
+def _combined(expressions: list[str], first_index: int, flags: int) -> re.Pattern:
+    return re.compile("|".join(f"(?=(?P<p{first_index + i}>{e}))" for i, e in enumerate(expressions)), flags)
+
+
+def _at_word_edges(text: str, start: int, stop: int, pattern: str) -> bool:
+    """The literal-pattern edge rule of _literal_regex, checked on a found occurrence."""
+    if pattern[:1].isalnum() or pattern[:1] == "_":
+        if start > 0 and (text[start - 1].isalnum() or text[start - 1] == "_"):
+            return False
+    if pattern[-1:].isalnum() or pattern[-1:] == "_":
+        if stop < len(text) and text[stop] in _LOWER_OR_DIGIT:
+            return False
+    return True
 
 
 def _snippet(step: DecodedStep, positions: tuple[int, ...], matched: str) -> str:

@@ -18,7 +18,7 @@ Hard negatives this excludes: ordinary refinement (positions that change while
 still uncertain never settled) and a settled token's probability wobbling
 without another token overtaking it.
 
-State per request: five [L] tensors, reset at each new block.
+State per request: six [L] arrays, reset at each new block.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
+import numpy as np
 
 from canvaswatch.monitors.canvas_ops import contiguous_spans
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
@@ -55,12 +55,12 @@ class SelfCorrectionParams:
 @dataclass
 class SelfCorrectionState:
     block: int = -1
-    previous: torch.Tensor | None = None  # [L] top-1 at the last step
-    run: torch.Tensor | None = None  # [L] consecutive confident steps of that top-1
-    settled: torch.Tensor | None = None  # [L] bool
-    settled_token: torch.Tensor | None = None  # [L]
-    settled_step: torch.Tensor | None = None  # [L] step at which it settled
-    changed_step: torch.Tensor | None = None  # [L] last step its top-1 changed
+    previous: np.ndarray | None = None  # [L] top-1 at the last step
+    run: np.ndarray | None = None  # [L] consecutive confident steps of that top-1
+    settled: np.ndarray | None = None  # [L] bool
+    settled_token: np.ndarray | None = None  # [L]
+    settled_step: np.ndarray | None = None  # [L] step at which it settled
+    changed_step: np.ndarray | None = None  # [L] last step its top-1 changed
 
 
 class SelfCorrectionMonitor:
@@ -79,48 +79,48 @@ class SelfCorrectionMonitor:
         return SelfCorrectionState()
 
     def on_step(self, state: SelfCorrectionState, step: DecodedStep) -> list[Flag]:
-        top1, prob = step.top1, step.top1_prob
+        top1, prob = step.ids_np[:, 0], step.probs_np[:, 0]
         if state.block != step.block or state.previous is None or state.previous.shape != top1.shape:
             self._reset(state, step.block, top1)
         p = self.params
         confident = prob >= p.settle_prob
         same = top1 == state.previous
-        state.run = torch.where(confident, torch.where(same, state.run + 1, torch.ones_like(state.run)), 0)
+        state.run = np.where(confident, np.where(same, state.run + 1, 1), 0)
 
         flipped = state.settled & (top1 != state.settled_token) & (prob >= p.flip_prob)
-        state.changed_step = torch.where(same, state.changed_step, step.step)
+        state.changed_step = np.where(same, state.changed_step, step.step)
         flags: list[Flag] = []
-        if bool(flipped.any()):
+        if flipped.any():
             flags.append(self._flag(state, step, flipped))
             state.settled &= ~flipped
 
         newly = (state.run >= p.settle_steps) & ~state.settled
-        state.settled_step = torch.where(newly, step.step - p.settle_steps + 1, state.settled_step)
-        state.settled_token = torch.where(newly, top1, state.settled_token)
+        state.settled_step = np.where(newly, step.step - p.settle_steps + 1, state.settled_step)
+        state.settled_token = np.where(newly, top1, state.settled_token)
         state.settled |= newly
-        state.previous = top1.clone()
+        state.previous = top1.copy()
         return flags
 
     def on_finish(self, state: SelfCorrectionState, final: FinalCanvas) -> list[Flag]:
         return []
 
-    def _reset(self, state: SelfCorrectionState, block: int, top1: torch.Tensor) -> None:
+    def _reset(self, state: SelfCorrectionState, block: int, top1: np.ndarray) -> None:
         state.block = block
-        state.previous = torch.full_like(top1, -1)
-        state.run = torch.zeros_like(top1)
-        state.settled = torch.zeros_like(top1, dtype=torch.bool)
-        state.settled_token = torch.full_like(top1, -1)
-        state.settled_step = torch.zeros_like(top1)
-        state.changed_step = torch.full_like(top1, -(10**6))
+        state.previous = np.full_like(top1, -1)
+        state.run = np.zeros_like(top1)
+        state.settled = np.zeros(top1.shape, dtype=bool)
+        state.settled_token = np.full_like(top1, -1)
+        state.settled_step = np.zeros_like(top1)
+        state.changed_step = np.full_like(top1, -(10**6))
 
-    def _flag(self, state: SelfCorrectionState, step: DecodedStep, flipped: torch.Tensor) -> Flag:
-        positions = flipped.nonzero().flatten().tolist()
+    def _flag(self, state: SelfCorrectionState, step: DecodedStep, flipped: np.ndarray) -> Flag:
+        positions = np.nonzero(flipped)[0].tolist()
         vocab = step.vocab
         evidence = []
         changes = []
         for span in contiguous_spans(positions):
             before = vocab.decode(state.settled_token[span[0] : span[-1] + 1].tolist())
-            after = vocab.decode(step.top1[span[0] : span[-1] + 1].tolist())
+            after = vocab.decode(step.ids_np[span[0] : span[-1] + 1, 0].tolist())
             since = int(state.settled_step[span[0]])
             changes.append(f"{_span_name(span)} (settled at step {since})")
             evidence.append(Evidence(step.block, step.step, tuple(span), f"{before!r} -> {after!r}"))

@@ -12,7 +12,7 @@ steps, once per (q, s) per block. Score: 1 - mean probability of the copies.
 Hard negatives it excludes: text that repeats a phrase on purpose and settles
 it confidently ("step by step, step by step"); runs of one repeated token.
 
-Cost: `max_shift` vectorised comparisons over [L]; state [max_shift, L].
+Cost: `max_shift` vectorised comparisons over [L] (NumPy); state [max_shift, L].
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
+import numpy as np
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
-from canvaswatch.monitors.canvas_ops import isin, window_all
+from canvaswatch.monitors.canvas_ops import window_all, window_mean
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ class SequenceSmearingParams:
 @dataclass
 class SequenceSmearState:
     block: int = -1
-    run: torch.Tensor | None = None  # [max_shift, L]
-    flagged: torch.Tensor | None = None
+    run: np.ndarray | None = None  # [max_shift, L]
+    flagged: np.ndarray | None = None
 
 
 class SequenceSmearingMonitor:
@@ -59,43 +59,44 @@ class SequenceSmearingMonitor:
     def __init__(self, params: SequenceSmearingParams) -> None:
         self.params = params
         self.severity = Severity.parse(params.severity)
-        self._ignore = torch.tensor(params.ignore_ids, dtype=torch.long)
+        self._ignore = np.array(params.ignore_ids, dtype=np.int64)
 
     def start(self, request: RequestMeta) -> SequenceSmearState:
         return SequenceSmearState()
 
     def on_step(self, state: SequenceSmearState, step: DecodedStep) -> list[Flag]:
         p = self.params
-        top1, prob = step.top1, step.top1_prob
+        top1, prob = step.ids_np[:, 0], step.probs_np[:, 0]
         L, m = step.canvas_length, p.min_length
         if state.block != step.block or state.run is None or state.run.shape[1] != L:
             state.block = step.block
-            state.run = torch.zeros(p.max_shift, L, dtype=torch.long)
-            state.flagged = torch.zeros(p.max_shift, L, dtype=torch.bool)
-        usable = (prob >= p.min_prob) & ~isin(top1, self._ignore)
-        repeated_token = window_all(top1[1:] == top1[:-1], m - 1)  # [L - m + 1]: the window is one token
+            state.run = np.zeros((p.max_shift, L), dtype=np.int64)
+            state.flagged = np.zeros((p.max_shift, L), dtype=bool)
+        usable = (prob >= p.min_prob) & ~np.isin(top1, self._ignore)
         flags = []
         for index, shift in enumerate(range(1, p.max_shift + 1)):
             width = L - shift - m + 1
             if width <= 0:
                 break
             same = (top1[:-shift] == top1[shift:]) & usable[:-shift] & usable[shift:]
-            starts = window_all(same, m)[:width]
-            both = (prob[:-shift] + prob[shift:]) / 2
-            undecided = both.unfold(0, m, 1).mean(dim=1)[:width] < p.max_prob
-            smeared = torch.zeros(L, dtype=torch.bool)
-            smeared[:width] = starts & undecided & ~repeated_token[:width]
-            state.run[index] = torch.where(smeared, state.run[index] + 1, 0)
+            smeared = np.zeros(L, dtype=bool)
+            if same.any():
+                starts = window_all(same, m)[:width]
+                both = (prob[:-shift] + prob[shift:]) / 2
+                undecided = window_mean(both, m)[:width] < p.max_prob
+                one_token = window_all(top1[1:] == top1[:-1], m - 1)[:width]
+                smeared[:width] = starts & undecided & ~one_token
+            state.run[index] = np.where(smeared, state.run[index] + 1, 0)
             fire = (state.run[index] >= p.min_steps) & ~state.flagged[index]
-            if bool(fire.any()):
+            if fire.any():
                 state.flagged[index] |= fire
-                flags.append(self._flag(step, fire.nonzero().flatten().tolist(), shift, both))
+                flags.append(self._flag(step, np.nonzero(fire)[0].tolist(), shift, (prob[:-shift] + prob[shift:]) / 2))
         return flags
 
     def on_finish(self, state: SequenceSmearState, final: FinalCanvas) -> list[Flag]:
         return []
 
-    def _flag(self, step: DecodedStep, starts: list[int], shift: int, both: torch.Tensor) -> Flag:
+    def _flag(self, step: DecodedStep, starts: list[int], shift: int, both: np.ndarray) -> Flag:
         m = self.params.min_length
         evidence = []
         for start in starts:
@@ -112,3 +113,4 @@ class SequenceSmearingMonitor:
             evidence=tuple(evidence),
             attributes={"shift": str(shift), "places": str(len(starts))},
         )
+

@@ -11,7 +11,9 @@ Hard negatives it excludes: a word legitimately repeated next to itself and
 settled ("very very", both >= max_prob); one-step coincidences of noise
 tokens (persistence).
 
-Cost: one [L - o, k, k] comparison per offset; state [max_distance, L].
+Cost: per offset, a pre-filter over [L, k] and a [C, k, k] comparison on the C
+candidate positions only (NumPy: small canvases pay per-call overhead, not
+per-element); state [max_distance, L].
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import torch
+import numpy as np
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
-from canvaswatch.monitors.canvas_ops import isin
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class TokenSmearingParams:
 @dataclass
 class SmearState:
     block: int = -1
-    run: torch.Tensor | None = None  # [max_distance, L] consecutive smeared steps
-    flagged: torch.Tensor | None = None  # [max_distance, L]
+    run: np.ndarray | None = None  # [max_distance, L] consecutive smeared steps
+    flagged: np.ndarray | None = None  # [max_distance, L]
 
 
 class TokenSmearingMonitor:
@@ -59,7 +60,7 @@ class TokenSmearingMonitor:
     def __init__(self, params: TokenSmearingParams) -> None:
         self.params = params
         self.severity = Severity.parse(params.severity)
-        self._ignore = torch.tensor(params.ignore_ids, dtype=torch.long)
+        self._ignore = np.array(params.ignore_ids, dtype=np.int64)
 
     def start(self, request: RequestMeta) -> SmearState:
         return SmearState()
@@ -69,33 +70,40 @@ class TokenSmearingMonitor:
         L = step.canvas_length
         if state.block != step.block or state.run is None or state.run.shape[1] != L:
             state.block = step.block
-            state.run = torch.zeros(p.max_distance, L, dtype=torch.long)
-            state.flagged = torch.zeros(p.max_distance, L, dtype=torch.bool)
-        share = (step.probs >= p.min_share) & (step.probs < p.max_prob) & ~isin(step.ids, self._ignore)
+            state.run = np.zeros((p.max_distance, L), dtype=np.int64)
+            state.flagged = np.zeros((p.max_distance, L), dtype=bool)
+        ids, probs = step.ids_np, step.probs_np
+        share = (probs >= p.min_share) & (probs < p.max_prob) & ~np.isin(ids, self._ignore)
         flags = []
         for index, offset in enumerate(range(1, p.max_distance + 1)):
             if offset >= L:
                 break
-            a_ids, b_ids = step.ids[:-offset], step.ids[offset:]
-            match = (a_ids.unsqueeze(2) == b_ids.unsqueeze(1)) & share[:-offset].unsqueeze(2) & share[offset:].unsqueeze(1)
-            smeared = torch.zeros(L, dtype=torch.bool)
-            smeared[: L - offset] = match.flatten(1).any(dim=1)
-            state.run[index] = torch.where(smeared, state.run[index] + 1, 0)
+            smeared = np.zeros(L, dtype=bool)
+            near = share[:-offset].any(axis=1) & share[offset:].any(axis=1)  # cheap pre-filter
+            candidates = np.nonzero(near)[0]
+            match = None
+            if candidates.size:
+                a, b = ids[:-offset][candidates], ids[offset:][candidates]
+                match = (a[:, :, None] == b[:, None, :]) & share[:-offset][candidates][:, :, None] & share[offset:][candidates][:, None, :]
+                smeared[candidates] = match.reshape(len(candidates), -1).any(axis=1)
+            state.run[index] = np.where(smeared, state.run[index] + 1, 0)
             fire = (state.run[index] >= p.min_steps) & ~state.flagged[index]
-            if bool(fire.any()):
+            if fire.any():
                 state.flagged[index] |= fire
-                flags.append(self._flag(step, match, fire.nonzero().flatten().tolist(), offset))
+                starts = np.nonzero(fire)[0].tolist()
+                lookup = {int(c): i for i, c in enumerate(candidates)}
+                flags.append(self._flag(step, match, lookup, starts, offset))
         return flags
 
     def on_finish(self, state: SmearState, final: FinalCanvas) -> list[Flag]:
         return []
 
-    def _flag(self, step: DecodedStep, match: torch.Tensor, starts: list[int], offset: int) -> Flag:
+    def _flag(self, step: DecodedStep, match: np.ndarray, lookup: dict[int, int], starts: list[int], offset: int) -> Flag:
         evidence, mass = [], 0.0
         for start in starts:
-            slot_a, slot_b = (int(x) for x in match[start].nonzero()[0])
-            token = int(step.ids[start, slot_a])
-            shares = (float(step.probs[start, slot_a]), float(step.probs[start + offset, slot_b]))
+            slot_a, slot_b = (int(x) for x in np.argwhere(match[lookup[start]])[0])
+            token = int(step.ids_np[start, slot_a])
+            shares = (float(step.probs_np[start, slot_a]), float(step.probs_np[start + offset, slot_b]))
             mass = max(mass, sum(shares))
             evidence.append(Evidence(step.block, step.step, (start, start + offset),
                                      f"{step.vocab.piece(token)!r} at {shares[0]:.2f} / {shares[1]:.2f}"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import numpy as np
 import torch
 
 from canvaswatch.client.tensors import TensorFormatError, decode_tensor
@@ -91,30 +92,33 @@ class StepDecoder:
             raise invalid(f"{where}.topk.ids.shape: {ids.shape[0]} positions, but info.canvas_length is {length}")
         if ids.shape[1] < 1:
             raise invalid(f"{where}.topk.ids.shape: k must be >= 1")
-        probs = probs.float()
-        if not bool(torch.isfinite(probs).all()):
-            bad = (~torch.isfinite(probs)).nonzero()[0].tolist()
+        # Validation in NumPy: a handful of reductions over [L, k], where torch's per-call overhead dominates.
+        p = probs.float().numpy()
+        i = ids.numpy().astype(np.int64, copy=False)
+        if not np.isfinite(p).all():
+            bad = np.argwhere(~np.isfinite(p))[0]
             raise invalid(f"{where}.topk.probs: non-finite probability at position {bad[0]}, slot {bad[1]}")
-        if bool((probs < 0).any()) or bool((probs > 1).any()):
-            bad = ((probs < 0) | (probs > 1)).nonzero()[0].tolist()
-            raise invalid(f"{where}.topk.probs: probability {probs[bad[0], bad[1]].item():g} outside [0, 1] at position {bad[0]}, slot {bad[1]}")
-        ids = ids.long()
-        live = probs > 0
-        out_of_vocab = live & ((ids < 0) | (ids >= self.vocab.size))
-        if bool(out_of_vocab.any()):
-            bad = out_of_vocab.nonzero()[0].tolist()
+        if p.min() < 0 or p.max() > 1:
+            bad = np.argwhere((p < 0) | (p > 1))[0]
+            raise invalid(f"{where}.topk.probs: probability {p[bad[0], bad[1]]:g} outside [0, 1] at position {bad[0]}, slot {bad[1]}")
+        out_of_vocab = (p > 0) & ((i < 0) | (i >= self.vocab.size))
+        if out_of_vocab.any():
+            bad = np.argwhere(out_of_vocab)[0]
             raise invalid(
-                f"{where}.topk.ids: token id {ids[bad[0], bad[1]].item()} at position {bad[0]} is outside the vocabulary [0, {self.vocab.size})"
+                f"{where}.topk.ids: token id {i[bad[0], bad[1]]} at position {bad[0]} is outside the vocabulary [0, {self.vocab.size})"
             )
-        sums = probs.sum(dim=1)
-        if bool((sums > 1 + PROB_SUM_SLACK).any()):
-            position = int((sums > 1 + PROB_SUM_SLACK).nonzero()[0])
-            raise invalid(f"{where}.topk.probs: position {position} sums to {sums[position].item():.4f} > 1")
-        # Most probable first, whatever order the client used; padding sorts last.
-        probs, order = torch.sort(probs, dim=1, descending=True)
-        ids = torch.where(probs > 0, torch.gather(ids, 1, order), torch.zeros_like(ids))
-        residual = (1.0 - sums).clamp_min(0.0)
-        return ids, probs, residual
+        sums = p.sum(axis=1)
+        if (sums > 1 + PROB_SUM_SLACK).any():
+            position = int(np.argmax(sums > 1 + PROB_SUM_SLACK))
+            raise invalid(f"{where}.topk.probs: position {position} sums to {sums[position]:.4f} > 1")
+        if p.shape[1] > 1 and not (p[:, :-1] >= p[:, 1:]).all():
+            # Most probable first, whatever order the client used; padding sorts last.
+            order = np.argsort(-p, axis=1, kind="stable")
+            p = np.take_along_axis(p, order, axis=1)
+            i = np.take_along_axis(i, order, axis=1)
+        i = np.where(p > 0, i, 0)
+        residual = np.clip(1.0 - sums, 0.0, None).astype(np.float32)
+        return torch.from_numpy(i), torch.from_numpy(np.ascontiguousarray(p)), torch.from_numpy(residual)
 
     def _read_logits(self, logits_msg: pb.Tensor, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = decode_tensor(logits_msg, "logits", ndim=2)

@@ -51,7 +51,15 @@ class Metrics:
             "canvaswatch_steps_dropped", "Steps the client dropped before they reached the sidecar.", ["model"], registry=r
         )
         self._models: set[str] = set()
+        self._monitor_children: dict[str, object] = {}
         self._lock = threading.Lock()
+
+    def monitor_timer(self, monitor: str):
+        """The monitor's histogram child, cached: `labels()` costs a lock and a dict build per call."""
+        child = self._monitor_children.get(monitor)
+        if child is None:
+            child = self._monitor_children.setdefault(monitor, self.monitor_seconds.labels(monitor))
+        return child
 
     def model_label(self, model: str) -> str:
         model = model or "unknown"

@@ -1,9 +1,12 @@
 """The gRPC face of the engine: canvaswatch.v1.CanvasMonitor on grpc.aio.
 
-Per stream, messages are handled in order; the CPU work of each step (decode,
-monitors) runs in a worker thread so the event loop keeps serving other
-streams. Errors end only their own stream, with a status that fits and a
-message naming the field.
+Per stream, messages are handled in order. A `topk` step costs well under a
+millisecond of Python (decode and monitors, measured in BENCHMARKS.md) and is
+handled on the event loop: a hop to a worker thread costs more than the work,
+and with the GIL a thread would not run it in parallel anyway. Dense steps
+(`logits`, `embeddings`: large torch ops that release the GIL) go to the
+worker pool so the loop keeps serving other streams. Errors end only their
+own stream, with a status that fits and a message naming the field.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
+_DENSE_FORMS = ("logits", "embeddings")
 
 
 class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
@@ -54,7 +58,10 @@ class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
                         if not message.HasField("info"):
                             raise StepError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}.info: required on the first message of a stream")
                         session = self.engine.open(message.info, f"{where}.info")
-                    flags = await loop.run_in_executor(self.executor, self.engine.step, session, message, where)
+                    if message.WhichOneof("state") in _DENSE_FORMS:
+                        flags = await loop.run_in_executor(self.executor, self.engine.step, session, message, where)
+                    else:
+                        flags = self.engine.step(session, message, where)
                     for flag in flags:
                         yield pb.MonitorEvent(request_id=session.meta.request_id, flag=flag_to_pb(flag))
                     if message.final:

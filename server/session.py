@@ -140,7 +140,7 @@ class Session:
             return None
         finally:
             elapsed = time.perf_counter() - started
-            self.metrics.monitor_seconds.labels(monitor.name).observe(elapsed)
+            self.metrics.monitor_timer(monitor.name).observe(elapsed)
             if elapsed > self.settings.budget_s:
                 self.metrics.monitor_errors.labels(monitor.name, "overrun").inc()
                 log.warning("monitor_overrun", request_id=self.meta.request_id, monitor=monitor.name,

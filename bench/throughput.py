@@ -1,0 +1,157 @@
+"""Top-k path throughput: the sidecar with its default monitors vs a bare gRPC echo, same messages, same run.
+
+    python bench/throughput.py [--lengths 256,1024] [--streams 1,8] [--steps 200]
+
+Both servers run as separate processes on 127.0.0.1 (grpc.aio, same message
+size limits). The echo server implements the same Watch RPC but only reads
+each StepState and answers one empty Verdict at the end: the cost of moving
+and parsing the bytes. The client replays identical pre-serialised top-k
+steps (k = 8, SIMULATED canvases) to each, and prints steps/s and MB/s with
+the sidecar/echo ratio (target: >= 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import torch
+
+from canvaswatch.client.stream import channel_options
+from canvaswatch.client.tensors import encode_tensor
+from canvaswatch.v1 import monitor_pb2 as pb
+from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
+
+
+class EchoServicer(pb_grpc.CanvasMonitorServicer):
+    async def Watch(self, request_iterator, context):
+        request_id, count = "", 0
+        async for message in request_iterator:
+            request_id = request_id or message.info.request_id
+            count += 1
+            if message.final:
+                yield pb.MonitorEvent(request_id=request_id, verdict=pb.Verdict(request_id=request_id, steps_seen=count))
+
+
+async def serve_echo(port: int) -> None:
+    server = grpc.aio.server(options=channel_options())
+    pb_grpc.add_CanvasMonitorServicer_to_server(EchoServicer(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(target: str, timeout: float = 120.0) -> None:
+    channel = grpc.insecure_channel(target)
+    grpc.channel_ready_future(channel).result(timeout=timeout)
+    channel.close()
+
+
+def make_steps(length: int, steps: int, k: int = 8) -> list[pb.StepState]:
+    """Structured canvases: a settling left-to-right text over noise (SIMULATED)."""
+    generator = torch.Generator().manual_seed(length)
+    target = torch.randint(1000, 262_144, (length,), generator=generator)
+    out = []
+    for step in range(steps):
+        ids = torch.randint(1000, 262_144, (length, k), generator=generator)
+        probs = torch.sort(torch.rand(length, k, generator=generator) * (0.09 / k), descending=True).values
+        settled = torch.arange(length) < (step + 1) * length // steps
+        ids[:, 0] = torch.where(settled, target, ids[:, 0])
+        probs[:, 0] = torch.where(settled, torch.tensor(0.9), probs[:, 0])
+        out.append(pb.StepState(step=step, topk=pb.TopK(ids=encode_tensor(ids.to(torch.int32)), probs=encode_tensor(probs))))
+    return out
+
+
+def drive(target: str, steps: list[pb.StepState], streams: int, length: int) -> tuple[float, float]:
+    """All streams at once, each sending every step then final; returns (steps/s, MB/s)."""
+    channel = grpc.insecure_channel(target, options=channel_options())
+    stub = pb_grpc.CanvasMonitorStub(channel)
+    payload = sum(s.ByteSize() for s in steps)
+
+    def one(index: int) -> None:
+        def messages():
+            for i, step in enumerate(steps):
+                if i == 0:
+                    first = pb.StepState()
+                    first.CopyFrom(step)
+                    first.info.CopyFrom(pb.RequestInfo(request_id=f"bench-{index}", model="bench", canvas_length=length))
+                    yield first
+                else:
+                    yield step
+            yield pb.StepState(final=True, output_ids=[1000])
+        events = list(stub.Watch(messages(), timeout=600))
+        assert events[-1].HasField("verdict"), events[-1]
+
+    errors: list[BaseException] = []
+
+    def guarded(index: int) -> None:
+        try:
+            one(index)
+        except BaseException as err:  # a failed stream must fail the benchmark, not look fast
+            errors.append(err)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(streams)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} stream(s) failed: {errors[0]}")
+    channel.close()
+    return streams * len(steps) / elapsed, streams * payload / elapsed / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="256,1024")
+    parser.add_argument("--streams", default="1,8")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--echo-port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_port:
+        asyncio.run(serve_echo(args.echo_port))
+        return
+
+    echo_port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    echo = subprocess.Popen([sys.executable, __file__, "--echo-port", str(echo_port)], env=env)
+    sidecar = subprocess.Popen([sys.executable, "-m", "canvaswatch.server.cli", "serve", "--grpc-port", str(grpc_port),
+                                "--metrics-port", "-1"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(f"127.0.0.1:{echo_port}")
+        wait_ready(f"127.0.0.1:{grpc_port}")
+        print(f"# top-k path throughput, k=8, {args.steps} steps per stream, default monitors, "
+              f"{os.cpu_count()} cores, client and both servers on this machine")
+        print("| L | streams | echo steps/s | sidecar steps/s | ratio | echo MB/s | sidecar MB/s |")
+        print("|---|---|---|---|---|---|---|")
+        for length in (int(x) for x in args.lengths.split(",")):
+            steps = make_steps(length, args.steps)
+            for streams in (int(x) for x in args.streams.split(",")):
+                drive(f"127.0.0.1:{grpc_port}", steps[:20], 1, length)  # warm-up
+                echo_rate, echo_mb = drive(f"127.0.0.1:{echo_port}", steps, streams, length)
+                side_rate, side_mb = drive(f"127.0.0.1:{grpc_port}", steps, streams, length)
+                print(f"| {length} | {streams} | {echo_rate:.0f} | {side_rate:.0f} | {side_rate / echo_rate:.2f} | "
+                      f"{echo_mb:.1f} | {side_mb:.1f} |", flush=True)
+    finally:
+        for process in (echo, sidecar):
+            process.terminate()
+            process.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
