@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 from typing import Any, Mapping
 
 from canvaswatch.monitors.base import Monitor
+from canvaswatch.monitors.classifier import ClassifierMonitor
 from canvaswatch.monitors.intermediate_context import IntermediateContextMonitor
 from canvaswatch.monitors.lexicon import LexiconMonitor
 from canvaswatch.monitors.non_chronological import NonChronologicalMonitor
@@ -31,7 +32,7 @@ BUILTINS: dict[str, type] = {
     cls.name: cls
     for cls in (
         LexiconMonitor, SelfCorrectionMonitor, NonChronologicalMonitor, TokenSmearingMonitor,
-        SequenceSmearingMonitor, IntermediateContextMonitor, TransparencyMonitor, ProbeMonitor,
+        SequenceSmearingMonitor, IntermediateContextMonitor, TransparencyMonitor, ProbeMonitor, ClassifierMonitor,
     )
 }
 
