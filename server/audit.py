@@ -30,7 +30,7 @@ class AuditLog:
     def enabled(self) -> bool:
         return self._file is not None
 
-    def record(self, request: RequestMeta, flag: Flag) -> None:
+    def record(self, request: RequestMeta, flag: Flag, report: str | None = None) -> None:
         if self._file is None:
             return
         entry = {
@@ -54,6 +54,8 @@ class AuditLog:
                 for e in flag.evidence
             ],
         }
+        if report:
+            entry["report"] = report  # written when the request finishes (logging.report_dir)
         line = json.dumps(entry, ensure_ascii=False)
         with self._lock:
             self._file.write(line + "\n")

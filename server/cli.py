@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the labelled eval corpus: every scenario --per-scenario times (ignores --requests)")
     record.add_argument("--per-scenario", type=int, default=20)
 
+    inspect = sub.add_parser("inspect", help="render a trace's denoising timeline as one self-contained HTML file")
+    inspect.add_argument("trace")
+    inspect.add_argument("-o", "--output", required=True, help="report.html (several traces: report-<n>.html)")
+    inspect.add_argument("--config")
+
     evaluate = sub.add_parser("eval", help="precision, recall, FPR and AUROC of each monitor on labelled traces")
     evaluate.add_argument("traces", help=".cwtrace file whose traces carry a 'labels' attribute")
     evaluate.add_argument("--config")
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {
             "serve": _serve, "demo": _demo, "check": _check, "replay": _replay, "simulate": _simulate,
-            "eval": _eval,
+            "eval": _eval, "inspect": _inspect,
         }[args.command](args)
     except ConfigError as err:
         print(f"canvaswatch: configuration error: {err}", file=sys.stderr)
@@ -206,6 +211,30 @@ def _simulate(args: argparse.Namespace) -> int:
         ]
     count = write_traces(Path(args.output), traces)
     print(f"wrote {count} SIMULATED traces to {args.output}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from canvaswatch.client.trace import read_traces
+    from canvaswatch.server.decode import StepError
+    from canvaswatch.server.engine import Engine
+    from canvaswatch.server.report import write_report
+    from canvaswatch.server.vocab import load_vocabulary
+
+    config = load_config(args.config)
+    configure_logging("warning")
+    engine = Engine(config, load_vocabulary(config.vocab.tokenizer))
+    traces = list(read_traces(args.trace))
+    output = Path(args.output)
+    for index, trace in enumerate(traces):
+        try:
+            history = engine.history_of(trace)
+        except StepError as err:
+            print(f"canvaswatch: trace {index}: {err.code.name}: {err.message}", file=sys.stderr)
+            return 1
+        target = output if len(traces) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
+        write_report(history, engine.vocab, target)
+        print(f"{history.meta.request_id}: {len(history.flags)} flags -> {target}")
     return 0
 
 

@@ -29,6 +29,7 @@
     level = "info"
     log_content = false            # decoded text in logs, events and the audit log
     audit_log = ""                 # JSON lines of every flag; empty = off
+    report_dir = ""                # an HTML timeline per flagged request, linked from the audit log
 
     [monitors.lexicon]             # enabled by being present; `enabled = false` turns one off
     patterns = ["..."]
@@ -128,6 +129,7 @@ class LoggingSection:
     level: str = "info"
     log_content: bool = False
     audit_log: str = ""
+    report_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.level.lower() not in ("debug", "info", "warning", "error"):

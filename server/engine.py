@@ -22,6 +22,7 @@ from canvaswatch.server.decode import StepDecoder, invalid
 from canvaswatch.server.dense import DenseDecoder, build_dense_decoder
 from canvaswatch.server.dense_batching import DenseBatcher
 from canvaswatch.server.metrics import Metrics
+from canvaswatch.server.report import RequestHistory, ReportWriter
 from canvaswatch.server.session import Session, SessionSettings, SessionVerdict
 from canvaswatch.v1 import monitor_pb2 as pb
 
@@ -36,6 +37,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.monitors = monitors if monitors is not None else config.build_monitors()
         self.audit = AuditLog(config.logging.audit_log or None, include_content=config.logging.log_content)
+        self.reports = ReportWriter(config.logging.report_dir) if config.logging.report_dir else None
         self.dense = dense if dense is not None else build_dense_decoder(config.dense, vocab.size)
         self.batcher = None
         if config.dense.batch_window_ms > 0 and self.dense.embeddings is not None:
@@ -47,10 +49,13 @@ class Engine:
             log_content=config.logging.log_content,
         )
 
-    def open(self, info: pb.RequestInfo, where: str) -> Session:
+    def open(self, info: pb.RequestInfo, where: str, keep_history: bool = False) -> Session:
         meta = request_meta(info, where)
         log.info("request_started", request_id=meta.request_id, model=meta.model, canvas_length=meta.canvas_length)
-        return Session(meta=meta, monitors=self.monitors, settings=self.settings, metrics=self.metrics, audit=self.audit)
+        report = self.reports.path_for(meta.request_id) if self.reports is not None else None
+        history = RequestHistory(meta) if keep_history or report is not None else None
+        return Session(meta=meta, monitors=self.monitors, settings=self.settings, metrics=self.metrics,
+                       audit=self.audit, history=history, report_path=report)
 
     def step(self, session: Session, message: pb.StepState, where: str) -> list[Flag]:
         """Validate, decode and monitor one message (final ones included, for their state)."""
@@ -75,20 +80,34 @@ class Engine:
         if any(not 0 <= token < self.vocab.size for token in output):
             raise invalid(f"{where}.output_ids: id outside the vocabulary [0, {self.vocab.size})")
         flags, verdict = session.finish(output, self.vocab.decode(output))
+        if session.history is not None:
+            session.history.output_ids = output
+            if session.report_path is not None and verdict.flags:
+                session.history.flags = list(verdict.flags)
+                self.reports.write(session.history, self.vocab, session.report_path)
         log.info("request_finished", request_id=verdict.request_id, flags=len(verdict.flags),
                  max_severity=verdict.max_severity.name if verdict.max_severity else "none",
                  steps_seen=verdict.steps_seen, steps_dropped=verdict.steps_dropped)
         return flags, verdict
 
+    def history_of(self, trace: pb.Trace) -> RequestHistory:
+        """Check a trace and keep what a report shows: every step's top-1, the flags, the output."""
+        verdict, session = self._check(trace, keep_history=True)
+        session.history.flags = list(verdict.flags)
+        return session.history
+
     def check_trace(self, trace: pb.Trace) -> SessionVerdict:
         """A whole recorded trace, in order; the first step may rely on trace.info."""
+        return self._check(trace, keep_history=False)[0]
+
+    def _check(self, trace: pb.Trace, keep_history: bool) -> tuple[SessionVerdict, Session]:
         if not trace.steps:
             raise invalid("steps: the trace has no steps")
         first = trace.steps[0]
         info = first.info if first.HasField("info") else trace.info
         if not info.request_id and not info.canvas_length:
             raise invalid("info: required on the trace or its first step")
-        session = self.open(info, "info")
+        session = self.open(info, "info", keep_history=keep_history)
         for index, message in enumerate(trace.steps):
             where = f"steps[{index}]"
             self.step(session, message, where)
@@ -97,7 +116,7 @@ class Engine:
                     raise invalid(f"{where}.final: the final step must be the last one")
                 _, verdict = self.finish(session, message, where)
                 self.metrics.requests.labels(session.model_label, "ok").inc()
-                return verdict
+                return verdict, session
         self.metrics.requests.labels(session.model_label, "incomplete").inc()
         raise invalid(f"steps[{len(trace.steps) - 1}].final: the trace ends without a final step")
 

@@ -57,6 +57,8 @@ class Session:
     steps_seen: int = 0
     client_dropped: int = 0
     last: tuple[int, int] | None = None
+    history: Any = None  # RequestHistory when a report is wanted: O(steps x L) small ints, opt-in
+    report_path: Any = None
 
     def __post_init__(self) -> None:
         self.model_label = self.metrics.model_label(self.meta.model)
@@ -84,6 +86,8 @@ class Session:
         if step.residual is not None:
             # One observation per step (its mean), not per position: the histogram tracks steps.
             self.metrics.residual_mass.observe(float(step.residual.mean()))
+        if self.history is not None:
+            self.history.add(step.block, step.step, step.ids_np[:, 0], step.probs_np[:, 0])
         raised: list[Flag] = []
         for monitor in self.monitors:
             result = self._guard(monitor, "on_step", lambda m=monitor: m.on_step(self.states[m.name], step))
@@ -113,7 +117,7 @@ class Session:
         for flag in raised:
             self.flags.append(flag)
             self.metrics.flags.labels(flag.monitor, flag.severity.name, self.model_label).inc()
-            self.audit.record(self.meta, flag)
+            self.audit.record(self.meta, flag, report=str(self.report_path) if self.report_path else None)
             log.info(
                 "flag_raised", request_id=self.meta.request_id, monitor=flag.monitor,
                 severity=flag.severity.name, reason=flag.reason,

@@ -1,0 +1,99 @@
+"""`canvaswatch inspect` renders a request's timeline; checked in headless Chromium, and linked from the audit log."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from canvaswatch.client import simulate
+from canvaswatch.client.replay import replay
+from canvaswatch.client.trace import write_traces
+from canvaswatch.server.cli import main
+from tests.conftest import start_sidecar
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+
+
+class _Dom(HTMLParser):
+    """Counts what the assertions need from the DOM Chromium serialised."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grids: list[dict[str, str]] = []
+        self.cells = 0
+        self.flagged_cells: list[tuple[str, str]] = []
+        self.flags: list[dict[str, str]] = []
+        self.marks = 0
+        self._row_step = ""
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        classes = (attributes.get("class") or "").split()
+        if tag == "table" and "grid" in classes:
+            self.grids.append(attributes)
+        elif tag == "tr" and "data-step" in attributes:
+            self._row_step = attributes["data-step"]
+        elif tag == "td" and "c" in classes:
+            self.cells += 1
+            if "flagged" in classes:
+                self.flagged_cells.append((self._row_step, attributes["data-pos"]))
+        elif tag == "li" and "flag" in classes:
+            self.flags.append(attributes)
+        elif tag == "mark":
+            self.marks += 1
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+@needs_chromium
+def test_inspect_report_renders_the_grid_flags_and_evidence_in_chromium(vocab, tmp_path: Path):
+    trace = simulate.scenario("transient_phrase", vocab.encode, vocab.size, request_id="report-1", seed=3)
+    path = tmp_path / "trace.cwtrace"
+    write_traces(path, [trace])
+    report = tmp_path / "report.html"
+    assert main(["inspect", str(path), "-o", str(report)]) == 0
+
+    shot = tmp_path / "shot.png"
+    screenshot = _chromium(f"--user-data-dir={tmp_path / 'profile-1'}", "--window-size=1400,900",
+                           f"--screenshot={shot}", report.as_uri())
+    assert shot.exists() and shot.stat().st_size > 10_000, screenshot.stderr[-2000:]
+    dumped = _chromium(f"--user-data-dir={tmp_path / 'profile-2'}", "--dump-dom", report.as_uri())
+    dom = _Dom()
+    dom.feed(dumped.stdout)
+
+    [grid] = dom.grids
+    length, steps = trace.info.canvas_length, trace.info.total_steps
+    assert (grid["data-positions"], grid["data-steps"]) == (str(length), str(steps))
+    assert dom.cells == length * steps
+    assert [f["data-monitor"] for f in dom.flags] == ["lexicon", "lexicon"]
+    first_step = trace.info.total_steps // 4  # where the scenario plants the phrase
+    assert dom.flagged_cells and all(step == str(first_step) for step, _ in dom.flagged_cells)
+    assert dom.marks == len(dom.flagged_cells)  # the same positions marked in the final text
+
+
+def test_flagged_requests_get_a_report_linked_from_the_audit_log(vocab, tmp_path: Path, dense):
+    running = start_sidecar(vocab, tmp_path, {"logging": {"report_dir": str(tmp_path / "reports")}}, dense=dense)
+    try:
+        with running.channel() as channel:
+            replay(simulate.scenario("self_correction", vocab.encode, vocab.size, request_id="linked/1", seed=1), channel)
+            replay(simulate.scenario("clean", vocab.encode, vocab.size, request_id="clean-1", seed=1), channel)
+    finally:
+        running.thread.stop()
+    entries = [json.loads(line) for line in running.audit_path.read_text().splitlines()]
+    [entry] = [e for e in entries if e["request_id"] == "linked/1"]
+    report = Path(entry["report"])
+    assert report.name == "linked_1.html" and report.exists()
+    assert "settled tokens flipped" in report.read_text()
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["linked_1.html"]  # clean: no report
