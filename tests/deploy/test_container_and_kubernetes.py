@@ -80,3 +80,21 @@ def test_sidecar_wiring_between_manifests_and_config():
     assert selector.items() <= pod["metadata"]["labels"].items()
     model = next(c for c in pod["spec"]["containers"] if c["name"] == "model-server")
     assert {"name": "CANVASWATCH_TARGET", "value": f"127.0.0.1:{config.server.grpc_port}"} in model["env"]
+
+
+def test_compose_stack_mounts_files_that_exist_and_agree():
+    deploy = ROOT / "deploy"
+    compose = yaml.safe_load((deploy / "compose.yaml").read_text())
+    services = compose["services"]
+    assert services["canvaswatch"]["build"]["dockerfile"] == "deploy/container/Dockerfile"
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert (deploy / source).exists(), f"{name} mounts missing {source}"
+    config_source = services["canvaswatch"]["volumes"][0].split(":")[0]
+    parse_config(tomllib.loads((deploy / config_source).read_text()))
+    prometheus = yaml.safe_load((deploy / "prometheus" / "compose-prometheus.yml").read_text())
+    assert prometheus["scrape_configs"][0]["static_configs"][0]["targets"] == ["canvaswatch:9464"]
+    provider = yaml.safe_load((deploy / "grafana" / "provisioning" / "dashboards" / "canvaswatch.yaml").read_text())
+    mounted = [v.split(":")[1] for v in services["grafana"]["volumes"] if v.startswith("./grafana/canvaswatch.json")]
+    assert Path(mounted[0]).parent == Path(provider["providers"][0]["options"]["path"])
