@@ -135,6 +135,11 @@ class DecodedStep:
         """The canvas read as its top-1 tokens."""
         return self.vocab.decode(self.top1.tolist())
 
+    @cached_property
+    def text_lower(self) -> str:
+        """text.lower(), computed once for every monitor that matches case-insensitively."""
+        return self.text.lower()
+
     def span_text(self, start: int, stop: int) -> str:
         start, stop = max(0, start), min(self.canvas_length, stop)
         return self.vocab.decode(self.top1[start:stop].tolist())

@@ -12,8 +12,13 @@ pattern says whether it survived into the final output. A pattern that is only
 in intermediate canvases is the paper's intermediate-context case: an
 output-only filter never sees it.
 
+Case. `case_sensitive` applies to literal patterns; a regex is matched as
+written (add `(?i)` to it for case-insensitivity), which keeps its literal
+prefix fast to scan for.
+
 Cost. Literal patterns are matched in one Aho-Corasick pass over the canvas
-text (regexes in one combined pass), and the top-k lattice in one vectorised
+text, each regex in one scan (C-speed where it starts with a literal), and
+the top-k lattice in one vectorised
 pass: a lookup table maps every vocabulary id to its pattern-token column, so
 membership is a gather over the [L, k] ids, then one AND per token offset
 over all tokenisations at once. Not pattern by pattern. State per request is
@@ -43,7 +48,8 @@ DEFAULT_PATTERNS: tuple[str, ...] = (
     "build a pipe bomb",
     "disable the safety interlock",
 )
-DEFAULT_REGEX: tuple[str, ...] = (r"\bAKIA[0-9A-Z]{16}\b",)
+# Starts with a literal, so `re` scans for "AKIA" at C speed (a leading \b would make it try every position).
+DEFAULT_REGEX: tuple[str, ...] = (r"AKIA[0-9A-Z]{16}(?![0-9A-Z])",)
 
 CONTEXT_POSITIONS = 4  # tokens of context either side of a match in evidence
 
@@ -117,8 +123,9 @@ class LexiconMonitor:
         alternatives = [_literal_regex(p) for p in params.patterns] + list(params.regex)
         # Lookahead groups report every start offset, so overlapping patterns are all found in one pass.
         self._combined = _combined(alternatives, 0, flags)
-        self._combined_regex = _combined(params.regex, len(params.patterns), flags) if params.regex else None
-        self._singles = [re.compile(expr, flags) for expr in alternatives]
+        self._regexes = [(len(params.patterns) + i, re.compile(expr)) for i, expr in enumerate(params.regex)]
+        self._singles = [re.compile(expr, flags) for expr in alternatives[: len(params.patterns)]]
+        self._singles += [compiled for _, compiled in self._regexes]
         self._literals = ahocorasick.Automaton()
         for index, pattern in enumerate(params.patterns):
             key = pattern if params.case_sensitive else pattern.lower()
@@ -203,7 +210,7 @@ class LexiconMonitor:
 
     def _match_text(self, step: DecodedStep) -> dict[int, _Sighting]:
         text = step.text
-        searched = text if self.params.case_sensitive else text.lower()
+        searched = text if self.params.case_sensitive else step.text_lower
         if len(searched) != len(text):
             # A lower-casing that changes length (rare Unicode) would shift offsets: use the regex pass.
             return self._regex_sightings(step, self._combined)
@@ -214,9 +221,9 @@ class LexiconMonitor:
                 if index in found or not _at_word_edges(text, start, end + 1, self.params.patterns[index]):
                     continue
                 found[index] = self._sighting(step, start, end + 1, text[start : end + 1], "top1")
-        if self._combined_regex is not None:
-            for index, sighting in self._regex_sightings(step, self._combined_regex).items():
-                found.setdefault(index, sighting)
+        for index, compiled in self._regexes:
+            if index not in found and (match := compiled.search(text)) is not None:
+                found[index] = self._sighting(step, match.start(), match.end(), match.group(0), "top1")
         return found
 
     def _regex_sightings(self, step: DecodedStep, combined: re.Pattern) -> dict[int, _Sighting]:

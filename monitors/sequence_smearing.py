@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
-from canvaswatch.monitors.canvas_ops import window_all, window_mean
+from canvaswatch.monitors.canvas_ops import isin_small, window_all, window_mean
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class SequenceSmearingMonitor:
             state.block = step.block
             state.run = np.zeros((p.max_shift, L), dtype=np.int64)
             state.flagged = np.zeros((p.max_shift, L), dtype=bool)
-        usable = (prob >= p.min_prob) & ~np.isin(top1, self._ignore)
+        usable = (prob >= p.min_prob) & ~isin_small(top1, self._ignore)
         flags = []
         for index, shift in enumerate(range(1, p.max_shift + 1)):
             width = L - shift - m + 1

@@ -24,6 +24,7 @@ from typing import ClassVar
 import numpy as np
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
+from canvaswatch.monitors.canvas_ops import isin_small
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class TokenSmearingMonitor:
             state.run = np.zeros((p.max_distance, L), dtype=np.int64)
             state.flagged = np.zeros((p.max_distance, L), dtype=bool)
         ids, probs = step.ids_np, step.probs_np
-        share = (probs >= p.min_share) & (probs < p.max_prob) & ~np.isin(ids, self._ignore)
+        share = (probs >= p.min_share) & (probs < p.max_prob) & ~isin_small(ids, self._ignore)
         flags = []
         for index, offset in enumerate(range(1, p.max_distance + 1)):
             if offset >= L:
