@@ -99,7 +99,7 @@ def _select_exact(h_ptr, e_ptr, sub_max_ptr, run_max_ptr, run_sum_ptr,
                   values_ptr, ids_ptr, probs_ptr, residual_ptr, log_z_ptr,
                   L, V, D, n_sub, splits, stride_h, stride_e, scale, softcap,
                   HAS_SOFTCAP: tl.constexpr, K: tl.constexpr, K_BLOCKS: tl.constexpr, SUB_N: tl.constexpr,
-                  N_SUB_P2: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr):
+                  N_SUB_P2: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr):
     """Pass 2 for one row: logsumexp from the split partials, the top sub-blocks, their exact logits, top-K."""
     row = tl.program_id(0)
     split = tl.arange(0, SPLITS_P2)
@@ -108,14 +108,27 @@ def _select_exact(h_ptr, e_ptr, sub_max_ptr, run_max_ptr, run_sum_ptr,
     top = tl.max(m, axis=0)
     log_z = top + tl.log(tl.sum(s * tl.exp2((m - top) * LOG2E), axis=0))
 
+    # The K best sub-blocks, in two levels: the same argument as pass 2 itself says they lie in
+    # the K groups (of GROUP sub-blocks) with the largest group maxima, so one pass over all
+    # maxima and K passes over the group maxima replace K passes over every sub-block.
     sub = tl.arange(0, N_SUB_P2)
     maxima = tl.load(sub_max_ptr + row * n_sub + sub, mask=sub < n_sub, other=float("-inf"))
+    group_max = tl.max(tl.reshape(maxima, [N_SUB_P2 // GROUP, GROUP]), axis=1)
+    group_ids = tl.arange(0, N_SUB_P2 // GROUP)
     slot = tl.arange(0, K_BLOCKS)
+    groups = tl.zeros([K_BLOCKS], tl.int32)
+    for j in tl.static_range(K_BLOCKS):
+        best = tl.argmax(group_max, axis=0)
+        groups = tl.where(slot == j, best, groups)
+        group_max = tl.where(group_ids == best, float("-inf"), group_max)
+    members = tl.reshape(groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :], [K_BLOCKS * GROUP])
+    member_max = tl.load(sub_max_ptr + row * n_sub + members, mask=members < n_sub, other=float("-inf"))
+    member_slot = tl.arange(0, K_BLOCKS * GROUP)
     blocks = tl.zeros([K_BLOCKS], tl.int32)
     for j in tl.static_range(K_BLOCKS):
-        best = tl.argmax(maxima, axis=0)
-        blocks = tl.where(slot == j, best, blocks)
-        maxima = tl.where(sub == best, float("-inf"), maxima)
+        best = tl.argmax(member_max, axis=0)
+        blocks = tl.where(slot == j, tl.sum(tl.where(member_slot == best, members, 0), axis=0), blocks)
+        member_max = tl.where(member_slot == best, float("-inf"), member_max)
 
     cols = blocks[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]  # [K_BLOCKS, SUB]
     col_ok = cols < V
@@ -171,6 +184,15 @@ def fused_topk(hidden: torch.Tensor, embeddings: torch.Tensor, k: int,
     k = min(k, V)
     hidden = hidden.contiguous()
     n_sub = -(-V // SUB)
+    k_blocks = triton.next_power_of_2(k)  # a superset of K sub-blocks is still exact
+    group = min(32, triton.next_power_of_2(n_sub))
+    if triton.next_power_of_2(n_sub) // group < k_blocks:
+        # A vocabulary this small has fewer groups than blocks to pick: the chunked path is exact and cheap.
+        from canvaswatch.server.dense import project_topk_chunked
+
+        values, ids, log_z = project_topk_chunked(hidden, embeddings, k, projection)
+        probs = torch.exp(values - log_z.unsqueeze(-1))
+        return FusedResult(values, ids.to(torch.int32), probs, (1 - probs.sum(-1)).clamp_min(0), log_z)
     splits = _splits(L, V, hidden.device)
     cols_per_split = -(-V // splits // 256) * 256
     splits = -(-V // cols_per_split)
@@ -188,7 +210,6 @@ def fused_topk(hidden: torch.Tensor, embeddings: torch.Tensor, k: int,
             float(projection.scale), float(projection.softcap or 1.0),
             HAS_SOFTCAP=projection.softcap > 0, SUB_N=SUB,
         )
-    k_blocks = triton.next_power_of_2(k)  # a superset of K sub-blocks is still exact
     values = torch.empty(L, k, device=hidden.device, dtype=torch.float32)
     ids = torch.empty(L, k, device=hidden.device, dtype=torch.int32)
     probs = torch.empty(L, k, device=hidden.device, dtype=torch.float32)
@@ -200,6 +221,7 @@ def fused_topk(hidden: torch.Tensor, embeddings: torch.Tensor, k: int,
         float(projection.scale), float(projection.softcap or 1.0),
         HAS_SOFTCAP=projection.softcap > 0, K=k, K_BLOCKS=k_blocks, SUB_N=SUB,
         N_SUB_P2=triton.next_power_of_2(n_sub), SPLITS_P2=triton.next_power_of_2(splits), BLOCK_D=64,
+        GROUP=group,
         num_warps=8,
     )
     return FusedResult(values, ids, probs, residual, log_z)

@@ -116,7 +116,7 @@ def test_default_matrix_is_the_real_gemma_one(gemma_embeddings):
 
 @needs_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize(("rows", "dim", "vocab"), [(256, 640, 262_144), (37, 96, 50_001), (1, 2816, 32_768)])
+@pytest.mark.parametrize(("rows", "dim", "vocab"), [(256, 640, 262_144), (1024, 640, 262_144), (37, 96, 50_001), (1, 2816, 32_768), (5, 64, 1000)])
 @pytest.mark.parametrize("projection", [Projection(), Projection(softcap=30.0)])
 def test_fused_kernel_matches_brute_force(rows, dim, vocab, projection):
     from canvaswatch.server.dense_triton import fused_topk
