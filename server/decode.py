@@ -92,21 +92,23 @@ class StepDecoder:
             raise invalid(f"{where}.topk.ids.shape: {ids.shape[0]} positions, but info.canvas_length is {length}")
         if ids.shape[1] < 1:
             raise invalid(f"{where}.topk.ids.shape: k must be >= 1")
-        # Validation in NumPy: a handful of reductions over [L, k], where torch's per-call overhead dominates.
+        # Validation in NumPy: a handful of reductions over [L, k], where torch's per-call overhead
+        # dominates. The common case (all valid) costs two range checks; the diagnosis runs only on failure.
         p = probs.float().numpy()
         i = ids.numpy().astype(np.int64, copy=False)
-        if not np.isfinite(p).all():
-            bad = np.argwhere(~np.isfinite(p))[0]
-            raise invalid(f"{where}.topk.probs: non-finite probability at position {bad[0]}, slot {bad[1]}")
-        if p.min() < 0 or p.max() > 1:
+        if not ((p >= 0) & (p <= 1)).all():  # also false for NaN
+            if not np.isfinite(p).all():
+                bad = np.argwhere(~np.isfinite(p))[0]
+                raise invalid(f"{where}.topk.probs: non-finite probability at position {bad[0]}, slot {bad[1]}")
             bad = np.argwhere((p < 0) | (p > 1))[0]
             raise invalid(f"{where}.topk.probs: probability {p[bad[0], bad[1]]:g} outside [0, 1] at position {bad[0]}, slot {bad[1]}")
-        out_of_vocab = (p > 0) & ((i < 0) | (i >= self.vocab.size))
-        if out_of_vocab.any():
-            bad = np.argwhere(out_of_vocab)[0]
-            raise invalid(
-                f"{where}.topk.ids: token id {i[bad[0], bad[1]]} at position {bad[0]} is outside the vocabulary [0, {self.vocab.size})"
-            )
+        if i.min() < 0 or i.max() >= self.vocab.size:
+            out_of_vocab = (p > 0) & ((i < 0) | (i >= self.vocab.size))
+            if out_of_vocab.any():
+                bad = np.argwhere(out_of_vocab)[0]
+                raise invalid(
+                    f"{where}.topk.ids: token id {i[bad[0], bad[1]]} at position {bad[0]} is outside the vocabulary [0, {self.vocab.size})"
+                )
         sums = p.sum(axis=1)
         if (sums > 1 + PROB_SUM_SLACK).any():
             position = int(np.argmax(sums > 1 + PROB_SUM_SLACK))
