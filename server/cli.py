@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="overrides server.host")
 
     demo = sub.add_parser("demo", help="a sidecar on its defaults plus simulated traffic, to see it work")
-    demo.add_argument("--requests", type=int, default=8, help="simulated requests to stream")
+    demo.add_argument("--requests", type=int, default=12, help="simulated requests to stream (12: every scenario once)")
     demo.add_argument("--concurrency", type=int, default=4)
     demo.add_argument("--grpc-port", type=int, default=50051)
     demo.add_argument("--metrics-port", type=int, default=9464)
