@@ -40,9 +40,9 @@ def encode_tensor(tensor: torch.Tensor) -> pb.Tensor:
     if tensor.dtype not in _TORCH_TO_WIRE:
         raise TypeError(f"dtype {tensor.dtype} has no wire form; use one of {list(_TORCH_TO_WIRE)}")
     cpu = tensor.detach().to("cpu").contiguous()
-    # torch has no direct bytes view for bfloat16 via numpy, so reinterpret as int16 first.
-    raw = cpu.view(torch.int16) if cpu.dtype == torch.bfloat16 else cpu
-    data = raw.numpy().astype(raw.numpy().dtype.newbyteorder("<"), copy=False).tobytes()
+    # NumPy has no bfloat16: reinterpret its bits as int16 (same width, same byte order).
+    array = (cpu.view(torch.int16) if cpu.dtype == torch.bfloat16 else cpu).numpy()
+    data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
     return pb.Tensor(dtype=_TORCH_TO_WIRE[cpu.dtype], shape=list(cpu.shape), data=data)
 
 

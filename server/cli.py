@@ -166,7 +166,6 @@ def _check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure_logging("warning")
     engine = Engine(config, load_vocabulary(config.vocab.tokenizer))
-    worst = 0
     for index, trace in enumerate(read_traces(args.trace)):
         try:
             verdict = verdict_to_pb(engine.check_trace(trace))
@@ -174,7 +173,6 @@ def _check(args: argparse.Namespace) -> int:
             print(f"canvaswatch: trace {index}: {err.code.name}: {err.message}", file=sys.stderr)
             return 1
         _print_verdict(verdict, args.json)
-        worst = max(worst, verdict.max_severity)
     return 0
 
 

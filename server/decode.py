@@ -43,6 +43,7 @@ class StepDecoder:
         self.vocab = vocab
         self.metrics = metrics
         self.dense = dense
+        self._timers = {form: metrics.decode_seconds.labels(form) for form in ("topk", "logits", "embeddings")}
 
     def decode(self, message: pb.StepState, canvas_length: int, where: str) -> DecodedStep | None:
         """The decoded canvas of `message`, or None for a final message that carries no state.
@@ -71,7 +72,7 @@ class StepDecoder:
         except TensorFormatError as err:
             raise invalid(f"{where}.{form}.{err}") from None
         canvas = self._read_canvas(message, canvas_length, where)
-        self.metrics.decode_seconds.labels(form).observe(time.perf_counter() - started)
+        self._timers[form].observe(time.perf_counter() - started)
         return DecodedStep(
             block=message.block, step=message.step, ids=ids, probs=probs, vocab=self.vocab,
             residual=residual, canvas_ids=canvas, hidden=hidden,

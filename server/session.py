@@ -62,6 +62,7 @@ class Session:
 
     def __post_init__(self) -> None:
         self.model_label = self.metrics.model_label(self.meta.model)
+        self._steps_counter = self.metrics.steps.labels(self.model_label)
         for monitor in self.monitors:
             self._guard(monitor, "start", lambda m=monitor: self.states.__setitem__(m.name, m.start(self.meta)))
 
@@ -82,17 +83,27 @@ class Session:
 
     def on_step(self, step: DecodedStep) -> list[Flag]:
         self.steps_seen += 1
-        self.metrics.steps.labels(self.model_label).inc()
+        self._steps_counter.inc()
         if step.residual is not None:
             # One observation per step (its mean), not per position: the histogram tracks steps.
-            self.metrics.residual_mass.observe(float(step.residual.mean()))
+            self.metrics.residual_mass.observe(float(step.residual.numpy().mean()))
         if self.history is not None:
             self.history.add(step.block, step.step, step.ids_np[:, 0], step.probs_np[:, 0])
         raised: list[Flag] = []
+        # The hot loop of the sidecar: the guard is inlined (no closure per monitor per step).
         for monitor in self.monitors:
-            result = self._guard(monitor, "on_step", lambda m=monitor: m.on_step(self.states[m.name], step))
-            raised.extend(result or [])
-        return self._record(raised)
+            if monitor.name in self.disabled:
+                continue
+            started = time.perf_counter()
+            try:
+                result = monitor.on_step(self.states[monitor.name], step)
+            except Exception as err:  # isolation: a monitor's bug must not end the request
+                self._failed(monitor, "on_step", err)
+                result = None
+            self._timed(monitor, "on_step", time.perf_counter() - started)
+            if result:
+                raised.extend(result)
+        return self._record(raised) if raised else raised
 
     def finish(self, output_ids: tuple[int, ...], text: str) -> tuple[list[Flag], SessionVerdict]:
         final = FinalCanvas(output_ids=output_ids, text=text, steps_seen=self.steps_seen, steps_dropped=self.client_dropped)
@@ -132,20 +143,25 @@ class Session:
         try:
             return call()
         except Exception as err:  # isolation: a monitor's bug must not end the request
-            self.disabled.add(monitor.name)
-            self.metrics.monitor_errors.labels(monitor.name, "exception").inc()
-            self.errors.append(f"{monitor.name}: {phase} raised {type(err).__name__}: {err}")
-            log.error("monitor_failed", request_id=self.meta.request_id, monitor=monitor.name, phase=phase,
-                      error=f"{type(err).__name__}: {err}")
-            if self.settings.policy == "fail_closed":
-                self._record([Flag(monitor=monitor.name, severity=Severity.CRITICAL,
-                                   reason=f"monitor failed in {phase} and the policy is fail_closed",
-                                   score=1.0, attributes={"error": type(err).__name__})])
+            self._failed(monitor, phase, err)
             return None
         finally:
-            elapsed = time.perf_counter() - started
-            self.metrics.monitor_timer(monitor.name).observe(elapsed)
-            if elapsed > self.settings.budget_s:
-                self.metrics.monitor_errors.labels(monitor.name, "overrun").inc()
-                log.warning("monitor_overrun", request_id=self.meta.request_id, monitor=monitor.name,
-                            phase=phase, seconds=round(elapsed, 4), budget_s=self.settings.budget_s)
+            self._timed(monitor, phase, time.perf_counter() - started)
+
+    def _failed(self, monitor: Monitor, phase: str, err: Exception) -> None:
+        self.disabled.add(monitor.name)
+        self.metrics.monitor_errors.labels(monitor.name, "exception").inc()
+        self.errors.append(f"{monitor.name}: {phase} raised {type(err).__name__}: {err}")
+        log.error("monitor_failed", request_id=self.meta.request_id, monitor=monitor.name, phase=phase,
+                  error=f"{type(err).__name__}: {err}")
+        if self.settings.policy == "fail_closed":
+            self._record([Flag(monitor=monitor.name, severity=Severity.CRITICAL,
+                               reason=f"monitor failed in {phase} and the policy is fail_closed",
+                               score=1.0, attributes={"error": type(err).__name__})])
+
+    def _timed(self, monitor: Monitor, phase: str, elapsed: float) -> None:
+        self.metrics.monitor_timer(monitor.name).observe(elapsed)
+        if elapsed > self.settings.budget_s:
+            self.metrics.monitor_errors.labels(monitor.name, "overrun").inc()
+            log.warning("monitor_overrun", request_id=self.meta.request_id, monitor=monitor.name,
+                        phase=phase, seconds=round(elapsed, 4), budget_s=self.settings.budget_s)
