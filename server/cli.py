@@ -156,16 +156,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _offline_engine(config_path: str | None):
+    """An in-process engine for the offline commands (check, inspect, eval): no server, quiet logs."""
+    from canvaswatch.server.engine import Engine
+    from canvaswatch.server.vocab import load_vocabulary
+
+    config = load_config(config_path)
+    configure_logging("warning")
+    return Engine(config, load_vocabulary(config.vocab.tokenizer))
+
+
 def _check(args: argparse.Namespace) -> int:
     from canvaswatch.client.trace import read_traces
     from canvaswatch.server.convert import verdict_to_pb
     from canvaswatch.server.decode import StepError
-    from canvaswatch.server.engine import Engine
-    from canvaswatch.server.vocab import load_vocabulary
 
-    config = load_config(args.config)
-    configure_logging("warning")
-    engine = Engine(config, load_vocabulary(config.vocab.tokenizer))
+    engine = _offline_engine(args.config)
     for index, trace in enumerate(read_traces(args.trace)):
         try:
             verdict = verdict_to_pb(engine.check_trace(trace))
@@ -215,13 +221,9 @@ def _simulate(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from canvaswatch.client.trace import read_traces
     from canvaswatch.server.decode import StepError
-    from canvaswatch.server.engine import Engine
     from canvaswatch.server.report import write_report
-    from canvaswatch.server.vocab import load_vocabulary
 
-    config = load_config(args.config)
-    configure_logging("warning")
-    engine = Engine(config, load_vocabulary(config.vocab.tokenizer))
+    engine = _offline_engine(args.config)
     traces = list(read_traces(args.trace))
     output = Path(args.output)
     for index, trace in enumerate(traces):
@@ -238,13 +240,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from canvaswatch.client.trace import read_traces
-    from canvaswatch.server.engine import Engine
     from canvaswatch.server.evaluate import as_json, as_table, evaluate
-    from canvaswatch.server.vocab import load_vocabulary
 
-    config = load_config(args.config)
-    configure_logging("warning")
-    engine = Engine(config, load_vocabulary(config.vocab.tokenizer))
+    engine = _offline_engine(args.config)
     scores = evaluate(engine, read_traces(args.traces))
     print(as_table(scores))
     if args.json_path:
