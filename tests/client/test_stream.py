@@ -100,3 +100,30 @@ def test_async_stream_end_to_end(sidecar):
     verdict, dropped = asyncio.run(run())
     assert verdict.request_id == "async-1"
     assert verdict.steps_seen + verdict.steps_dropped == 20 and verdict.steps_dropped == dropped
+
+
+def test_many_concurrent_async_streams_each_get_their_verdict(sidecar, vocab):
+    from canvaswatch.client import simulate
+
+    traces = [simulate.scenario(simulate.SCENARIOS[i % 4], vocab.encode, vocab.size, request_id=f"many-{i}", seed=i)
+              for i in range(48)]
+
+    async def run():
+        async with grpc.aio.insecure_channel(sidecar.target, options=channel_options()) as channel:
+            streams = []
+            for trace in traces:
+                stream = AsyncWatchStream(channel, trace.info, max_pending=len(trace.steps) + 1)
+                for message in trace.steps[:-1]:
+                    step = type(message)()
+                    step.CopyFrom(message)
+                    step.ClearField("info")
+                    stream.send(step)
+                stream.finish(list(trace.steps[-1].output_ids))
+                streams.append(stream)
+            return await asyncio.wait_for(asyncio.gather(*(s.result(timeout=120) for s in streams)), 180)
+
+    verdicts = asyncio.run(run())
+    assert [v.request_id for v in verdicts] == [t.info.request_id for t in traces]
+    assert all(v.steps_seen == len(t.steps) - 1 and v.steps_dropped == 0 for v, t in zip(verdicts, traces))
+    flagged = {v.request_id for v in verdicts if any(f.monitor == "lexicon" for f in v.flags)}
+    assert flagged == {t.info.request_id for t in traces if t.info.attributes["scenario"] in ("transient_phrase", "surviving_phrase")}
