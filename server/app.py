@@ -54,13 +54,20 @@ class Sidecar:
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.grpc_port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        try:
+            self.grpc_port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        except RuntimeError:  # grpc reports a failed bind as RuntimeError (older versions: port 0)
+            self.grpc_port = 0
         if self.grpc_port == 0:
-            raise OSError(f"server.grpc_port: cannot bind {s.host}:{s.grpc_port}")
+            raise OSError(f"server.grpc_port: cannot bind {s.host}:{s.grpc_port} (in use?)")
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._metrics_http = self.engine.metrics.serve(s.host, s.metrics_port) if s.metrics_port >= 0 else None
+        try:
+            self._metrics_http = self.engine.metrics.serve(s.host, s.metrics_port) if s.metrics_port >= 0 else None
+        except OSError as err:
+            await server.stop(0)
+            raise OSError(f"server.metrics_port: cannot bind {s.host}:{s.metrics_port}: {err.strerror or err}") from None
         if self._metrics_http is not None:
             self.metrics_port = self._metrics_http[0].server_port
         self._server = server

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"canvaswatch: configuration error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a port in use, an unreadable trace file: say what, not a traceback
+        print(f"canvaswatch: {err}", file=sys.stderr)
+        return 1
 
 
 def _serve(args: argparse.Namespace) -> int:

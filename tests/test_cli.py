@@ -107,3 +107,20 @@ def test_demo_runs_traffic_and_shows_flags_and_metrics():
     assert "SIMULATED" in out
     assert "FLAG lexicon CRITICAL" in out and "FLAG self_correction WARNING" in out
     assert 'canvaswatch_flags_total{model="simulated/diffusion",monitor="lexicon",severity="CRITICAL"} 1.0' in out
+
+
+def test_a_port_in_use_is_a_clear_error_not_a_traceback(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--grpc-port", "0", "--metrics-port", str(port)]) == 1
+        assert main(["serve", "--grpc-port", str(port), "--metrics-port", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert f"server.metrics_port: cannot bind 127.0.0.1:{port}" in err
+    assert f"server.grpc_port: cannot bind 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_a_missing_trace_file_is_a_clear_error(capsys, tmp_path):
+    assert main(["check", str(tmp_path / "absent.cwtrace")]) == 1
+    assert "absent.cwtrace" in capsys.readouterr().err
