@@ -7,6 +7,12 @@ vocabulary noise, the throughput benchmark's generator); each
 monitor then runs over freshly decoded steps in a new request (so the canvas
 text each builds is inside its timing; in the server, monitors share it).
 Prints microseconds per step (mean over the steps, best of 3 passes).
+
+Also the two monitors that need a file: `probe` (8 random linear probes over
+d = 640 hidden states sent with each step) and `classifier` (a BERT-sized-down
+model built from a config with random weights, every 4th step; its step cost
+is the hand-off to its thread, the model's own time is reported separately as
+texts classified per second in batches).
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ def main() -> None:
                 for step in decoded:
                     monitor.on_step(state, step)
             rows.setdefault(monitor.name, []).append(best_of(3, run, fresh) / len(messages))
+    extra_rows(rows, lengths, args.steps, engine)
     print(f"# per-step cost, k=8, {args.steps} SIMULATED steps, best of 3, microseconds")
     print("| stage | " + " | ".join(f"L={length}" for length in lengths) + " |")
     print("|---|" + "---|" * len(lengths))
@@ -69,6 +76,52 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(f"{c * 1e6:.0f}" for c in costs) + " |")
     totals = [sum(costs[i] for costs in rows.values()) for i in range(len(lengths))]
     print("| **total** | " + " | ".join(f"{t * 1e6:.0f}" for t in totals) + " |")
+
+
+def extra_rows(rows: dict[str, list[float]], lengths: list[int], steps: int, engine: Engine) -> None:
+    import dataclasses
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from canvaswatch.monitors.classifier import ClassifierMonitor, ClassifierParams
+    from canvaswatch.monitors.probe import ProbeMonitor, ProbeParams
+
+    directory = Path(tempfile.mkdtemp(prefix="cw-bench-"))
+    save_file({f"p{i}.{part}": value for i in range(8) for part, value in
+               (("direction", torch.randn(640)), ("bias", torch.tensor(-50.0)), ("threshold", torch.tensor(0.99)))},
+              str(directory / "probes.safetensors"))
+    probe = ProbeMonitor(ProbeParams(path=str(directory / "probes.safetensors")))
+    classifier = ClassifierMonitor(ClassifierParams(model=_tiny_classifier(directory / "classifier"), every_n_steps=4))
+    for length in lengths:
+        messages = make_steps(length, steps)
+        meta = RequestMeta("bench", "bench", "", (), length, steps)
+        hidden = torch.randn(length, 640)
+
+        def fresh() -> list:
+            return [dataclasses.replace(engine.decoder.decode(m, length, "bench"), hidden=hidden) for m in messages]
+
+        for name, monitor in (("probe (8 labels, d=640)", probe), ("classifier (hand-off, every 4th step)", classifier)):
+            def run(decoded, monitor=monitor):
+                state = monitor.start(meta)
+                for step in decoded:
+                    monitor.on_step(state, step)
+            rows.setdefault(name, []).append(best_of(3, run, fresh) / len(messages))
+    classifier.close()
+
+
+def _tiny_classifier(directory: Path) -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(directory)
+    config = BertConfig(vocab_size=2, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=512, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    return str(directory)
 
 
 if __name__ == "__main__":

@@ -165,8 +165,8 @@ class Monitor(Protocol):
     """A pluggable monitor. One instance serves every request; state lives in what start() returns.
 
     Implementations also provide `Params`, a dataclass of their TOML parameters
-    (validated by the registry), a `description`, and a constructor taking
-    `params: Params`. on_step must cost time proportional to canvas size and
+    (validated by the registry), a `description`, a constructor taking
+    `params: Params`, and optionally `close()`, called once on shutdown. on_step must cost time proportional to canvas size and
     use tensor operations rather than Python loops over positions.
     """
 

@@ -91,6 +91,7 @@ class _BatchRunner:
         self.texts = 0
         self._queue: collections.deque[tuple[str, Future]] = collections.deque()
         self._ready = threading.Condition()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="canvaswatch-classifier", daemon=True)
         self._thread.start()
 
@@ -101,11 +102,21 @@ class _BatchRunner:
             self._ready.notify()
         return future
 
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        self._thread.join(timeout=10)
+
     def _loop(self) -> None:
         while True:
             with self._ready:
-                while not self._queue:
+                while not self._queue and not self._closed:
                     self._ready.wait()
+                if self._closed:
+                    for _, future in self._queue:
+                        future.cancel()
+                    return
                 self._ready.wait_for(lambda: len(self._queue) >= self.params.max_batch,
                                      timeout=self.params.batch_window_ms / 1000)
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.params.max_batch))]
@@ -147,6 +158,10 @@ class ClassifierMonitor:
     def start(self, request: RequestMeta) -> ClassifierState:
         return ClassifierState()
 
+    def close(self) -> None:
+        """Stop the model thread (the engine calls this on shutdown)."""
+        self.runner.close()
+
     def on_step(self, state: ClassifierState, step: DecodedStep) -> list[Flag]:
         if step.step % self.params.every_n_steps == 0:
             if sum(not p.future.done() for p in state.pending) >= self.params.max_pending:
@@ -159,7 +174,7 @@ class ClassifierMonitor:
         output = self.runner.submit(final.text)
         wait([p.future for p in state.pending] + [output], timeout=self.params.finish_timeout_ms / 1000)
         flags = self._collect(state)
-        if not output.done():
+        if not output.done() or output.cancelled():
             return flags
         scores = output.result()
         on_output = {label for label in self.flag_labels if scores[label] >= self.params.threshold}
@@ -187,6 +202,8 @@ class ClassifierMonitor:
         for pending in state.pending:
             if not pending.future.done():
                 still.append(pending)
+                continue
+            if pending.future.cancelled():
                 continue
             scores = pending.future.result()  # an exception here reaches the session's isolation
             for label in self.flag_labels:

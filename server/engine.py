@@ -131,6 +131,10 @@ class Engine:
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
+        for monitor in self.monitors:
+            close = getattr(monitor, "close", None)  # optional: monitors that own threads or files
+            if callable(close):
+                close()
         self.audit.close()
 
 

@@ -117,3 +117,10 @@ def test_configuration_errors_name_the_key(classifier_dir, tmp_path):
         build("classifier", {"model": str(classifier_dir), "flag_labels": ["toxic"]}, "monitors.classifier")
     with pytest.raises(MonitorConfigError, match="monitors.classifier.model: cannot load a sequence classifier"):
         build("classifier", {"model": str(tmp_path)}, "monitors.classifier")
+
+
+def test_close_stops_the_model_thread(classifier_dir):
+    monitor = ClassifierMonitor(ClassifierParams(model=str(classifier_dir)))
+    assert monitor.runner._thread.is_alive()
+    monitor.close()
+    assert not monitor.runner._thread.is_alive()
