@@ -23,8 +23,6 @@ AutoModelForSequenceClassification and AutoTokenizer can load works.
 
 from __future__ import annotations
 
-import collections
-import threading
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -32,6 +30,7 @@ from typing import ClassVar
 import torch
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
+from canvaswatch.monitors.batching import WindowBatcher
 
 
 @dataclass(frozen=True)
@@ -87,49 +86,31 @@ class _BatchRunner:
             raise ValueError(f"model: cannot load a sequence classifier from {params.model!r}: {err}") from None
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.params = params
-        self.batches = 0
-        self.texts = 0
-        self._queue: collections.deque[tuple[str, Future]] = collections.deque()
-        self._ready = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="canvaswatch-classifier", daemon=True)
-        self._thread.start()
+        self._batcher: WindowBatcher[str, dict[str, float]] = WindowBatcher(
+            self._classify_labelled, window_s=params.batch_window_ms / 1000, max_weight=params.max_batch,
+            name="canvaswatch-classifier",
+        )
+
+    @property
+    def batches(self) -> int:
+        return self._batcher.batches
+
+    @property
+    def texts(self) -> int:
+        return self._batcher.items
+
+    @property
+    def alive(self) -> bool:
+        return self._batcher.alive
 
     def submit(self, text: str) -> Future:
-        future: Future = Future()
-        with self._ready:
-            self._queue.append((text, future))
-            self._ready.notify()
-        return future
+        return self._batcher.submit(text)
 
     def close(self) -> None:
-        with self._ready:
-            self._closed = True
-            self._ready.notify_all()
-        self._thread.join(timeout=10)
+        self._batcher.close()
 
-    def _loop(self) -> None:
-        while True:
-            with self._ready:
-                while not self._queue and not self._closed:
-                    self._ready.wait()
-                if self._closed:
-                    for _, future in self._queue:
-                        future.cancel()
-                    return
-                self._ready.wait_for(lambda: len(self._queue) >= self.params.max_batch,
-                                     timeout=self.params.batch_window_ms / 1000)
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.params.max_batch))]
-            self.batches += 1
-            self.texts += len(batch)
-            try:
-                probabilities = self._classify([text for text, _ in batch])
-            except Exception as err:  # every waiter learns of it; the monitor's isolation counts it
-                for _, future in batch:
-                    future.set_exception(err)
-                continue
-            for (_, future), row in zip(batch, probabilities):
-                future.set_result(dict(zip(self.labels, row)))
+    def _classify_labelled(self, texts: list[str]) -> list[dict[str, float]]:
+        return [dict(zip(self.labels, row)) for row in self._classify(texts)]
 
     @torch.no_grad()
     def _classify(self, texts: list[str]) -> list[list[float]]:

@@ -121,6 +121,6 @@ def test_configuration_errors_name_the_key(classifier_dir, tmp_path):
 
 def test_close_stops_the_model_thread(classifier_dir):
     monitor = ClassifierMonitor(ClassifierParams(model=str(classifier_dir)))
-    assert monitor.runner._thread.is_alive()
+    assert monitor.runner.alive
     monitor.close()
-    assert not monitor.runner._thread.is_alive()
+    assert not monitor.runner.alive
