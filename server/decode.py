@@ -124,11 +124,7 @@ class StepDecoder:
         return torch.from_numpy(i), torch.from_numpy(np.ascontiguousarray(p)), torch.from_numpy(residual)
 
     def _read_logits(self, logits_msg: pb.Tensor, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = decode_tensor(logits_msg, "logits", ndim=2)
-        if not logits.dtype.is_floating_point:
-            raise invalid(f"{where}.logits.dtype: expected a float dtype, got {logits.dtype}")
-        if logits.shape[0] != length:
-            raise invalid(f"{where}.logits.shape: {logits.shape[0]} positions, but info.canvas_length is {length}")
+        logits = self._dense_rows(logits_msg, "logits", length, where)
         if logits.shape[1] != self.vocab.size:
             raise invalid(f"{where}.logits.shape: vocabulary of {logits.shape[1]}, but the sidecar's is {self.vocab.size}")
         if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
@@ -137,11 +133,7 @@ class StepDecoder:
         return kept.ids.long(), kept.probs, kept.residual
 
     def _read_embeddings(self, tensor: pb.Tensor, length: int, where: str) -> tuple[torch.Tensor, ...]:
-        hidden = decode_tensor(tensor, "embeddings", ndim=2)
-        if not hidden.dtype.is_floating_point:
-            raise invalid(f"{where}.embeddings.dtype: expected FLOAT32, FLOAT16 or BFLOAT16, got {hidden.dtype}")
-        if hidden.shape[0] != length:
-            raise invalid(f"{where}.embeddings.shape: {hidden.shape[0]} positions, but info.canvas_length is {length}")
+        hidden = self._dense_rows(tensor, "embeddings", length, where)
         if hidden.shape[1] != self.dense.hidden_size:
             raise invalid(
                 f"{where}.embeddings.shape: hidden size {hidden.shape[1]}, but the loaded embedding matrix has d = {self.dense.hidden_size}"
@@ -151,6 +143,16 @@ class StepDecoder:
             raise invalid(f"{where}.embeddings: NaN or Inf at position {position}")
         kept = self.dense.decode_embeddings(hidden)
         return kept.ids.long().cpu(), kept.probs.cpu(), kept.residual.cpu(), hidden
+
+    @staticmethod
+    def _dense_rows(tensor: pb.Tensor, form: str, length: int, where: str) -> torch.Tensor:
+        """A dense [L, ...] float tensor with one row per canvas position (logits or embeddings)."""
+        values = decode_tensor(tensor, form, ndim=2)
+        if not values.dtype.is_floating_point:
+            raise invalid(f"{where}.{form}.dtype: expected FLOAT32, FLOAT16 or BFLOAT16, got {values.dtype}")
+        if values.shape[0] != length:
+            raise invalid(f"{where}.{form}.shape: {values.shape[0]} positions, but info.canvas_length is {length}")
+        return values
 
     def _read_canvas(self, message: pb.StepState, length: int, where: str) -> torch.Tensor | None:
         if not message.canvas_ids:
