@@ -123,6 +123,11 @@ class DecodedStep:
         return self.probs.numpy()
 
     @cached_property
+    def residual_mean(self) -> float | None:
+        """Mean residual mass over the canvas (None when unknown)."""
+        return None if self.residual is None else float(self.residual.numpy().mean())
+
+    @cached_property
     def top1(self) -> torch.Tensor:
         return self.ids[:, 0]
 
@@ -133,12 +138,32 @@ class DecodedStep:
     @cached_property
     def text(self) -> str:
         """The canvas read as its top-1 tokens."""
-        return self.vocab.decode(self.top1.tolist())
+        return self.vocab.decode(self.ids_np[:, 0])
 
     @cached_property
     def text_lower(self) -> str:
-        """text.lower(), computed once for every monitor that matches case-insensitively."""
-        return self.text.lower()
+        """The text lower-cased with its length kept, so offsets found in it index `text` too.
+
+        Computed once for every monitor that matches case-insensitively. A
+        character whose lower case is longer (e.g. 'İ') is kept as it is.
+        """
+        lowered = self.text.lower()
+        if len(lowered) == len(self.text):
+            return lowered
+        decode_lower = getattr(self.vocab, "decode_lower", None)
+        if decode_lower is not None:
+            return decode_lower(self.ids_np[:, 0])
+        return lower_keeping_length(self.text)
+
+    @cached_property
+    def char_offsets(self) -> "np.ndarray":
+        """Start offset of each position's piece in `text`, plus the total length."""
+        return np.asarray(self.vocab.char_offsets(self.ids_np[:, 0]))
+
+    @cached_property
+    def memo(self) -> dict:
+        """Results several monitors need from this step, computed by the first that asks (keyed by its owner)."""
+        return {}
 
     def span_text(self, start: int, stop: int) -> str:
         start, stop = max(0, start), min(self.canvas_length, stop)
@@ -179,3 +204,11 @@ class Monitor(Protocol):
     def on_step(self, state: Any, step: DecodedStep) -> list[Flag]: ...
 
     def on_finish(self, state: Any, final: FinalCanvas) -> list[Flag]: ...
+
+
+def lower_keeping_length(text: str) -> str:
+    """text.lower(), except that a character whose lower case has another length stays as it is."""
+    lowered = text.lower()
+    if len(lowered) == len(text):
+        return lowered
+    return "".join(c if len(low := c.lower()) != 1 else low for c in text)

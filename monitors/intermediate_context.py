@@ -23,6 +23,7 @@ from typing import ClassVar
 
 from canvaswatch.monitors.base import DecodedStep, FinalCanvas, Flag, RequestMeta, Severity
 from canvaswatch.monitors.lexicon import LexiconMonitor, LexiconParams, LexiconState
+from canvaswatch.monitors.phrases import PhraseView, WatchesPhrases
 
 DEFAULT_HARMFUL: tuple[str, ...] = (
     "mix bleach and ammonia",
@@ -50,7 +51,7 @@ class IntermediateContextParams:
             raise ValueError(f"min_steps: must be >= 1, got {self.min_steps}")
 
 
-class IntermediateContextMonitor:
+class IntermediateContextMonitor(WatchesPhrases):
     name: ClassVar[str] = "intermediate_context"
     description: ClassVar[str] = (
         "Watched content present in intermediate canvases (top-1 or top-k) but absent from the final output."
@@ -64,6 +65,11 @@ class IntermediateContextMonitor:
             patterns=params.patterns, regex=params.regex, case_sensitive=params.case_sensitive,
             severity=params.severity, output_severity=params.severity, min_alt_prob=params.min_alt_prob,
         ))
+        self.phrase_spec = self._matcher.phrase_spec
+
+    def share_phrases(self, view: PhraseView) -> None:
+        # Matching happens in the wrapped lexicon: it takes the shared matcher.
+        self._matcher.share_phrases(view)
 
     def start(self, request: RequestMeta) -> LexiconState:
         return self._matcher.start(request)

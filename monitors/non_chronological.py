@@ -16,7 +16,7 @@ with at least `min_positions` committed positions. Score: (1 - rho) / 2.
 Hard negatives it excludes: ordinary left-to-right settling with jitter (rho
 stays high, no lead), early-settling padding (ignored ids).
 
-State per request: three [L] tensors and the last top-1, reset per block.
+State per request: three [L] arrays and the last top-1, reset per block.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
@@ -56,7 +57,7 @@ class NonChronologicalParams:
 class NonChronologicalState:
     block: int = -1
     last: DecodedStep | None = None
-    commit: torch.Tensor | None = None  # [L] commit step, -1 while not confident
+    commit: np.ndarray | None = None  # [L] commit step, -1 while not confident
 
 
 class NonChronologicalMonitor:
@@ -80,14 +81,15 @@ class NonChronologicalMonitor:
         if state.last is not None and step.block != state.block:
             flags = self._judge(state)
             state.last = None
-        top1, prob = step.top1, step.top1_prob
+        # NumPy per step (tiny arrays, ~1 us a call against torch's ~5 us); torch only at the judgement.
+        top1, prob = step.ids_np[:, 0], step.probs_np[:, 0]
         confident = prob >= self.params.settle_prob
         if state.last is None or state.commit is None or state.commit.shape != top1.shape:
-            state.commit = torch.full_like(top1, -1)
-            holding = torch.zeros_like(confident)
+            state.commit = np.full(top1.shape, -1, dtype=np.int64)
+            holding = np.zeros_like(confident)
         else:
-            holding = (top1 == state.last.top1) & (state.commit >= 0)
-        state.commit = torch.where(confident, torch.where(holding, state.commit, step.step), -1)
+            holding = (top1 == state.last.ids_np[:, 0]) & (state.commit >= 0)
+        state.commit = np.where(confident, np.where(holding, state.commit, step.step), -1)
         state.block, state.last = step.block, step
         return flags
 
@@ -96,10 +98,11 @@ class NonChronologicalMonitor:
 
     def _judge(self, state: NonChronologicalState) -> list[Flag]:
         p, last = self.params, state.last
-        positions = ((state.commit >= 0) & ~isin(last.top1, self._ignore)).nonzero().flatten()
+        commit = torch.from_numpy(state.commit)
+        positions = ((commit >= 0) & ~isin(last.top1, self._ignore)).nonzero().flatten()
         if positions.numel() < p.min_positions:
             return []
-        commits = state.commit[positions]
+        commits = commit[positions]
         rho = spearman(positions.float(), commits.float())
         split = max(1, int(round(positions.numel() * (1 - p.late_fraction))))
         early, late = commits[:split], commits[split:]

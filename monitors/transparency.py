@@ -73,8 +73,8 @@ class TransparencyMonitor:
         if gap > state.longest_gap:
             state.longest_gap, state.gap_at = gap, (step.block, step.step)
         state.last_step = step.step
-        if step.residual is not None:
-            state.recent.append(float(step.residual.mean()))
+        if step.residual_mean is not None:
+            state.recent.append(step.residual_mean)
         return []
 
     def on_finish(self, state: TransparencyState, final: FinalCanvas) -> list[Flag]:

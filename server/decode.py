@@ -9,6 +9,7 @@ tied embedding matrix. A sidecar configured without a matrix answers the
 
 from __future__ import annotations
 
+import functools
 import time
 
 import grpc
@@ -23,6 +24,15 @@ from canvaswatch.v1 import monitor_pb2 as pb
 
 # Probabilities are floats sent by clients in up to bf16; this much slack over 1 is rounding, more is a bug.
 PROB_SUM_SLACK = 1e-2
+
+
+@functools.cache
+def _descent_matrix(k: int, dtype: np.dtype) -> np.ndarray:
+    """[k, k-1] with p @ D = p[:, :-1] - p[:, 1:] (each difference rounded once, so its sign is exact)."""
+    matrix = np.zeros((k, k - 1), dtype=dtype)
+    matrix[np.arange(k - 1), np.arange(k - 1)] = 1
+    matrix[np.arange(1, k), np.arange(k - 1)] = -1
+    return matrix
 
 
 class StepError(Exception):
@@ -97,7 +107,7 @@ class StepDecoder:
         # dominates. The common case (all valid) costs two range checks; the diagnosis runs only on failure.
         p = probs.float().numpy()
         i = ids.numpy().astype(np.int64, copy=False)
-        if not ((p >= 0) & (p <= 1)).all():  # also false for NaN
+        if not (p.min() >= 0 and p.max() <= 1):  # also false for NaN
             if not np.isfinite(p).all():
                 bad = np.argwhere(~np.isfinite(p))[0]
                 raise invalid(f"{where}.topk.probs: non-finite probability at position {bad[0]}, slot {bad[1]}")
@@ -110,11 +120,14 @@ class StepDecoder:
                 raise invalid(
                     f"{where}.topk.ids: token id {i[bad[0], bad[1]]} at position {bad[0]} is outside the vocabulary [0, {self.vocab.size})"
                 )
-        sums = p.sum(axis=1)
-        if (sums > 1 + PROB_SUM_SLACK).any():
+        # Row sums and neighbour differences as small matrix products: on [L, k] rows of k ~ 8,
+        # BLAS is ~8x faster than NumPy's reductions along the short axis.
+        k = p.shape[1]
+        sums = p @ np.ones(k, dtype=p.dtype)
+        if sums.max() > 1 + PROB_SUM_SLACK:
             position = int(np.argmax(sums > 1 + PROB_SUM_SLACK))
             raise invalid(f"{where}.topk.probs: position {position} sums to {sums[position]:.4f} > 1")
-        if p.shape[1] > 1 and not (p[:, :-1] >= p[:, 1:]).all():
+        if k > 1 and (p @ _descent_matrix(k, p.dtype)).min() < 0:
             # Most probable first, whatever order the client used; padding sorts last.
             order = np.argsort(-p, axis=1, kind="stable")
             p = np.take_along_axis(p, order, axis=1)

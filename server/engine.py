@@ -14,6 +14,7 @@ import dataclasses
 import structlog
 
 from canvaswatch.monitors.base import Flag, Monitor, Vocabulary
+from canvaswatch.monitors.phrases import link_phrase_matchers
 from canvaswatch.monitors.registry import describe_params
 from canvaswatch.server.audit import AuditLog
 from canvaswatch.server.config import Config
@@ -36,6 +37,7 @@ class Engine:
         self.vocab = vocab
         self.metrics = metrics or Metrics()
         self.monitors = monitors if monitors is not None else config.build_monitors()
+        link_phrase_matchers(self.monitors)
         self.audit = AuditLog(config.logging.audit_log or None, include_content=config.logging.log_content)
         self.reports = ReportWriter(config.logging.report_dir) if config.logging.report_dir else None
         self.dense = dense if dense is not None else build_dense_decoder(config.dense, vocab.size)

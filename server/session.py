@@ -84,9 +84,9 @@ class Session:
     def on_step(self, step: DecodedStep) -> list[Flag]:
         self.steps_seen += 1
         self._steps_counter.inc()
-        if step.residual is not None:
+        if step.residual_mean is not None:
             # One observation per step (its mean), not per position: the histogram tracks steps.
-            self.metrics.residual_mass.observe(float(step.residual.numpy().mean()))
+            self.metrics.residual_mass.observe(step.residual_mean)
         if self.history is not None:
             self.history.add(step.block, step.step, step.ids_np[:, 0], step.probs_np[:, 0])
         raised: list[Flag] = []

@@ -23,6 +23,8 @@ from typing import Sequence
 import numpy as np
 import structlog
 
+from canvaswatch.monitors.base import lower_keeping_length
+
 log = structlog.get_logger(__name__)
 
 DEFAULT_TOKENIZER = "gemma3-270m"
@@ -42,9 +44,17 @@ class TokenizerVocabulary:
         pieces = tokenizer.decode_batch([[i] for i in range(self.size)], skip_special_tokens=False)
         self._pieces = np.array(pieces, dtype=object)
         self._lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=self.size)
+        # For canvases whose lower case changes length (rare, ~0.1 s to build): built here so that
+        # no request pays for it.
+        self._lower_pieces = np.array([lower_keeping_length(p) for p in pieces], dtype=object)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return "".join(self._pieces[np.asarray(ids, dtype=np.int64)])
+        # tolist() first: join walks a list ~3x faster than an object array.
+        return "".join(self._pieces[np.asarray(ids, dtype=np.int64)].tolist())
+
+    def decode_lower(self, ids: Sequence[int]) -> str:
+        """decode(ids) lower-cased piece by piece, keeping every piece's length (offsets stay valid)."""
+        return "".join(self._lower_pieces[np.asarray(ids, dtype=np.int64)].tolist())
 
     def piece(self, token_id: int) -> str:
         return str(self._pieces[token_id])
@@ -120,3 +130,4 @@ def _convert_with_transformers(source: Path, target: Path, gguf_file: str | None
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target / "tokenizer.json"
+

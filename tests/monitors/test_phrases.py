@@ -1,0 +1,77 @@
+"""The phrase matcher lexicon and intermediate_context share: one pass per step, each monitor its own patterns."""
+
+from __future__ import annotations
+
+from canvaswatch.monitors.base import FinalCanvas, RequestMeta
+from canvaswatch.monitors.intermediate_context import IntermediateContextMonitor, IntermediateContextParams
+from canvaswatch.monitors.lexicon import LexiconMonitor, LexiconParams
+from canvaswatch.monitors.phrases import PhraseMatcher, link_phrase_matchers
+from tests.monitors.canvas import canvas_step
+
+META = RequestMeta("r", "m", "", (), 24, 0)
+
+
+def _canvas(vocab, text: str, length: int = 24) -> list[int]:
+    return (vocab.encode(text) + vocab.encode(" the") * length)[:length]
+
+
+def _pair(lexicon_patterns: list[str], context_patterns: list[str]):
+    lexicon = LexiconMonitor(LexiconParams(patterns=lexicon_patterns, regex=[r"AKIA[0-9A-Z]{16}"]))
+    context = IntermediateContextMonitor(IntermediateContextParams(patterns=context_patterns))
+    link_phrase_matchers([lexicon, context])
+    return lexicon, context
+
+
+def test_linked_monitors_match_each_step_once_and_keep_their_own_patterns(vocab, monkeypatch):
+    lexicon, context = _pair(["secret launch code"], ["untraceable poison"])
+    shared = lexicon.phrases.matcher
+    assert context._matcher.phrases.matcher is shared
+    calls = []
+    original = PhraseMatcher._match_text
+    monkeypatch.setattr(PhraseMatcher, "_match_text", lambda self, step: calls.append(step) or original(self, step))
+
+    lexicon_state, context_state = lexicon.start(META), context.start(META)
+    for number, text in enumerate(["the secret launch code and an untraceable poison",
+                                   "nothing to see here at all"]):
+        step = canvas_step(_canvas(vocab, text), 0.9, step=number, vocab=vocab)
+        appeared = lexicon.on_step(lexicon_state, step)
+        context.on_step(context_state, step)
+        if number == 0:
+            # The lexicon flags its own phrase, not the one only intermediate_context watches.
+            assert [f.attributes["pattern"] for f in appeared] == ["secret launch code"]
+    assert len(calls) == 2  # two steps, two passes, whatever the number of monitors
+
+    final = FinalCanvas((), "a harmless answer", 2, 0)
+    assert [f.attributes["pattern"] for f in context.on_finish(context_state, final)] == ["untraceable poison"]
+    assert [f.attributes["pattern"] for f in lexicon.on_finish(lexicon_state, final)] == ["secret launch code"]
+
+
+def test_a_phrase_both_monitors_watch_is_reported_to_both(vocab):
+    lexicon, context = _pair(["untraceable poison"], ["untraceable poison"])
+    lexicon_state, context_state = lexicon.start(META), context.start(META)
+    step = canvas_step(_canvas(vocab, "buy an untraceable poison today"), 0.9, vocab=vocab)
+    assert len(lexicon.on_step(lexicon_state, step)) == 1
+    context.on_step(context_state, step)
+    final = FinalCanvas((), "nothing", 1, 0)
+    assert len(context.on_finish(context_state, final)) == 1
+
+
+def test_monitors_under_different_case_rules_get_separate_matchers(vocab):
+    lexicon = LexiconMonitor(LexiconParams(patterns=["Secret"], regex=[], case_sensitive=True))
+    context = IntermediateContextMonitor(IntermediateContextParams(patterns=["secret"]))
+    link_phrase_matchers([lexicon, context])
+    assert lexicon.phrases.matcher is not context._matcher.phrases.matcher
+    step = canvas_step(_canvas(vocab, "a secret plan"), 0.9, vocab=vocab)
+    assert lexicon.on_step(lexicon.start(META), step) == []  # case-sensitive: "secret" is not "Secret"
+
+
+def test_a_character_whose_lower_case_is_longer_keeps_match_positions_right(vocab):
+    # 'İ'.lower() is two characters; the lower-cased text must keep offsets aligned with the canvas.
+    monitor = LexiconMonitor(LexiconParams(patterns=["secret launch code"], regex=[]))
+    prefix = vocab.encode("İİİ İstanbul")
+    ids = _canvas(vocab, "İİİ İstanbul secret launch code")
+    step = canvas_step(ids, 0.9, vocab=vocab)
+    assert len(step.text_lower) == len(step.text)
+    (flag,) = monitor.on_step(monitor.start(META), step)
+    assert flag.evidence[0].positions[0] == len(prefix)
+    assert "[secret launch code]" in flag.evidence[0].snippet
