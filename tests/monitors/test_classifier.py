@@ -2,71 +2,22 @@
 
 from __future__ import annotations
 
-import random
 from concurrent.futures import wait
-from pathlib import Path
 
 import pytest
-import torch
 
 from canvaswatch.monitors.base import FinalCanvas, RequestMeta
 from canvaswatch.monitors.classifier import ClassifierMonitor, ClassifierParams
 from canvaswatch.monitors.registry import MonitorConfigError, build
 from tests.monitors.canvas import canvas_step
+from tests.tiny_classifier import build_tiny_classifier
 
-WORDS = ("the a to of and with it water tiles clean soap rinse dry cloth floor mix bleach ammonia "
-         "router reset bread bake oven warm towel").split()
 META = RequestMeta("r", "m", "", (), 12, 16)
 
 
-def _unsafe(sentence: str) -> bool:
-    return "bleach" in sentence and "ammonia" in sentence
-
-
 @pytest.fixture(scope="session")
-def classifier_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
-
-    directory = tmp_path_factory.mktemp("tiny-classifier")
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2,
-                        id2label={0: "safe", 1: "unsafe"}, label2id={"safe": 0, "unsafe": 1})
-    model = BertForSequenceClassification(config)
-    rng = random.Random(0)
-    texts = []
-    for i in range(256):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 10))]
-        if i % 2:
-            words[rng.randrange(len(words))] = "bleach"
-            words.insert(rng.randrange(len(words) + 1), "ammonia")
-        else:
-            words = [w for w in words if w != "ammonia"]
-        texts.append(" ".join(words))
-    labels = torch.tensor([int(_unsafe(t)) for t in texts])
-    batch = fast(texts, padding=True, return_tensors="pt")
-    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(150):
-        optimiser.zero_grad()
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        optimiser.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = (model(**batch).logits.argmax(-1) == labels).float().mean().item()
-    assert accuracy > 0.97, accuracy  # the fixture itself must be a working classifier
-    model.save_pretrained(directory)
-    fast.save_pretrained(directory)
-    return directory
+def classifier_dir(tmp_path_factory):
+    return build_tiny_classifier(tmp_path_factory.mktemp("tiny-classifier"))
 
 
 def _steps(monitor, texts, vocab):
