@@ -30,6 +30,9 @@ class Bottleneck:
     probs: torch.Tensor  # [..., k] float32
     residual: torch.Tensor  # [...] float32, mass outside the kept set
     top_p: float = 0.0
+    # [...] bound on |residual - true residual| when the normalisation was estimated (the int8-screened
+    # CPU decoder); None when it is exact
+    residual_error: torch.Tensor | None = None
 
     def to_message(self) -> pb.TopK:
         """The wire form of one canvas ([L, k]); batch rows are sent one stream each."""
@@ -52,18 +55,27 @@ def bottleneck(logits: torch.Tensor, k: int = 8, top_p: float | None = None) -> 
     return from_candidates(values, ids, torch.logsumexp(logits.float(), dim=-1), top_p)
 
 
-def from_candidates(values: torch.Tensor, ids: torch.Tensor, log_z: torch.Tensor, top_p: float | None = None) -> Bottleneck:
+def from_candidates(values: torch.Tensor, ids: torch.Tensor, log_z: torch.Tensor, top_p: float | None = None,
+                    log_z_error: torch.Tensor | None = None) -> Bottleneck:
     """The bottleneck from each position's kept logits (sorted, most probable first) and log-partition.
 
     Shared by every path that finds the top-k its own way (chunked over V, a
-    fused GPU kernel): only the normalisation and the top-p cut happen here.
+    fused GPU kernel, the int8 screen): only the normalisation and the top-p
+    cut happen here. `log_z_error` bounds |log Z - log_z| where log_z is an
+    estimate; it becomes the residual's error bound.
     """
     probs = torch.exp(values.float() - log_z.float().unsqueeze(-1))
     if top_p is not None:
         probs = _truncate_to_top_p(probs, top_p)
         ids = torch.where(probs > 0, ids, torch.zeros_like(ids))
-    residual = (1.0 - probs.sum(dim=-1)).clamp_min(0.0)
-    return Bottleneck(ids=ids.to(torch.int32), probs=probs, residual=residual, top_p=top_p or 0.0)
+    kept = probs.sum(dim=-1)
+    residual = (1.0 - kept).clamp_min(0.0)
+    residual_error = None
+    if log_z_error is not None:
+        # every kept probability is off by a factor within exp(+-error), so their sum is too
+        residual_error = (kept.double() * torch.expm1(log_z_error.double())).clamp(0.0, 1.0).float()
+    return Bottleneck(ids=ids.to(torch.int32), probs=probs, residual=residual, top_p=top_p or 0.0,
+                      residual_error=residual_error)
 
 
 def _check_k_p(k: int, top_p: float | None) -> None:

@@ -22,7 +22,7 @@
     top_p = 0.0                    # > 0: the smallest set reaching p, at most k tokens
     logit_scale = 1.0              # logits = softcap(logit_scale * H Eᵀ)
     softcap = 0.0                  # > 0: c * tanh(x / c), Gemma-style final soft-capping
-    backend = "auto"               # "torch" (chunked), "triton" (fused, CUDA) or "auto"
+    backend = "auto"               # "torch" (chunked), "triton" (fused, CUDA), "screened" (int8 screen, CPU) or "auto"
     batch_window_ms = 0.0          # > 0: concurrent streams' steps share one launch (GPU)
 
     [logging]
@@ -112,8 +112,10 @@ class DenseSection:
             raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {self.device!r}")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend: expected auto, torch or triton, got {self.backend!r}")
+        if self.backend not in ("auto", "torch", "triton", "screened"):
+            raise ValueError(f"backend: expected auto, torch, triton or screened, got {self.backend!r}")
+        if self.backend == "screened" and self.device != "cpu":
+            raise ValueError(f"backend: 'screened' is the CPU path; it needs device = \"cpu\", got {self.device!r}")
         if not 1 <= self.k <= 1024:
             raise ValueError(f"k: must be in [1, 1024], got {self.k}")
         if not 0.0 <= self.top_p <= 1.0:

@@ -155,6 +155,8 @@ class StepDecoder:
             position = int((~torch.isfinite(hidden)).any(dim=1).nonzero()[0])
             raise invalid(f"{where}.embeddings: NaN or Inf at position {position}")
         kept = self.dense.decode_embeddings(hidden)
+        if kept.residual_error is not None:
+            self.metrics.residual_error.observe(float(kept.residual_error.max()))
         return kept.ids.long().cpu(), kept.probs.cpu(), kept.residual.cpu(), hidden
 
     @staticmethod

@@ -6,11 +6,16 @@ softcap(x) = c * tanh(x / c) when configured (Gemma-family final logit
 soft-capping). Probabilities are normalised over the FULL vocabulary with an
 exact logsumexp, so the residual mass outside the kept set is exact.
 
-Two implementations, same results:
+Implementations:
 - chunked (torch, CPU or CUDA): V is processed in chunks, keeping a running
   logsumexp and a running top-k, so memory is O(L x chunk), never O(L x V);
 - fused (Triton, CUDA; canvaswatch.server.dense_triton): one pass over E that
-  never writes the [L, V] logits (see that module for how it stays exact).
+  never writes the [L, V] logits (see that module for how it stays exact);
+- screened (CPU, opt-in: backend = "screened"; canvaswatch.server.dense_screen):
+  int8 scores with provable error bounds exclude most of the vocabulary, the
+  rest is rescored exactly. Same top-k ids and logits as a float64 brute
+  force; the normalisation is an estimate whose error bound travels with the
+  result (Bottleneck.residual_error).
 """
 
 from __future__ import annotations
@@ -43,14 +48,21 @@ class DenseDecoder:
                  projection: Projection = Projection(), chunk: int = DEFAULT_CHUNK, backend: str = "auto") -> None:
         if embeddings is not None and embeddings.shape[0] != vocab_size:
             raise ValueError(f"embedding matrix has {embeddings.shape[0]} rows, the vocabulary {vocab_size} tokens")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be auto, torch or triton, got {backend!r}")
+        if backend not in ("auto", "torch", "triton", "screened"):
+            raise ValueError(f"backend must be auto, torch, triton or screened, got {backend!r}")
         self.embeddings = embeddings
         self.vocab_size = vocab_size
         self.k, self.top_p = k, top_p
         self.projection = projection
         self.chunk = chunk
         self.backend = self._choose(backend)
+        self.screen = None
+        if self.backend == "screened":
+            from canvaswatch.server.dense_screen import ScreenedIndex
+
+            if projection.scale <= 0:
+                raise ValueError("the screened backend needs a positive logit_scale")
+            self.screen = ScreenedIndex(embeddings)
 
     @property
     def hidden_size(self) -> int | None:
@@ -83,14 +95,22 @@ class DenseDecoder:
                 kept = Bottleneck(ids=fused.ids, probs=fused.probs, residual=fused.residual)
             else:
                 kept = from_candidates(fused.values, fused.ids, fused.log_z, self.top_p)
+        elif self.screen is not None:
+            found = self.screen.topk(flat, self.k, self.projection)
+            kept = from_candidates(found.values, found.ids, found.log_z, self.top_p, found.log_z_error)
         else:
             values, ids, log_z = project_topk_chunked(flat, self.embeddings, self.k, self.projection, self.chunk)
             kept = from_candidates(values, ids, log_z, self.top_p)
+        error = None if kept.residual_error is None else kept.residual_error.reshape(lead)
         return Bottleneck(ids=kept.ids.reshape(*lead, -1), probs=kept.probs.reshape(*lead, -1),
-                          residual=kept.residual.reshape(lead), top_p=kept.top_p)
+                          residual=kept.residual.reshape(lead), top_p=kept.top_p, residual_error=error)
 
     def _choose(self, backend: str) -> str:
         on_cuda = self.embeddings is not None and self.embeddings.is_cuda
+        if backend == "screened":
+            if self.embeddings is None or on_cuda:
+                raise ValueError("the screened backend needs the embedding matrix on the CPU (dense.device = \"cpu\")")
+            return "screened"
         if backend == "torch" or not on_cuda:
             if backend == "triton":
                 raise ValueError("the triton backend needs the embedding matrix on a CUDA device")

@@ -57,7 +57,8 @@ class DenseBatcher:
         out, start = [], 0
         for hidden in batch:
             stop = start + hidden.shape[0]
+            error = None if kept.residual_error is None else kept.residual_error[start:stop]
             out.append(Bottleneck(ids=kept.ids[start:stop], probs=kept.probs[start:stop],
-                                  residual=kept.residual[start:stop], top_p=kept.top_p))
+                                  residual=kept.residual[start:stop], top_p=kept.top_p, residual_error=error))
             start = stop
         return out

@@ -47,6 +47,14 @@ class Metrics:
             "Probability mass outside the kept top-k/top-p per position: when it grows, the bottleneck stops being a faithful view.",
             buckets=_MASS_BUCKETS, registry=r,
         )
+        # Added in 0.2 (a new name; the existing ones are unchanged): only the int8-screened CPU
+        # decoder (dense.backend = "screened") estimates the residual, and says by how much it can be off.
+        self.residual_error = Histogram(
+            "canvaswatch_bottleneck_residual_error",
+            "Bound on the error of the estimated residual mass, per step (max over positions); "
+            "only the screened dense decoder reports it.",
+            buckets=_MASS_BUCKETS, registry=r,
+        )
         self.steps_dropped = Counter(
             "canvaswatch_steps_dropped", "Steps the client dropped before they reached the sidecar.", ["model"], registry=r
         )
