@@ -21,8 +21,9 @@ the spec's own numbering.
 
 from __future__ import annotations
 
+import bisect
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import ahocorasick
@@ -79,24 +80,30 @@ class PhraseMatcher:
         self.offsets: list[int] = []
         self.literals: list[tuple[int, str]] = []  # (global index, pattern)
         self.regexes: list[tuple[int, re.Pattern]] = []
+        keys: dict[str, list[int]] = {}
         offset = 0
         for spec in self.specs:
             self.offsets.append(offset)
             self.literals += [(offset + i, pattern) for i, pattern in enumerate(spec.patterns)]
+            first_in_spec: dict[str, int] = {}
+            for i, pattern in enumerate(spec.patterns):
+                # The same phrase twice in one spec: its first index reports it; in two specs, each does.
+                first_in_spec.setdefault(pattern if self.case_sensitive else pattern.lower(), offset + i)
+            for key, index in first_in_spec.items():
+                keys.setdefault(key, []).append(index)
             self.regexes += [(offset + len(spec.patterns) + i, re.compile(expression))
                              for i, expression in enumerate(spec.regex)]
             offset += spec.size
         self._patterns = dict(self.literals)
         self._automaton = ahocorasick.Automaton()
-        keys: dict[str, list[int]] = {}
-        for index, pattern in self.literals:
-            keys.setdefault(pattern if self.case_sensitive else pattern.lower(), []).append(index)
         for key, indices in keys.items():
-            # The same phrase in two specs (or twice in one) is one automaton entry reporting every index.
             self._automaton.add_word(key, (tuple(indices), len(key)))
         if keys:
             self._automaton.make_automaton()
         self._lattices: dict[int, _Lattice | None] = {}
+
+    def _spec_of(self, index: int) -> int:
+        return bisect.bisect_right(self.offsets, index) - 1
 
     def view(self, spec_index: int) -> "PhraseView":
         return PhraseView(self, self.offsets[spec_index], self.specs[spec_index].size)
@@ -162,7 +169,7 @@ class PhraseMatcher:
     def _lattice_for(self, vocab: Vocabulary) -> _Lattice | None:
         key = id(vocab)
         if key not in self._lattices:
-            self._lattices[key] = _build_lattice(self.literals, self.case_sensitive, vocab)
+            self._lattices[key] = _build_lattice(self.literals, self.case_sensitive, vocab, self._spec_of)
         return self._lattices[key]
 
 
@@ -249,12 +256,15 @@ def _surface_forms(pattern: str, case_sensitive: bool) -> set[str]:
     return forms | {" " + form for form in forms}
 
 
-def _build_lattice(literals: list[tuple[int, str]], case_sensitive: bool, vocab: Vocabulary) -> _Lattice | None:
+def _build_lattice(literals: list[tuple[int, str]], case_sensitive: bool, vocab: Vocabulary,
+                   spec_of: Callable[[int], int]) -> _Lattice | None:
     sequences: list[tuple[int, list[int]]] = []
+    seen: set[tuple[int, tuple[int, ...]]] = set()  # (spec, tokens): one pattern per spec reports a tokenisation
     for index, pattern in literals:
         for form in sorted(_surface_forms(pattern, case_sensitive)):
             ids = vocab.encode(form)
-            if ids:
+            if ids and (spec_of(index), tuple(ids)) not in seen:
+                seen.add((spec_of(index), tuple(ids)))
                 sequences.append((index, ids))
     if not sequences:
         return None

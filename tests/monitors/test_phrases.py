@@ -75,3 +75,9 @@ def test_a_character_whose_lower_case_is_longer_keeps_match_positions_right(voca
     (flag,) = monitor.on_step(monitor.start(META), step)
     assert flag.evidence[0].positions[0] == len(prefix)
     assert "[secret launch code]" in flag.evidence[0].snippet
+
+
+def test_a_phrase_listed_twice_in_one_monitor_flags_once(vocab):
+    monitor = LexiconMonitor(LexiconParams(patterns=["secret launch code", "Secret launch code"], regex=[]))
+    step = canvas_step(_canvas(vocab, "the secret launch code is"), 0.9, vocab=vocab)
+    assert [f.attributes["pattern"] for f in monitor.on_step(monitor.start(META), step)] == ["secret launch code"]
