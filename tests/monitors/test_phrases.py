@@ -81,3 +81,13 @@ def test_a_phrase_listed_twice_in_one_monitor_flags_once(vocab):
     monitor = LexiconMonitor(LexiconParams(patterns=["secret launch code", "Secret launch code"], regex=[]))
     step = canvas_step(_canvas(vocab, "the secret launch code is"), 0.9, vocab=vocab)
     assert [f.attributes["pattern"] for f in monitor.on_step(monitor.start(META), step)] == ["secret launch code"]
+
+
+def test_the_default_engine_shares_one_matcher_between_lexicon_and_intermediate_context(vocab):
+    from canvaswatch.server.config import default_config
+    from canvaswatch.server.dense import DenseDecoder
+    from canvaswatch.server.engine import Engine
+
+    engine = Engine(default_config(), vocab, dense=DenseDecoder(None, vocab.size))
+    monitors = {m.name: m for m in engine.monitors}
+    assert monitors["lexicon"].phrases.matcher is monitors["intermediate_context"]._matcher.phrases.matcher
