@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="overrides server.host")
 
     demo = sub.add_parser("demo", help="a sidecar on its defaults plus simulated traffic, to see it work")
-    demo.add_argument("--requests", type=int, default=12, help="simulated requests to stream (12: every scenario once)")
+    demo.add_argument("--requests", type=int, default=None,
+                      help="simulated requests to stream (default: every scenario once)")
     demo.add_argument("--concurrency", type=int, default=4)
     demo.add_argument("--grpc-port", type=int, default=50051)
     demo.add_argument("--metrics-port", type=int, default=9464)
@@ -117,7 +118,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"  monitors: {', '.join(m.name for m in sidecar.sidecar.engine.monitors)}; vocabulary: {vocab.size} tokens")
     print("\nStreaming SIMULATED denoising traces (real text through the real Gemma tokenizer, simulated "
           "trajectories with planted phenomena):\n", flush=True)
-    kinds = [simulate.SCENARIOS[i % len(simulate.SCENARIOS)] for i in range(args.requests)]
+    requests = args.requests if args.requests is not None else len(simulate.SCENARIOS)
+    kinds = [simulate.SCENARIOS[i % len(simulate.SCENARIOS)] for i in range(requests)]
     traces = [simulate.scenario(kind, vocab.encode, vocab.size, request_id=f"demo-{i:03d}-{kind}", seed=i)
               for i, kind in enumerate(kinds)]
     channel = grpc.insecure_channel(sidecar.target, options=channel_options())
