@@ -64,3 +64,16 @@ def test_classifier_separates_harmful_content_from_its_hard_negative(vocab, tmp_
         assert intermediate_only == {"intermediate_harm"}
     finally:
         engine.close()
+
+
+def test_probe_fires_on_its_concept_and_not_on_the_near_misses(vocab, tmp_path):
+    from canvaswatch.client.trace import read_traces
+    from tests.probe_eval import write_probe_eval
+
+    config, traces_path = write_probe_eval(tmp_path, vocab.size, per_scenario=5)
+    engine = Engine(load_config(config), vocab)
+    traces = list(read_traces(traces_path))
+    scores = {s.monitor: s for s in evaluate(engine, traces)}
+    probe = scores["probe"]
+    assert probe.positives == 5 and probe.negatives == 15
+    assert probe.recall == 1.0 and probe.false_positive_rate == 0.0, probe
