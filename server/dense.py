@@ -20,11 +20,15 @@ Implementations:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
+import structlog
 import torch
 
 from canvaswatch.client.token_bottleneck import Bottleneck, from_candidates
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_CHUNK = 32768
 
@@ -62,7 +66,9 @@ class DenseDecoder:
 
             if projection.scale <= 0:
                 raise ValueError("the screened backend needs a positive logit_scale")
+            started = time.perf_counter()
             self.screen = ScreenedIndex(embeddings)
+            log.info("screen_index_built", rows=int(embeddings.shape[0]), seconds=round(time.perf_counter() - started, 1))
 
     @property
     def hidden_size(self) -> int | None:
