@@ -6,7 +6,8 @@
 Matrix: the real Gemma 3 270M embedding matrix (262,144 x 640, as stored).
 States: the real model's final hidden states (the vectors it projects onto
 that matrix) for the bundled texts, run through Gemma 3 270M itself, loaded
-from the same GGUF (~50 s, once). Per length L it times, best of --repeat:
+from the same GGUF (~50 s, once). Per length L it times, best of --repeat rounds that run
+the methods in turn:
   bare      fp32 H @ E^T alone
   topk      bare + topk            (the brute force for top-k ids and logits)
   naive     bare + logsumexp + topk (the brute force with probabilities)
@@ -18,20 +19,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from dense_decode import _timer  # noqa: E402
-
-from canvaswatch.client.simulate import corpus  # noqa: E402
-from canvaswatch.server.dense_screen import ScreenedIndex  # noqa: E402
-from canvaswatch.server.embedding import load_embedding_matrix  # noqa: E402
-from canvaswatch.server.vocab import cache_dir, default_gguf_path  # noqa: E402
+from canvaswatch.client.simulate import corpus
+from canvaswatch.server.dense_screen import ScreenedIndex
+from canvaswatch.server.embedding import load_embedding_matrix
+from canvaswatch.server.vocab import cache_dir, default_gguf_path
 
 
 def gemma_hidden_states(length: int) -> torch.Tensor:
@@ -49,6 +44,23 @@ def gemma_hidden_states(length: int) -> torch.Tensor:
     return out.hidden_states[-1][0].contiguous()
 
 
+def best_interleaved(functions, repeat: int) -> list[float]:
+    """Best milliseconds of each function over `repeat` rounds that run them in turn.
+
+    Round-robin rather than one function's repeats in a block: on a shared machine
+    whose speed drifts, each method then sees the same conditions as the others.
+    """
+    best = [float("inf")] * len(functions)
+    for fn in functions:
+        fn()  # warm-up
+    for _ in range(repeat):
+        for i, fn in enumerate(functions):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [b * 1e3 for b in best]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="256,1024")
@@ -56,7 +68,6 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8)
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
-    best_ms = _timer("cpu", args.repeat)
     stored = load_embedding_matrix()
     matrix = stored.float()
     states = gemma_hidden_states(max(lengths))
@@ -70,16 +81,18 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for length in lengths:
         hidden = states[:length]
-        bare = best_ms(lambda: hidden @ matrix.T)
-        topk = best_ms(lambda: torch.topk(hidden @ matrix.T, args.k, dim=1))
 
         def naive():
             logits = hidden @ matrix.T
             return torch.logsumexp(logits, 1), torch.topk(logits, args.k, dim=1)
 
-        naive_ms = best_ms(naive)
-        screened = best_ms(lambda: index.topk(hidden, args.k, with_log_z=False))
-        with_z = best_ms(lambda: index.topk(hidden, args.k))
+        bare, topk, naive_ms, screened, with_z = best_interleaved([
+            lambda: hidden @ matrix.T,
+            lambda: torch.topk(hidden @ matrix.T, args.k, dim=1),
+            naive,
+            lambda: index.topk(hidden, args.k, with_log_z=False),
+            lambda: index.topk(hidden, args.k),
+        ], args.repeat)
         found = index.topk(hidden, args.k)
         reference = torch.sort(hidden.double() @ stored.double().T, dim=1, descending=True, stable=True).indices
         same = torch.equal(found.ids, reference[:, : args.k])
