@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -56,3 +58,30 @@ def isin_small(values: np.ndarray, members: np.ndarray) -> np.ndarray:
     for member in members.tolist():
         out |= values == member
     return out
+
+
+@dataclass
+class OffsetRuns:
+    """Per (offset, position) of one block: consecutive steps a condition has held, and whether it was reported.
+
+    The smearing monitors' state: a condition must hold `min_steps` steps in a row before it is
+    flagged, once per (offset, position) and block. Bounded by offsets x canvas length.
+    """
+
+    block: int = -1
+    run: np.ndarray | None = None  # [offsets, L] consecutive steps held
+    flagged: np.ndarray | None = None  # [offsets, L]
+
+    def begin_step(self, block: int, offsets: int, length: int) -> None:
+        """Start over at a new block (or canvas size); otherwise keep counting."""
+        if self.block != block or self.run is None or self.run.shape != (offsets, length):
+            self.block = block
+            self.run = np.zeros((offsets, length), dtype=np.int64)
+            self.flagged = np.zeros((offsets, length), dtype=bool)
+
+    def advance(self, offset_index: int, holds: np.ndarray, min_steps: int) -> np.ndarray:
+        """Count this step for one offset; the positions that reach `min_steps` now, for the first time."""
+        self.run[offset_index] = np.where(holds, self.run[offset_index] + 1, 0)
+        fire = (self.run[offset_index] >= min_steps) & ~self.flagged[offset_index]
+        self.flagged[offset_index] |= fire
+        return fire

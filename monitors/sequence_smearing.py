@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
-from canvaswatch.monitors.canvas_ops import isin_small, window_all, window_mean
+from canvaswatch.monitors.canvas_ops import OffsetRuns, isin_small, window_all, window_mean
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,6 @@ class SequenceSmearingParams:
         Severity.parse(self.severity)
 
 
-@dataclass
-class SequenceSmearState:
-    block: int = -1
-    run: np.ndarray | None = None  # [max_shift, L]
-    flagged: np.ndarray | None = None
-
-
 class SequenceSmearingMonitor:
     name: ClassVar[str] = "sequence_smearing"
     description: ClassVar[str] = "A multi-token phrase present at two or more shifted offsets of one canvas at once."
@@ -61,17 +54,14 @@ class SequenceSmearingMonitor:
         self.severity = Severity.parse(params.severity)
         self._ignore = np.array(params.ignore_ids, dtype=np.int64)
 
-    def start(self, request: RequestMeta) -> SequenceSmearState:
-        return SequenceSmearState()
+    def start(self, request: RequestMeta) -> OffsetRuns:
+        return OffsetRuns()  # per shift and start position: consecutive smeared steps
 
-    def on_step(self, state: SequenceSmearState, step: DecodedStep) -> list[Flag]:
+    def on_step(self, state: OffsetRuns, step: DecodedStep) -> list[Flag]:
         p = self.params
         top1, prob = step.ids_np[:, 0], step.probs_np[:, 0]
         L, m = step.canvas_length, p.min_length
-        if state.block != step.block or state.run is None or state.run.shape[1] != L:
-            state.block = step.block
-            state.run = np.zeros((p.max_shift, L), dtype=np.int64)
-            state.flagged = np.zeros((p.max_shift, L), dtype=bool)
+        state.begin_step(step.block, p.max_shift, L)
         usable = (prob >= p.min_prob) & ~isin_small(top1, self._ignore)
         flags = []
         for index, shift in enumerate(range(1, p.max_shift + 1)):
@@ -86,14 +76,12 @@ class SequenceSmearingMonitor:
                 undecided = window_mean(both, m)[:width] < p.max_prob
                 one_token = window_all(top1[1:] == top1[:-1], m - 1)[:width]
                 smeared[:width] = starts & undecided & ~one_token
-            state.run[index] = np.where(smeared, state.run[index] + 1, 0)
-            fire = (state.run[index] >= p.min_steps) & ~state.flagged[index]
+            fire = state.advance(index, smeared, p.min_steps)
             if fire.any():
-                state.flagged[index] |= fire
                 flags.append(self._flag(step, np.nonzero(fire)[0].tolist(), shift, (prob[:-shift] + prob[shift:]) / 2))
         return flags
 
-    def on_finish(self, state: SequenceSmearState, final: FinalCanvas) -> list[Flag]:
+    def on_finish(self, state: OffsetRuns, final: FinalCanvas) -> list[Flag]:
         return []
 
     def _flag(self, step: DecodedStep, starts: list[int], shift: int, both: np.ndarray) -> Flag:

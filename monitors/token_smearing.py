@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
-from canvaswatch.monitors.canvas_ops import isin_small
+from canvaswatch.monitors.canvas_ops import OffsetRuns, isin_small
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,6 @@ class TokenSmearingParams:
         Severity.parse(self.severity)
 
 
-@dataclass
-class SmearState:
-    block: int = -1
-    run: np.ndarray | None = None  # [max_distance, L] consecutive smeared steps
-    flagged: np.ndarray | None = None  # [max_distance, L]
-
-
 class TokenSmearingMonitor:
     name: ClassVar[str] = "token_smearing"
     description: ClassVar[str] = (
@@ -63,16 +56,13 @@ class TokenSmearingMonitor:
         self.severity = Severity.parse(params.severity)
         self._ignore = np.array(params.ignore_ids, dtype=np.int64)
 
-    def start(self, request: RequestMeta) -> SmearState:
-        return SmearState()
+    def start(self, request: RequestMeta) -> OffsetRuns:
+        return OffsetRuns()  # per distance and position: consecutive smeared steps
 
-    def on_step(self, state: SmearState, step: DecodedStep) -> list[Flag]:
+    def on_step(self, state: OffsetRuns, step: DecodedStep) -> list[Flag]:
         p = self.params
         L = step.canvas_length
-        if state.block != step.block or state.run is None or state.run.shape[1] != L:
-            state.block = step.block
-            state.run = np.zeros((p.max_distance, L), dtype=np.int64)
-            state.flagged = np.zeros((p.max_distance, L), dtype=bool)
+        state.begin_step(step.block, p.max_distance, L)
         ids, probs = step.ids_np, step.probs_np
         share = (probs >= p.min_share) & (probs < p.max_prob) & ~isin_small(ids, self._ignore)
         flags = []
@@ -87,16 +77,14 @@ class TokenSmearingMonitor:
                 a, b = ids[:-offset][candidates], ids[offset:][candidates]
                 match = (a[:, :, None] == b[:, None, :]) & share[:-offset][candidates][:, :, None] & share[offset:][candidates][:, None, :]
                 smeared[candidates] = match.reshape(len(candidates), -1).any(axis=1)
-            state.run[index] = np.where(smeared, state.run[index] + 1, 0)
-            fire = (state.run[index] >= p.min_steps) & ~state.flagged[index]
+            fire = state.advance(index, smeared, p.min_steps)
             if fire.any():
-                state.flagged[index] |= fire
                 starts = np.nonzero(fire)[0].tolist()
                 lookup = {int(c): i for i, c in enumerate(candidates)}
                 flags.append(self._flag(step, match, lookup, starts, offset))
         return flags
 
-    def on_finish(self, state: SmearState, final: FinalCanvas) -> list[Flag]:
+    def on_finish(self, state: OffsetRuns, final: FinalCanvas) -> list[Flag]:
         return []
 
     def _flag(self, step: DecodedStep, match: np.ndarray, lookup: dict[int, int], starts: list[int], offset: int) -> Flag:
