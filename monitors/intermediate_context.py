@@ -67,8 +67,12 @@ class IntermediateContextMonitor(WatchesPhrases):
         ))
         self.phrase_spec = self._matcher.phrase_spec
 
+    # Matching happens in the wrapped lexicon: it holds the (possibly shared) matcher.
+    @property
+    def phrases(self) -> PhraseView:
+        return self._matcher.phrases
+
     def share_phrases(self, view: PhraseView) -> None:
-        # Matching happens in the wrapped lexicon: it takes the shared matcher.
         self._matcher.share_phrases(view)
 
     def start(self, request: RequestMeta) -> LexiconState:

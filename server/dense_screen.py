@@ -80,22 +80,27 @@ class ScreenedIndex:
         self.chunk = chunk  # None: sized per query so that one chunk's [L, C] int32 scores stay in cache
         vocab_size, d = embeddings.shape
         build_chunk = 8192
+        _check_integer_gemm()  # before the seconds of building, so a machine that cannot fails at once
         self.mean = _mean_row(embeddings)
         generator = torch.Generator().manual_seed(seed)
         self.rotation = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))[0]
         rotation32 = self.rotation.float()
         gamma = d * _U32 / (1 - d * _U32)
+        # One scale for the whole matrix needs its largest rotated coordinate before any row is
+        # quantised: two rotating passes keep memory at one chunk, not a rotated copy of E (670 MB).
+        self.row_norm = torch.empty(vocab_size, dtype=torch.float64)  # ||E_v||, for float32 bounds
         rotated_max = 0.0
         for start in range(0, vocab_size, build_chunk):
-            rotated = self._rotate_rows(start, build_chunk, rotation32)
-            rotated_max = max(rotated_max, float(rotated.abs().max()))
+            rows = self.embeddings[start : start + build_chunk].double()
+            self.row_norm[start : start + build_chunk] = rows.norm(dim=1)
+            rotated_max = max(rotated_max, float(self._rotate(rows, rotation32).abs().max()))
         self.scale = max(rotated_max, 1e-30) / 127.0
         self.codes = torch.empty(vocab_size, d, dtype=torch.int8)
         self.row_error = torch.empty(vocab_size, dtype=torch.float64)  # eps_v
         self.row_code_norm = torch.empty(vocab_size, dtype=torch.float64)  # ||s q_v||
         for start in range(0, vocab_size, build_chunk):
             stop = start + build_chunk
-            rotated = self._rotate_rows(start, build_chunk, rotation32)
+            rotated = self._rotate(self.embeddings[start:stop].double(), rotation32)
             codes = torch.round(rotated / self.scale).clamp_(-127, 127)
             self.codes[start:stop] = codes.to(torch.int8)
             rounding = (rotated.double() - codes.double() * self.scale).norm(dim=1)
@@ -104,21 +109,18 @@ class ScreenedIndex:
             centred_norm = rotated.double().norm(dim=1) * (1 + 2 * gamma)
             self.row_error[start:stop] = rounding + (gamma * d**0.5 + 2 * _U32) * centred_norm
             self.row_code_norm[start:stop] = (codes.double() * self.scale).norm(dim=1)
-        self.row_norm = torch.cat([self.embeddings[i : i + build_chunk].double().norm(dim=1)
-                                   for i in range(0, vocab_size, build_chunk)])  # ||E_v||, for float32 bounds
         self.row_error *= 1 + 1e-9
         self.row_code_norm *= 1 + 1e-9
         self.error_max = float(self.row_error.max())
         self.code_norm_max = float(self.row_code_norm.max())
-        _check_integer_gemm()
 
     @property
     def vocab_size(self) -> int:
         return int(self.codes.shape[0])
 
-    def _rotate_rows(self, start: int, chunk: int, rotation32: torch.Tensor) -> torch.Tensor:
-        rows = self.embeddings[start : start + chunk].double() - self.mean
-        return rows.float() @ rotation32
+    def _rotate(self, rows: torch.Tensor, rotation32: torch.Tensor) -> torch.Tensor:
+        """fl32((rows - mean) R) for float64 rows of E."""
+        return (rows - self.mean).float() @ rotation32
 
     def topk(self, hidden: torch.Tensor, k: int, projection: Projection = Projection(), *,
              with_log_z: bool = True) -> ScreenedTopK:
@@ -172,8 +174,8 @@ class ScreenedIndex:
 
         rows, ids, a = torch.cat(pieces_rows), torch.cat(pieces_ids), torch.cat(pieces_a)
         # The scan used one bound per position (the worst row of E); on the few candidates, each
-        # token's own bound: keep what scores above the k-th largest lower bound, rescore that exactly.
-        approx_score = unit[rows] * a.double()
+        # token's own bound: keep those whose upper bound reaches a lower bound on the k-th score.
+        approx_score = unit[rows] * a.double()  # centred: h.(E_v - mu) up to token_delta
         token_delta = h_norm[rows] * self.row_error[ids] + w_norm[rows] * self.row_code_norm[ids]
         # A lower bound on each position's k-th score: at least k candidates have A >= kth (a lower
         # bound on the k-th largest A; a few more than k per position); the k-th largest of their
@@ -183,7 +185,7 @@ class ScreenedIndex:
         lead_scores, lead_bound = self._score_in_float32(hidden, lead_rows, ids[leaders])
         floor = _kth_largest(lead_scores - lead_bound, lead_rows, k, h.shape[0])
         keep = approx_score + token_delta >= floor[rows] - offset[rows]
-        rows, ids, a = rows[keep], ids[keep], a[keep]
+        rows, ids, approx_score = rows[keep], ids[keep], approx_score[keep]
         rescored = torch.bincount(rows, minlength=h.shape[0])
         scored, bound = self._score_in_float32(hidden, rows, ids)
         narrow = _above_kth_lower(scored, bound, rows, k, h.shape[0])
@@ -191,7 +193,7 @@ class ScreenedIndex:
         values, top_ids = _top_exact(exact, ids[narrow], rows[narrow], k, h.shape[0])
         if not with_log_z:
             return ScreenedTopK(values, top_ids, None, None, rescored)
-        approx = projection.apply(offset[rows] + unit[rows] * a.double())
+        approx = projection.apply(offset[rows] + approx_score)
         # The candidates' terms from their float32 scores (softcap is 1-Lipschitz, so the bound scales
         # with the logit scale only); + 1e-4: the float32 rounding of approximate logits in chunk sums.
         log_z, error = _combine_log_z(torch.stack(chunk_log_z, dim=1), approx, projection.apply(scored),

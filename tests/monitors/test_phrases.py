@@ -25,7 +25,7 @@ def _pair(lexicon_patterns: list[str], context_patterns: list[str]):
 def test_linked_monitors_match_each_step_once_and_keep_their_own_patterns(vocab, monkeypatch):
     lexicon, context = _pair(["secret launch code"], ["untraceable poison"])
     shared = lexicon.phrases.matcher
-    assert context._matcher.phrases.matcher is shared
+    assert context.phrases.matcher is shared
     calls = []
     original = PhraseMatcher._match_text
     monkeypatch.setattr(PhraseMatcher, "_match_text", lambda self, step: calls.append(step) or original(self, step))
@@ -60,7 +60,7 @@ def test_monitors_under_different_case_rules_get_separate_matchers(vocab):
     lexicon = LexiconMonitor(LexiconParams(patterns=["Secret"], regex=[], case_sensitive=True))
     context = IntermediateContextMonitor(IntermediateContextParams(patterns=["secret"]))
     link_phrase_matchers([lexicon, context])
-    assert lexicon.phrases.matcher is not context._matcher.phrases.matcher
+    assert lexicon.phrases.matcher is not context.phrases.matcher
     step = canvas_step(_canvas(vocab, "a secret plan"), 0.9, vocab=vocab)
     assert lexicon.on_step(lexicon.start(META), step) == []  # case-sensitive: "secret" is not "Secret"
 
@@ -90,4 +90,4 @@ def test_the_default_engine_shares_one_matcher_between_lexicon_and_intermediate_
 
     engine = Engine(default_config(), vocab, dense=DenseDecoder(None, vocab.size))
     monitors = {m.name: m for m in engine.monitors}
-    assert monitors["lexicon"].phrases.matcher is monitors["intermediate_context"]._matcher.phrases.matcher
+    assert monitors["lexicon"].phrases.matcher is monitors["intermediate_context"].phrases.matcher
