@@ -1,13 +1,15 @@
 """Top-k path throughput: the sidecar with its default monitors vs a bare gRPC echo, same messages, same run.
 
-    python bench/throughput.py [--lengths 256,1024] [--streams 1,8] [--steps 200]
+    python bench/throughput.py [--lengths 256,1024] [--streams 1,8] [--steps 200] [--monitor-processes 0,2]
 
 Both servers run as separate processes on 127.0.0.1 (grpc.aio, same message
 size limits). The echo server implements the same Watch RPC but only reads
 each StepState and answers one empty Verdict at the end: the cost of moving
 and parsing the bytes. The client replays identical pre-serialised top-k
 steps (k = 8, SIMULATED canvases) to each, and prints steps/s and MB/s with
-the sidecar/echo ratio (target: >= 0.5).
+the sidecar/echo ratio (target: >= 0.5). `--monitor-processes` runs one
+sidecar per value of server.monitor_processes (0: monitors on the gRPC
+process; N: N worker processes), each measured against the same echo.
 """
 
 from __future__ import annotations
@@ -121,37 +123,45 @@ def main() -> None:
     parser.add_argument("--lengths", default="256,1024")
     parser.add_argument("--streams", default="1,8")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--monitor-processes", default="0", help="comma-separated server.monitor_processes values")
+    parser.add_argument("--config", help="the sidecars' TOML config (default: the built-in one)")
     parser.add_argument("--echo-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_port:
         asyncio.run(serve_echo(args.echo_port))
         return
 
-    echo_port, grpc_port = free_port(), free_port()
+    modes = [int(x) for x in args.monitor_processes.split(",")]
+    echo_port = free_port()
+    grpc_ports = [free_port() for _ in modes]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     echo = subprocess.Popen([sys.executable, __file__, "--echo-port", str(echo_port)], env=env)
-    sidecar = subprocess.Popen([sys.executable, "-m", "canvaswatch.server.cli", "serve", "--grpc-port", str(grpc_port),
-                                "--metrics-port", "-1"], env=env, stderr=subprocess.DEVNULL)
+    sidecars = [subprocess.Popen([sys.executable, "-m", "canvaswatch.server.cli", "serve", "--grpc-port", str(port),
+                                  "--metrics-port", "-1", "--monitor-processes", str(mode),
+                                  *(["--config", args.config] if args.config else [])], env=env, stderr=subprocess.DEVNULL)
+                for port, mode in zip(grpc_ports, modes)]
     try:
         wait_ready(f"127.0.0.1:{echo_port}")
-        wait_ready(f"127.0.0.1:{grpc_port}")
+        for port in grpc_ports:
+            wait_ready(f"127.0.0.1:{port}")
         print(f"# top-k path throughput, k=8, {args.steps} steps per stream, default monitors, "
-              f"{os.cpu_count()} cores, client and both servers on this machine")
-        print("| L | streams | echo steps/s | sidecar steps/s | ratio | echo MB/s | sidecar MB/s |")
-        print("|---|---|---|---|---|---|---|")
+              f"{os.cpu_count()} cores, client and all servers on this machine (idle ones wait in epoll)")
+        print("| L | streams | monitor processes | echo steps/s | sidecar steps/s | ratio | echo MB/s | sidecar MB/s |")
+        print("|---|---|---|---|---|---|---|---|")
         for length in (int(x) for x in args.lengths.split(",")):
             steps = make_steps(length, args.steps)
             for streams in (int(x) for x in args.streams.split(",")):
-                drive(f"127.0.0.1:{grpc_port}", steps[:20], 1, length)  # warm-up
-                echo_rate, echo_mb = drive(f"127.0.0.1:{echo_port}", steps, streams, length)
-                side_rate, side_mb = drive(f"127.0.0.1:{grpc_port}", steps, streams, length)
-                print(f"| {length} | {streams} | {echo_rate:.0f} | {side_rate:.0f} | {side_rate / echo_rate:.2f} | "
-                      f"{echo_mb:.1f} | {side_mb:.1f} |", flush=True)
+                for port, mode in zip(grpc_ports, modes):
+                    target = f"127.0.0.1:{port}"
+                    drive(target, steps[:20], max(streams, mode or 1), length)  # warm-up, every worker
+                    echo_rate, echo_mb = drive(f"127.0.0.1:{echo_port}", steps, streams, length)
+                    side_rate, side_mb = drive(target, steps, streams, length)
+                    print(f"| {length} | {streams} | {mode} | {echo_rate:.0f} | {side_rate:.0f} | {side_rate / echo_rate:.2f} | "
+                          f"{echo_mb:.1f} | {side_mb:.1f} |", flush=True)
     finally:
-        for process in (echo, sidecar):
+        for process in (echo, *sidecars):
             process.terminate()
             process.wait(timeout=30)
-
 
 if __name__ == "__main__":
     main()

@@ -17,13 +17,14 @@ from canvaswatch.server.config import Config
 from canvaswatch.server.dense import DenseDecoder
 from canvaswatch.server.engine import Engine
 from canvaswatch.server.metrics import Metrics
+from canvaswatch.server.metrics_merge import merged_registry
+from canvaswatch.server.monitor_workers import MonitorWorkers
+from canvaswatch.server.relay import SERVICE_NAME, RelayWatch, relay_handler
 from canvaswatch.server.servicer import CanvasMonitorServicer
 from canvaswatch.server.vocab import load_vocabulary
-from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CanvasMonitor"].full_name
 
 
 class Sidecar:
@@ -35,6 +36,9 @@ class Sidecar:
         self.vocab = vocab or load_vocabulary(config.vocab.tokenizer)
         self.engine = Engine(config, self.vocab, metrics=metrics, dense=dense)
         self.executor = ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="canvaswatch-step")
+        # Workers build their own engine from `config` (vocabulary, monitors); only the matrix is handed over.
+        self.workers = (MonitorWorkers(config, self.engine.dense.embeddings, log_level=config.logging.level)
+                        if config.server.monitor_processes else None)
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -48,9 +52,14 @@ class Sidecar:
         ]
         interceptors = [BearerTokenInterceptor(s.auth_tokens)] if s.auth_tokens else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        pb_grpc.add_CanvasMonitorServicer_to_server(
-            CanvasMonitorServicer(self.engine, self.executor, s.max_streams), server
-        )
+        servicer = CanvasMonitorServicer(self.engine, self.executor, s.max_streams)
+        exposed = self.engine.metrics.registry
+        if self.workers is None:
+            pb_grpc.add_CanvasMonitorServicer_to_server(servicer, server)
+        else:
+            await self.workers.start()
+            server.add_generic_rpc_handlers((relay_handler(RelayWatch(self.workers, self.engine.metrics, s.max_streams), servicer),))
+            exposed = merged_registry(self.engine.metrics.registry, self.workers.metric_snapshots)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -59,20 +68,23 @@ class Sidecar:
         except RuntimeError:  # grpc reports a failed bind as RuntimeError (older versions: port 0)
             self.grpc_port = 0
         if self.grpc_port == 0:
+            self._stop_workers()
             raise OSError(f"server.grpc_port: cannot bind {s.host}:{s.grpc_port} (in use?)")
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         try:
-            self._metrics_http = self.engine.metrics.serve(s.host, s.metrics_port) if s.metrics_port >= 0 else None
+            self._metrics_http = self.engine.metrics.serve(s.host, s.metrics_port, exposed) if s.metrics_port >= 0 else None
         except OSError as err:
             await server.stop(0)
+            self._stop_workers()
             raise OSError(f"server.metrics_port: cannot bind {s.host}:{s.metrics_port}: {err.strerror or err}") from None
         if self._metrics_http is not None:
             self.metrics_port = self._metrics_http[0].server_port
         self._server = server
         log.info("sidecar_started", grpc=f"{s.host}:{self.grpc_port}", metrics_port=self.metrics_port,
-                 monitors=[m.name for m in self.engine.monitors], vocab_size=self.vocab.size)
+                 monitors=[m.name for m in self.engine.monitors], vocab_size=self.vocab.size,
+                 monitor_processes=s.monitor_processes)
         return self.grpc_port
 
     async def wait(self) -> None:
@@ -88,8 +100,13 @@ class Sidecar:
             self._metrics_http[0].server_close()
             self._metrics_http = None
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self._stop_workers()
         self.engine.close()
         log.info("sidecar_stopped")
+
+    def _stop_workers(self) -> None:
+        if self.workers is not None:
+            self.workers.stop()
 
 
 class SidecarThread:
@@ -102,7 +119,7 @@ class SidecarThread:
 
     def start(self) -> "SidecarThread":
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.sidecar.start(), self._loop).result(timeout=30)
+        asyncio.run_coroutine_threadsafe(self.sidecar.start(), self._loop).result(timeout=300)  # worker processes start in seconds
         return self
 
     @property

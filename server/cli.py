@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--grpc-port", type=int, help="overrides server.grpc_port")
     serve.add_argument("--metrics-port", type=int, help="overrides server.metrics_port (-1: off)")
     serve.add_argument("--host", help="overrides server.host")
+    serve.add_argument("--monitor-processes", type=int,
+                       help="overrides server.monitor_processes (N > 0: decode and monitor in N worker processes)")
 
     demo = sub.add_parser("demo", help="a sidecar on its defaults plus simulated traffic, to see it work")
     demo.add_argument("--requests", type=int, default=None,
@@ -82,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    overrides = {k: v for k, v in (("grpc_port", args.grpc_port), ("metrics_port", args.metrics_port), ("host", args.host)) if v is not None}
+    given = (("grpc_port", args.grpc_port), ("metrics_port", args.metrics_port), ("host", args.host),
+             ("monitor_processes", args.monitor_processes))
+    overrides = {key: value for key, value in given if value is not None}
     config = config.with_server(**overrides) if overrides else config
     configure_logging(config.logging.level)
     from canvaswatch.server.app import Sidecar

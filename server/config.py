@@ -9,6 +9,8 @@
     monitor_policy = "fail_open"   # or "fail_closed": a failed monitor makes the verdict CRITICAL
     monitor_budget_ms = 50.0       # per monitor per step; overruns are counted, not killed
     auth_tokens = []               # if set, calls need "authorization: Bearer <token>"
+    workers = 2                    # threads for dense steps, finishes and Check
+    monitor_processes = 0          # > 0: decode and monitor in N worker processes (several cores)
 
     [vocab]
     tokenizer = "gemma3-270m"      # or a transformers tokenizer directory
@@ -73,6 +75,9 @@ class ServerSection:
     monitor_budget_ms: float = 50.0
     auth_tokens: list[str] = field(default_factory=list)
     workers: int = 2
+    # 0: decode and monitor on the gRPC process's event loop. N > 0: N worker processes do it and the
+    # gRPC process relays bytes (server/monitor_workers.py); for more streams than one core can monitor.
+    monitor_processes: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port <= 65535:
@@ -84,6 +89,8 @@ class ServerSection:
         for key in ("max_message_bytes", "max_streams", "workers"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.monitor_processes <= 256:
+            raise ValueError(f"monitor_processes: must be in [0, 256] (0: monitors in the gRPC process), got {self.monitor_processes}")
         if self.monitor_budget_ms <= 0:
             raise ValueError(f"monitor_budget_ms: must be > 0, got {self.monitor_budget_ms}")
 

@@ -165,12 +165,14 @@ def _chunked_topk(block, vocab_size: int, k: int, chunk: int) -> tuple[torch.Ten
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_dense_decoder(section, vocab_size: int) -> DenseDecoder:
-    """The decoder a [dense] config section describes (section: canvaswatch.server.config.DenseSection)."""
+def build_dense_decoder(section, vocab_size: int, embeddings: torch.Tensor | None = None) -> DenseDecoder:
+    """The decoder a [dense] config section describes (section: canvaswatch.server.config.DenseSection).
+
+    `embeddings`: the section's matrix, already loaded (a monitor worker gets the front's, shared).
+    """
     from canvaswatch.server.embedding import load_embedding_matrix
 
-    embeddings = None
-    if section.embeddings:
+    if embeddings is None and section.embeddings:
         embeddings = load_embedding_matrix(section.embeddings, tensor=section.tensor,
                                            dtype=_DTYPES[section.dtype], device=section.device)
         if embeddings.shape[0] != vocab_size:

@@ -79,6 +79,9 @@ class Metrics:
                 return model
         return OTHER
 
-    def serve(self, host: str, port: int) -> tuple[object, object]:
-        """Start the /metrics HTTP endpoint in a thread; returns (server, thread)."""
-        return start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, registry: CollectorRegistry | None = None) -> tuple[object, object]:
+        """Start the /metrics HTTP endpoint in a thread; returns (server, thread).
+
+        `registry`: what to expose instead of this registry alone (with monitor workers, a merged view).
+        """
+        return start_http_server(port, addr=host, registry=registry or self.registry)

@@ -1,0 +1,437 @@
+"""Monitor worker processes: decoding and monitors on more than one core.
+
+One Python process runs one core's worth of monitors (the GIL), and a top-k
+step's decode and default monitors cost a few hundred microseconds of pure
+Python and NumPy. With `server.monitor_processes = N`, the gRPC front process
+only relays each Watch stream's raw bytes: every stream is pinned to one of N
+worker processes, which parses, decodes and monitors its messages in order
+(the same StreamHandler as in-process mode) and sends back serialised events.
+Streams run in parallel across workers, and even a single stream overlaps
+the front's receiving with the worker's monitoring.
+
+Wire between the processes (one pipe each way per worker): the front
+writes length-prefixed frames (kind: open, message, end, cancel or stop; a
+stream id; the message's bytes) through asyncio pipe transports, so relaying
+costs its event loop a write and a read callback and no front thread
+competes with the loop for the GIL. The worker takes every complete frame
+waiting in its pipe as one batch (a busy worker gets larger batches, not
+more wake-ups) and answers the batch with one pickled list of (stream id,
+events, status), plus a snapshot of its metrics (metrics_merge) after a
+stream ends or every half second while busy. Each stream may have at most
+WINDOW messages in flight, so a slow worker slows its own streams' reads
+(gRPC flow control then pushes back on the client) instead of queueing
+without bound.
+
+A worker that dies ends its streams with UNAVAILABLE and is replaced; the
+other workers' streams go on. The embedding matrix, when on the CPU, is
+shared with the workers through shared memory rather than copied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import pickle
+import select
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import structlog
+import torch
+import torch.multiprocessing as torch_mp
+
+from canvaswatch.server.config import Config
+from canvaswatch.server.decode import StepError
+from canvaswatch.server.metrics_merge import Family, snapshot
+
+log = structlog.get_logger(__name__)
+
+WINDOW = 64  # messages a stream may have in flight to its worker
+SNAPSHOT_EVERY_S = 0.5
+START_TIMEOUT_S = 300.0
+
+
+# ---------------------------------------------------------------- framing
+
+# front -> worker: body length, kind, stream id, then the body (a StepState's bytes, or nothing)
+_REQUEST = struct.Struct("<IBQ")
+# worker -> front: body length, then a pickled list of replies
+_REPLY = struct.Struct("<I")
+OPEN, MESSAGE, END, CANCEL, STOP = range(5)
+
+
+def _take_requests(buffer: bytearray) -> list[tuple[int, int, bytes]]:
+    """Every complete request frame at the front of `buffer`, removed from it."""
+    frames, at = [], 0
+    while len(buffer) - at >= _REQUEST.size:
+        size, kind, stream_id = _REQUEST.unpack_from(buffer, at)
+        stop = at + _REQUEST.size + size
+        if stop > len(buffer):
+            break
+        frames.append((kind, stream_id, bytes(buffer[at + _REQUEST.size : stop])))
+        at = stop
+    del buffer[:at]
+    return frames
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def worker_main(index: int, config: Config, embeddings: torch.Tensor | None, log_level: str,
+                requests: Any, replies: Any) -> None:
+    """Entry point of a worker process: build an engine, then serve frames until told to stop."""
+    from canvaswatch.server.logs import configure_logging
+
+    configure_logging(log_level)
+    structlog.contextvars.bind_contextvars(worker=index)
+    torch.set_num_threads(1)  # N workers share the machine's cores; intra-op threads would oversubscribe them
+    in_fd, out_fd = requests.fileno(), replies.fileno()
+
+    def reply(items: list) -> None:
+        body = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+        _write_all(out_fd, _REPLY.pack(len(body)) + body)
+
+    try:
+        worker = _Worker(config, embeddings)
+    except Exception as err:
+        reply([("failed", f"{type(err).__name__}: {err}")])
+        return
+    reply([("ready", index)])
+    buffer = bytearray()
+    last_snapshot, dirty = time.monotonic(), False
+    while True:
+        frames = _take_requests(buffer)
+        if not frames:
+            wait = max(0.0, last_snapshot + SNAPSHOT_EVERY_S - time.monotonic()) if dirty else None
+            readable, _, _ = select.select([in_fd], [], [], wait)
+            if not readable:  # quiet for a while: let the scrapes catch up with the last steps
+                reply([("metrics", worker.snapshot())])
+                last_snapshot, dirty = time.monotonic(), False
+                continue
+            chunk = os.read(in_fd, 1 << 20)
+            if not chunk:
+                break  # the front went away
+            buffer += chunk
+            continue
+        out: list[tuple] = []
+        ended = False
+        for kind, stream_id, body in frames:
+            if kind == STOP:
+                worker.close()
+                return
+            result = worker.handle(kind, stream_id, body)
+            if result is not None:
+                out.append(result)
+                ended = ended or result[2] is not None
+        dirty = True
+        if ended or time.monotonic() - last_snapshot >= SNAPSHOT_EVERY_S:
+            # in the same reply as a stream's last events: a client that saw its verdict sees its metrics
+            out.append(("metrics", worker.snapshot()))
+            last_snapshot, dirty = time.monotonic(), False
+        if out:
+            reply(out)
+
+
+class _Worker:
+    """A worker's engine and its open streams' handlers."""
+
+    def __init__(self, config: Config, embeddings: torch.Tensor | None) -> None:
+        from canvaswatch.server.dense import build_dense_decoder
+        from canvaswatch.server.engine import Engine
+        from canvaswatch.server.metrics import Metrics
+        from canvaswatch.server.vocab import load_vocabulary
+
+        vocab = load_vocabulary(config.vocab.tokenizer)
+        dense = build_dense_decoder(config.dense, vocab.size, embeddings=embeddings)
+        self.engine = Engine(config, vocab, metrics=Metrics(), dense=dense)
+        self.handlers: dict[int, Any] = {}
+
+    def snapshot(self) -> list[Family]:
+        return snapshot(self.engine.metrics.registry)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def handle(self, kind: int, stream_id: int, body: bytes) -> tuple | None:
+        """(stream id, serialised events, status or None) for a message, an end or a cancel."""
+        from canvaswatch.server.stream_handler import StreamHandler
+        from canvaswatch.v1 import monitor_pb2 as pb
+
+        if kind == OPEN:
+            self.handlers[stream_id] = StreamHandler(self.engine)
+            return None
+        handler = self.handlers.get(stream_id)
+        if handler is None:
+            return None  # the stream already ended here (an error) or was cancelled
+        status: tuple | None = None
+        events: list[bytes] = []
+        try:
+            if kind == MESSAGE:
+                try:
+                    message = pb.StepState.FromString(body)
+                except Exception:
+                    handler.outcome = "invalid"
+                    raise StepError(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"message[{handler.index}]: not a canvaswatch.v1.StepState") from None
+                # The stream stays open after its final message, as in-process: a message after it is an error.
+                events = [event.SerializeToString() for event in handler.feed(message)]
+            elif kind == END:
+                handler.end()
+                status = ("ok",)
+            else:  # CANCEL: the front is gone; count it, answer nobody
+                handler.outcome = "cancelled"
+                handler.count()
+                del self.handlers[stream_id]
+                return None
+        except StepError as err:
+            log.warning("stream_rejected", request_id=handler.request_id, code=err.code.name, error=err.message)
+            status = ("abort", err.code.name, err.message)
+        except Exception as err:  # a bug: end this stream, keep the worker and its other streams
+            log.exception("stream_failed", request_id=handler.request_id)
+            handler.outcome = "error"
+            status = ("abort", "INTERNAL", f"monitor worker: {type(err).__name__}: {err}")
+        if status is not None:
+            handler.count()
+            del self.handlers[stream_id]
+        return stream_id, events, status
+
+
+# ---------------------------------------------------------------- front side
+
+
+@dataclass
+class RelayStream:
+    """The front's end of one stream: its worker, its window, and what came back."""
+
+    stream_id: int
+    worker: "WorkerProcess"
+    results: asyncio.Queue = field(default_factory=asyncio.Queue)
+    in_flight: int = 0
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+    done: bool = False
+
+    def send(self, raw: bytes) -> None:
+        self.in_flight += 1
+        self.worker.send(MESSAGE, self.stream_id, raw)
+
+    async def wait_for_room(self) -> None:
+        while self.in_flight >= WINDOW and not self.done:
+            self.room.clear()
+            await self.room.wait()
+
+    def deliver(self, events: list[bytes], status: tuple | None) -> None:
+        self.in_flight -= 1
+        self.room.set()
+        if status is not None:
+            self.done = True
+        self.results.put_nowait((events, status))
+
+
+class WorkerProcess(asyncio.Protocol):
+    """One worker process, seen from the front's event loop: frames out on one pipe, replies in on another.
+
+    Both pipe ends are asyncio transports, so relaying costs the loop a write and a read callback,
+    and no thread of the front competes with the loop for the GIL.
+    """
+
+    def __init__(self, pool: "MonitorWorkers", index: int) -> None:
+        self.pool = pool
+        self.index = index
+        context = torch_mp.get_context("spawn")
+        child_requests, requests = context.Pipe(duplex=False)
+        replies, child_replies = context.Pipe(duplex=False)
+        self.process = context.Process(
+            target=worker_main, name=f"canvaswatch-monitor-{index}", daemon=True,
+            args=(index, pool.config, pool.embeddings, pool.log_level, child_requests, child_replies),
+        )
+        self.process.start()
+        child_requests.close()
+        child_replies.close()
+        self._request_fd, self._reply_fd = os.dup(requests.fileno()), os.dup(replies.fileno())
+        requests.close()
+        replies.close()
+        self.streams: dict[int, RelayStream] = {}
+        self.metrics: list[Family] = []
+        self.alive = False
+        self.ready: asyncio.Future = pool.loop.create_future()
+        self._buffer = bytearray()
+        self._writer: asyncio.WriteTransport | None = None
+
+    async def connect(self) -> None:
+        loop = self.pool.loop
+        self._writer, _ = await loop.connect_write_pipe(asyncio.Protocol, open(self._request_fd, "wb", buffering=0))
+        await loop.connect_read_pipe(lambda: self, open(self._reply_fd, "rb", buffering=0))
+
+    def send(self, kind: int, stream_id: int, body: bytes = b"") -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(_REQUEST.pack(len(body), kind, stream_id) + body)
+
+    # asyncio.Protocol, for the reply pipe
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        at = 0
+        while len(buffer) - at >= _REPLY.size:
+            (size,) = _REPLY.unpack_from(buffer, at)
+            stop = at + _REPLY.size + size
+            if stop > len(buffer):
+                break
+            self._on_replies(pickle.loads(buffer[at + _REPLY.size : stop]))
+            at = stop
+        del buffer[:at]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.worker_exited(self)
+
+    def _on_replies(self, items: list[tuple]) -> None:
+        for item in items:
+            head = item[0]
+            if head == "metrics":
+                self.metrics = item[1]
+            elif head == "ready":
+                self.alive = True
+                if not self.ready.done():
+                    self.ready.set_result(None)
+            elif head == "failed":
+                if not self.ready.done():
+                    self.ready.set_exception(RuntimeError(
+                        f"server.monitor_processes: worker {self.index} failed to start: {item[1]}"))
+            else:
+                stream = self.streams.get(head)
+                if stream is not None:
+                    stream.deliver(item[1], item[2])
+
+    def stop(self, timeout: float) -> None:
+        self.alive = False
+        self.send(STOP, 0)
+        if self._writer is not None:
+            self._writer.close()
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout)
+
+
+class MonitorWorkers:
+    """N worker processes; streams are pinned to the worker with the fewest open streams."""
+
+    def __init__(self, config: Config, embeddings: torch.Tensor | None, log_level: str = "info") -> None:
+        self.config = config
+        self.log_level = log_level
+        self.count = config.server.monitor_processes
+        self.embeddings = _shareable(embeddings)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.workers: list[WorkerProcess] = []
+        self.retired_metrics: list[list[Family]] = []
+        self._ids = itertools.count(1)
+        self._stopping = False
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        self.workers = [WorkerProcess(self, index) for index in range(self.count)]
+        try:
+            for worker in self.workers:
+                await self._await_ready(worker)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("monitor_workers_started", processes=self.count, seconds=round(time.perf_counter() - started, 1))
+
+    async def _await_ready(self, worker: WorkerProcess) -> None:
+        await worker.connect()
+        try:
+            await asyncio.wait_for(asyncio.shield(worker.ready), START_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"server.monitor_processes: worker {worker.index} did not start "
+                               f"within {START_TIMEOUT_S:.0f} s") from None
+
+    def open_stream(self) -> RelayStream:
+        live = [w for w in self.workers if w.alive]
+        if not live:
+            raise StepError(grpc.StatusCode.UNAVAILABLE, "no monitor worker is running; retry shortly")
+        worker = min(live, key=lambda w: len(w.streams))
+        stream = RelayStream(next(self._ids), worker)
+        worker.streams[stream.stream_id] = stream
+        worker.send(OPEN, stream.stream_id)
+        return stream
+
+    def end_input(self, stream: RelayStream) -> None:
+        stream.worker.send(END, stream.stream_id)
+
+    def release(self, stream: RelayStream) -> None:
+        """The front is done with the stream; a worker still holding it is told to drop it as cancelled."""
+        stream.worker.streams.pop(stream.stream_id, None)
+        if not stream.done:
+            stream.done = True
+            stream.worker.send(CANCEL, stream.stream_id)
+
+    def metric_snapshots(self) -> list[list[Family]]:
+        """Called from the /metrics thread: reads lists that the loop only ever replaces whole."""
+        return [*self.retired_metrics, *(w.metrics for w in list(self.workers))]
+
+    def worker_exited(self, worker: WorkerProcess) -> None:
+        """On the loop: the worker's reply pipe closed. Fail its streams; replace it unless stopping."""
+        was_alive, worker.alive = worker.alive, False
+        if not worker.ready.done():
+            worker.ready.set_exception(RuntimeError(
+                f"server.monitor_processes: worker {worker.index} exited while starting"))
+        if self._stopping or not was_alive:
+            return
+        worker.process.join(1)
+        log.error("monitor_worker_exited", worker=worker.index, exit_code=worker.process.exitcode,
+                  streams=len(worker.streams))
+        message = f"monitor worker {worker.index} exited (exit code {worker.process.exitcode}); retry the request"
+        for stream in list(worker.streams.values()):
+            stream.in_flight = 1  # deliver() counts one message back
+            stream.deliver([], ("lost", "UNAVAILABLE", message))
+        self.retired_metrics = [*self.retired_metrics, worker.metrics]
+        worker.metrics = []
+        replacement = WorkerProcess(self, worker.index)
+        self.workers = [replacement if w is worker else w for w in self.workers]
+        self.loop.create_task(self._restart(replacement))
+
+    async def _restart(self, worker: WorkerProcess) -> None:
+        try:
+            await self._await_ready(worker)
+        except Exception as err:
+            log.error("monitor_worker_restart_failed", worker=worker.index, error=str(err))
+            return
+        log.info("monitor_worker_restarted", worker=worker.index)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        for worker in self.workers:
+            worker.stop(timeout)
+
+
+def _shareable(embeddings: torch.Tensor | None) -> torch.Tensor | None:
+    """The matrix moved to shared memory for the workers, or None: each worker then loads its own.
+
+    A GPU matrix is not shared (each worker loads it onto the device). Neither is one that does
+    not fit in /dev/shm with room to spare: a container's default 64 MB there would end in SIGBUS
+    when the pages are touched, not in an error at start.
+    """
+    if embeddings is None or embeddings.device.type != "cpu":
+        return None
+    needed = embeddings.numel() * embeddings.element_size()
+    try:
+        stats = os.statvfs("/dev/shm")
+        free = stats.f_bavail * stats.f_frsize
+    except OSError:
+        free = 0
+    if free < needed * 1.25:
+        log.warning("embeddings_not_shared", reason="/dev/shm too small; each monitor worker loads its own copy",
+                    needed_mb=needed >> 20, free_mb=free >> 20)
+        return None
+    return embeddings.share_memory_()

@@ -1,0 +1,201 @@
+"""server.monitor_processes = N: the gRPC process relays bytes to N worker processes.
+
+The same traces must give the same verdicts as in-process monitoring, bad
+input the same statuses, and the metrics endpoint one merged view; a worker
+that dies fails only its own streams and is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from canvaswatch.client import simulate
+from canvaswatch.client.replay import replay
+from canvaswatch.server.config import ConfigError, parse_config
+from canvaswatch.v1 import monitor_pb2 as pb
+from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
+from tests.conftest import info_for, start_sidecar, topk_step
+from tests.server.test_bad_input import CASES, _good, _watch
+
+WORKERS = 2
+TOPK_CASES = [name for name, (messages, _, _) in CASES.items()
+              if all(m.WhichOneof("state") in (None, "topk") for m in messages)]
+
+
+@pytest.fixture(scope="module")
+def relayed(vocab, tmp_path_factory):
+    running = start_sidecar(vocab, tmp_path_factory.mktemp("relayed"), extra={"server": {"monitor_processes": WORKERS}})
+    yield running
+    running.thread.stop()
+
+
+def _trace(vocab, kind: str, request_id: str, seed: int = 0) -> pb.Trace:
+    return simulate.scenario(kind, vocab.encode, vocab.size, request_id=request_id, seed=seed)
+
+
+def _summary(verdict: pb.Verdict) -> list[tuple]:
+    return [(f.monitor, f.severity, f.reason, tuple((e.block, e.step, tuple(e.positions), e.snippet) for e in f.evidence))
+            for f in verdict.flags]
+
+
+def _wait_until(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def _pool(running):
+    return running.thread.sidecar.workers
+
+
+def test_every_scenario_gets_the_verdict_that_in_process_monitoring_gives(relayed, sidecar, vocab):
+    traces = [_trace(vocab, kind, f"same-{kind}", seed=11) for kind in simulate.SCENARIOS]
+    with relayed.channel() as far, sidecar.channel() as near:
+        for trace in traces:
+            events: list[pb.MonitorEvent] = []
+            by_workers = replay(trace, far, on_event=events.append)
+            in_process = replay(trace, near)
+            assert _summary(by_workers) == _summary(in_process), trace.info.request_id
+            assert by_workers.steps_seen == in_process.steps_seen == len(trace.steps) - 1
+            streamed = [e.flag for e in events if e.HasField("flag")]
+            assert len(streamed) == len(by_workers.flags)  # every flag was also streamed as it was raised
+
+
+def test_concurrent_streams_spread_over_the_workers_and_metrics_merge(relayed, vocab):
+    before = relayed.metrics_text()
+    kinds = list(simulate.SCENARIOS) * 2
+    traces = [_trace(vocab, kind, f"spread-{i}-{kind}", seed=i) for i, kind in enumerate(kinds)]
+    with relayed.channel() as channel, ThreadPoolExecutor(8) as pool:
+        verdicts = list(pool.map(lambda t: replay(t, channel), traces))
+    assert [v.request_id for v in verdicts] == [t.info.request_id for t in traces]
+    # both workers did part of the work (each one's own registry counted steps)
+    per_worker = [sum(value for name, _, _, _, samples in w.metrics if name == "canvaswatch_steps"
+                      for sample_name, _, value in samples if sample_name == "canvaswatch_steps_total")
+                  for w in _pool(relayed).workers]
+    assert len(per_worker) == WORKERS and all(count > 0 for count in per_worker), per_worker
+    after = relayed.metrics_text()
+    steps = sum(len(t.steps) - 1 for t in traces)
+
+    def total(text: str, pattern: str) -> float:
+        return sum(float(v) for v in re.findall(pattern + r" ([0-9.e+]+)", text))
+
+    step_line = r'canvaswatch_steps_total\{model="simulated/diffusion"\}'
+    ok_line = r'canvaswatch_requests_total\{model="simulated/diffusion",outcome="ok"\}'
+    assert total(after, step_line) - total(before, step_line) == steps
+    assert total(after, ok_line) - total(before, ok_line) == len(traces)
+    flags = sum(len(v.flags) for v in verdicts)
+    assert total(after, r"canvaswatch_flags_total\{[^}]*\}") - total(before, r"canvaswatch_flags_total\{[^}]*\}") == flags
+    assert "canvaswatch_active_streams 0.0" in after
+    assert len(re.findall(r"^# TYPE canvaswatch_steps_total counter$|^# TYPE canvaswatch_steps counter$", after, re.M)) == 1
+
+
+@pytest.mark.parametrize("case", TOPK_CASES)
+def test_bad_stream_is_refused_with_the_field_named(relayed, case):
+    messages, code, fragment = CASES[case]
+    error = _watch(relayed, messages)
+    assert error.code().name == code, error.details()
+    assert fragment in error.details()
+
+
+def test_bytes_that_are_no_step_state_are_refused(relayed):
+    with relayed.channel() as channel:
+        raw = channel.stream_stream("/canvaswatch.v1.CanvasMonitor/Watch")
+        with pytest.raises(grpc.RpcError) as caught:
+            list(raw(iter([b"\xff\xff\xff"]), timeout=20))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "message[0]: not a canvaswatch.v1.StepState" in caught.value.details()
+
+
+def test_audit_lines_from_several_processes_stay_whole(relayed, vocab):
+    traces = [_trace(vocab, "transient_phrase", f"audit-w-{i}", seed=i) for i in range(8)]
+    with relayed.channel() as channel, ThreadPoolExecutor(8) as pool:
+        verdicts = list(pool.map(lambda t: replay(t, channel), traces))
+    lines = [json.loads(line) for line in relayed.audit_path.read_text().splitlines()]  # each line parses
+    for verdict in verdicts:
+        assert len([line for line in lines if line["request_id"] == verdict.request_id]) == len(verdict.flags) >= 2
+
+
+@pytest.mark.parametrize("mode", ["relayed", "sidecar"])  # with workers, and in-process
+def test_a_cancelled_stream_is_counted_as_cancelled(mode, request):
+    running = request.getfixturevalue(mode)
+    release = threading.Event()
+
+    def messages():
+        yield _good(info=True)
+        release.wait(20)
+
+    def steps(text: str) -> float:
+        return sum(float(v) for v in re.findall(r'canvaswatch_steps_total\{model="test-model"\} ([0-9.]+)', text))
+
+    before = steps(running.metrics_text())
+    with running.channel() as channel:
+        call = pb_grpc.CanvasMonitorStub(channel).Watch(messages(), timeout=30)
+        _wait_until(lambda: steps(running.metrics_text()) == before + 1, timeout=30)  # the worker has its step
+        call.cancel()
+        release.set()
+    _wait_until(lambda: 'outcome="cancelled"} 1.0' in running.metrics_text(), timeout=30)
+    if mode == "relayed":
+        _wait_until(lambda: not any(w.streams for w in _pool(running).workers), timeout=30)
+
+
+def test_a_worker_that_dies_fails_only_its_streams_and_is_replaced(vocab, tmp_path):
+    running = start_sidecar(vocab, tmp_path, extra={"server": {"monitor_processes": WORKERS}})
+    try:
+        release = threading.Event()
+
+        def stalled():
+            yield topk_step(*_stalled_tensors(), info=info_for("doomed", 8))
+            release.wait(30)
+
+        pool = _pool(running)
+        with running.channel() as channel:
+            warm = replay(_trace(vocab, "clean", "before", seed=1), channel)  # counted before the crash
+            assert warm.steps_seen > 0
+            errors: list[grpc.RpcError] = []
+
+            def watch() -> None:
+                try:
+                    list(pb_grpc.CanvasMonitorStub(channel).Watch(stalled(), timeout=60))
+                except grpc.RpcError as err:
+                    errors.append(err)
+
+            thread = threading.Thread(target=watch)
+            thread.start()
+            _wait_until(lambda: any(w.streams for w in pool.workers))
+            [doomed] = [w for w in pool.workers if w.streams]
+            os.kill(doomed.process.pid, signal.SIGKILL)
+            thread.join(30)
+            release.set()
+            assert errors and errors[0].code() == grpc.StatusCode.UNAVAILABLE
+            assert f"monitor worker {doomed.index} exited" in errors[0].details()
+            _wait_until(lambda: all(w.alive for w in pool.workers) and doomed not in pool.workers)
+            after = replay(_trace(vocab, "self_correction", "after", seed=2), channel)
+            assert any(f.monitor == "self_correction" for f in after.flags)
+        metrics = running.metrics_text()
+        assert 'outcome="error"} 1.0' in metrics
+        # the dead worker's counts stay in the sum: the request it finished before the crash
+        assert 'canvaswatch_requests_total{model="simulated/diffusion",outcome="ok"} 2.0' in metrics
+    finally:
+        running.thread.stop()
+
+
+def _stalled_tensors():
+    import torch
+
+    return torch.full((8, 4), 3000) + torch.arange(4), torch.tensor([[0.6, 0.2, 0.1, 0.05]] * 8)
+
+
+@pytest.mark.parametrize("value", [-1, 257])
+def test_monitor_processes_out_of_range_is_refused_naming_the_key(value):
+    with pytest.raises(ConfigError, match="monitor_processes"):
+        parse_config({"server": {"monitor_processes": value}})
