@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from canvaswatch.client import simulate
 from canvaswatch.client.replay import replay
@@ -25,6 +26,7 @@ from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 from tests.conftest import info_for, start_sidecar, topk_step
 from tests.server.test_bad_input import CASES, _good, _watch
+from tests.server.test_watch import check_embeddings_form
 
 WORKERS = 2
 TOPK_CASES = [name for name, (messages, _, _) in CASES.items()
@@ -199,3 +201,66 @@ def _stalled_tensors():
 def test_monitor_processes_out_of_range_is_refused_naming_the_key(value):
     with pytest.raises(ConfigError, match="monitor_processes"):
         parse_config({"server": {"monitor_processes": value}})
+
+
+def test_check_list_monitors_and_health_answer_beside_the_relay(relayed, vocab):
+    from canvaswatch.server.config import DEFAULT_MONITORS
+
+    with relayed.channel() as channel:
+        stub = pb_grpc.CanvasMonitorStub(channel)
+        listed = stub.ListMonitors(pb.ListMonitorsRequest())
+        verdict = stub.Check(_trace(vocab, "surviving_phrase", "check-w", seed=1))
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="canvaswatch.v1.CanvasMonitor"))
+    assert [m.name for m in listed.monitors] == list(DEFAULT_MONITORS)
+    assert verdict.request_id == "check-w" and any(f.monitor == "lexicon" for f in verdict.flags)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_auth_and_the_stream_limit_hold_for_relayed_streams(vocab, tmp_path):
+    running = start_sidecar(vocab, tmp_path, extra={"server": {"monitor_processes": 1, "auth_tokens": ["s3cret"],
+                                                               "max_streams": 1}})
+    token = [("authorization", "Bearer s3cret")]
+    try:
+        with running.channel() as channel:
+            stub = pb_grpc.CanvasMonitorStub(channel)
+            with pytest.raises(grpc.RpcError) as denied:
+                list(stub.Watch(iter([_good(info=True), pb.StepState(final=True)]), timeout=20))
+            assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            release = threading.Event()
+
+            def held():
+                yield _good(info=True)
+                release.wait(20)
+
+            first = stub.Watch(held(), timeout=30, metadata=token)
+            _wait_until(lambda: running.thread.sidecar.engine.metrics.active_streams._value.get() == 1, timeout=20)
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Watch(iter([_good(info=True), pb.StepState(final=True)]), timeout=20, metadata=token))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit is 1" in refused.value.details()
+            first.cancel()
+            release.set()
+            _wait_until(lambda: running.thread.sidecar.engine.metrics.active_streams._value.get() == 0, timeout=20)
+            verdict = replay(_trace(vocab, "clean", "authorised", seed=3), channel, metadata=token)
+            assert verdict.request_id == "authorised" and verdict.steps_seen > 0
+    finally:
+        running.thread.stop()
+
+
+def _shm_free() -> int:
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return stats.f_bavail * stats.f_frsize
+
+
+def test_embeddings_form_is_decoded_in_a_worker_with_the_shared_matrix(vocab, tmp_path, dense, gemma_embeddings):
+    needed = gemma_embeddings.numel() * gemma_embeddings.element_size()
+    if not dense.embeddings.is_shared() and _shm_free() < needed * 1.25:
+        pytest.skip("/dev/shm is too small here to share the 0.7 GB matrix with a worker")
+    running = start_sidecar(vocab, tmp_path, extra={"server": {"monitor_processes": 1}}, dense=dense)
+    try:
+        assert running.thread.sidecar.workers.embeddings is not None  # handed over, not reloaded
+        check_embeddings_form(running, vocab, gemma_embeddings)
+    finally:
+        running.thread.stop()

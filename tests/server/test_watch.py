@@ -183,6 +183,11 @@ def test_stream_limit_gives_resource_exhausted(vocab, tmp_path):
 
 
 def test_embeddings_form_is_decoded_with_the_real_gemma_matrix(sidecar, vocab, gemma_embeddings):
+    check_embeddings_form(sidecar, vocab, gemma_embeddings)
+
+
+def check_embeddings_form(sidecar, vocab, gemma_embeddings) -> None:
+    """A phrase written only in the self-conditioning vectors of one step is read, flagged and counted."""
     from canvaswatch.client.stream import WatchStream
     from canvaswatch.client.tensors import encode_tensor
     from tests.conftest import info_for
