@@ -52,26 +52,47 @@ def decode_tensor(message: pb.Tensor, field: str, *, ndim: int | None = None) ->
     Raises TensorFormatError naming `field` for an unknown dtype, a shape of the
     wrong rank, or a byte count that disagrees with shape x element size.
     """
+    torch_dtype, itemsize, shape, data = _checked(message, field, ndim)
+    if not data:
+        return torch.empty(shape, dtype=torch_dtype)
+    # frombuffer shares the message's immutable bytes; clone so the tensor is writable and owned.
+    flat = torch.frombuffer(bytearray(data), dtype=torch_dtype)
+    if not _little_endian_host():
+        flat = flat.view(torch.uint8).view(-1, itemsize).flip(-1).contiguous().view(torch_dtype).flatten()
+    return flat.view(shape)
+
+
+def decode_array(message: pb.Tensor, field: str, *, ndim: int | None = None) -> np.ndarray:
+    """decode_tensor as a read-only NumPy view of the bytes (no copy), for the top-k hot path.
+
+    BFLOAT16 has no NumPy dtype: it is read through torch and widened to float32.
+    """
+    torch_dtype, _, shape, data = _checked(message, field, ndim)
+    if torch_dtype is torch.bfloat16:
+        return decode_tensor(message, field, ndim=ndim).float().numpy()
+    return np.frombuffer(data, dtype=_NUMPY_DTYPES[torch_dtype]).reshape(shape)
+
+
+_NUMPY_DTYPES = {torch.float32: np.dtype("<f4"), torch.float16: np.dtype("<f2"),
+                 torch.int32: np.dtype("<i4"), torch.int64: np.dtype("<i8")}
+
+
+def _checked(message: pb.Tensor, field: str, ndim: int | None) -> tuple[torch.dtype, int, tuple[int, ...], bytes]:
     if message.dtype not in _DTYPES:
         name = pb.DType.Name(message.dtype) if message.dtype in pb.DType.values() else str(message.dtype)
         raise TensorFormatError(f"{field}.dtype", f"unsupported dtype {name}")
     torch_dtype, itemsize = _DTYPES[message.dtype]
-    shape = tuple(int(s) for s in message.shape)
+    shape = tuple(message.shape)
     if ndim is not None and len(shape) != ndim:
         raise TensorFormatError(f"{field}.shape", f"expected {ndim} dimensions, got shape {list(shape)}")
+    data = message.data  # one read: each access to a bytes field builds a new bytes object
     expected = math.prod(shape) * itemsize
-    if len(message.data) != expected:
+    if len(data) != expected:
         raise TensorFormatError(
             f"{field}.data",
-            f"shape {list(shape)} of {pb.DType.Name(message.dtype)} needs {expected} bytes, got {len(message.data)}",
+            f"shape {list(shape)} of {pb.DType.Name(message.dtype)} needs {expected} bytes, got {len(data)}",
         )
-    if expected == 0:
-        return torch.empty(shape, dtype=torch_dtype)
-    # frombuffer shares the message's immutable bytes; clone so the tensor is writable and owned.
-    flat = torch.frombuffer(bytearray(message.data), dtype=torch_dtype)
-    if not _little_endian_host():
-        flat = flat.view(torch.uint8).view(-1, itemsize).flip(-1).contiguous().view(torch_dtype).flatten()
-    return flat.view(shape)
+    return torch_dtype, itemsize, shape, data
 
 
 def _little_endian_host() -> bool:

@@ -125,7 +125,11 @@ class DecodedStep:
     @cached_property
     def residual_mean(self) -> float | None:
         """Mean residual mass over the canvas (None when unknown)."""
-        return None if self.residual is None else float(self.residual.numpy().mean())
+        if self.residual is None:
+            return None
+        values = self.residual.numpy()
+        # add.reduce, not .mean(): the same float64 sum without ~5 us of ndarray.mean's dispatch
+        return float(np.add.reduce(values, dtype=np.float64)) / max(values.size, 1)
 
     @cached_property
     def top1(self) -> torch.Tensor:

@@ -270,7 +270,9 @@ def _build_lattice(literals: list[tuple[int, str]], case_sensitive: bool, vocab:
         return None
     distinct = np.array(sorted({token for _, ids in sequences for token in ids}), dtype=np.int64)
     column = {int(token): i for i, token in enumerate(distinct)}
-    column_of = np.zeros(vocab.size, dtype=np.int32)
+    # The per-step lookup gathers L x k entries from this table at random: a 1-byte table (up to 255
+    # pattern tokens) stays in cache, a 4-byte one does not.
+    column_of = np.zeros(vocab.size, dtype=np.uint8 if len(distinct) < 256 else np.int32)
     column_of[distinct] = np.arange(1, len(distinct) + 1, dtype=np.int32)
     width = max(len(ids) for _, ids in sequences)
     matrix = np.full((len(sequences), width), len(distinct), dtype=np.int64)

@@ -65,12 +65,13 @@ class TokenSmearingMonitor:
         state.begin_step(step.block, p.max_distance, L)
         ids, probs = step.ids_np, step.probs_np
         share = (probs >= p.min_share) & (probs < p.max_prob) & ~isin_small(ids, self._ignore)
+        any_share = share.any(axis=1)  # once for every offset's pre-filter
         flags = []
         for index, offset in enumerate(range(1, p.max_distance + 1)):
             if offset >= L:
                 break
             smeared = np.zeros(L, dtype=bool)
-            near = share[:-offset].any(axis=1) & share[offset:].any(axis=1)  # cheap pre-filter
+            near = any_share[:-offset] & any_share[offset:]  # cheap pre-filter
             candidates = np.nonzero(near)[0]
             match = None
             if candidates.size:

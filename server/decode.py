@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import torch
 
-from canvaswatch.client.tensors import TensorFormatError, decode_tensor
+from canvaswatch.client.tensors import TensorFormatError, decode_array, decode_tensor
 from canvaswatch.monitors.base import DecodedStep, Vocabulary
 from canvaswatch.server.dense import DenseDecoder
 from canvaswatch.server.metrics import Metrics
@@ -91,22 +91,22 @@ class StepDecoder:
     def _read_topk(self, topk: pb.TopK, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not topk.HasField("ids") or not topk.HasField("probs"):
             raise invalid(f"{where}.topk: both ids and probs are required")
-        ids = decode_tensor(topk.ids, "ids", ndim=2)
-        probs = decode_tensor(topk.probs, "probs", ndim=2)
-        if ids.dtype not in (torch.int32, torch.int64):
-            raise invalid(f"{where}.topk.ids.dtype: expected INT32 or INT64, got {ids.dtype}")
-        if not probs.dtype.is_floating_point:
-            raise invalid(f"{where}.topk.probs.dtype: expected FLOAT32, FLOAT16 or BFLOAT16, got {probs.dtype}")
-        if ids.shape != probs.shape:
-            raise invalid(f"{where}.topk: ids shape {list(ids.shape)} differs from probs shape {list(probs.shape)}")
-        if ids.shape[0] != length:
-            raise invalid(f"{where}.topk.ids.shape: {ids.shape[0]} positions, but info.canvas_length is {length}")
-        if ids.shape[1] < 1:
+        # In NumPy, straight from the message's bytes: a handful of reductions over [L, k], where
+        # torch's per-call overhead would dominate. The common case (all valid) costs two range
+        # checks; the diagnosis runs only on failure.
+        i = decode_array(topk.ids, "ids", ndim=2)
+        p = decode_array(topk.probs, "probs", ndim=2)
+        if i.dtype.kind != "i":
+            raise invalid(f"{where}.topk.ids.dtype: expected INT32 or INT64, got {_wire_dtype(topk.ids)}")
+        if p.dtype.kind != "f":
+            raise invalid(f"{where}.topk.probs.dtype: expected FLOAT32, FLOAT16 or BFLOAT16, got {_wire_dtype(topk.probs)}")
+        if i.shape != p.shape:
+            raise invalid(f"{where}.topk: ids shape {list(i.shape)} differs from probs shape {list(p.shape)}")
+        if i.shape[0] != length:
+            raise invalid(f"{where}.topk.ids.shape: {i.shape[0]} positions, but info.canvas_length is {length}")
+        if i.shape[1] < 1:
             raise invalid(f"{where}.topk.ids.shape: k must be >= 1")
-        # Validation in NumPy: a handful of reductions over [L, k], where torch's per-call overhead
-        # dominates. The common case (all valid) costs two range checks; the diagnosis runs only on failure.
-        p = probs.float().numpy()
-        i = ids.numpy().astype(np.int64, copy=False)
+        p = p.astype(np.float32, copy=False)
         if not (p.min() >= 0 and p.max() <= 1):  # also false for NaN
             if not np.isfinite(p).all():
                 bad = np.argwhere(~np.isfinite(p))[0]
@@ -132,7 +132,9 @@ class StepDecoder:
             order = np.argsort(-p, axis=1, kind="stable")
             p = np.take_along_axis(p, order, axis=1)
             i = np.take_along_axis(i, order, axis=1)
-        i = np.where(p > 0, i, 0)
+        i = np.where(p > 0, i, 0).astype(np.int64, copy=False)  # a new array: owned and writable
+        if not p.flags.writeable:  # still the message's bytes: torch needs its own
+            p = p.copy()
         residual = np.clip(1.0 - sums, 0.0, None).astype(np.float32)
         return torch.from_numpy(i), torch.from_numpy(np.ascontiguousarray(p)), torch.from_numpy(residual)
 
@@ -178,3 +180,7 @@ class StepDecoder:
         if bool(((canvas < 0) | (canvas >= self.vocab.size)).any()):
             raise invalid(f"{where}.canvas_ids: id outside the vocabulary [0, {self.vocab.size})")
         return canvas
+
+
+def _wire_dtype(tensor: pb.Tensor) -> str:
+    return pb.DType.Name(tensor.dtype)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from canvaswatch.client.token_bottleneck import bottleneck, bottleneck_probs
-from canvaswatch.client.tensors import TensorFormatError, decode_tensor, encode_tensor
+from canvaswatch.client.tensors import TensorFormatError, decode_array, decode_tensor, encode_tensor
 from canvaswatch.v1 import monitor_pb2 as pb
 
 
@@ -54,6 +54,16 @@ def test_tensor_round_trip(dtype):
     original = (torch.randn(5, 7) * 100).to(dtype)
     decoded = decode_tensor(encode_tensor(original), "t", ndim=2)
     assert decoded.dtype == dtype and torch.equal(decoded, original)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64])
+def test_numpy_view_reads_the_same_values(dtype):
+    original = (torch.randn(5, 7) * 100).to(dtype)
+    array = decode_array(encode_tensor(original), "t", ndim=2)
+    expected = original.float() if dtype == torch.bfloat16 else original  # NumPy has no bfloat16: widened
+    assert array.shape == (5, 7) and torch.equal(torch.from_numpy(array.copy()), expected)
+    with pytest.raises(TensorFormatError, match=r"t.data: shape \[5, 8\]"):
+        decode_array(pb.Tensor(dtype=encode_tensor(original).dtype, shape=[5, 8], data=encode_tensor(original).data), "t")
 
 
 def test_wire_bytes_are_little_endian_row_major():

@@ -1,0 +1,50 @@
+"""The top-k form's decoder: every wire dtype reads the same, slots are ordered, padding is cleared."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from canvaswatch.client.tensors import encode_tensor
+from canvaswatch.server.decode import StepDecoder
+from canvaswatch.server.dense import DenseDecoder
+from canvaswatch.server.metrics import Metrics
+from canvaswatch.v1 import monitor_pb2 as pb
+
+
+class _Vocab:
+    size = 1000
+
+    def decode(self, ids):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def _decoder() -> StepDecoder:
+    return StepDecoder(_Vocab(), Metrics(), DenseDecoder(None, _Vocab.size))
+
+
+def _message(ids: torch.Tensor, probs: torch.Tensor) -> pb.StepState:
+    return pb.StepState(topk=pb.TopK(ids=encode_tensor(ids), probs=encode_tensor(probs)))
+
+
+IDS = torch.tensor([[5, 6, 7], [9, 8, 3]])
+PROBS = torch.tensor([[0.5, 0.25, 0.125], [0.125, 0.5, 0.0]])  # row 1 out of order, one padding slot
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("prob_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_every_wire_dtype_decodes_to_the_same_ordered_canvas(id_dtype, prob_dtype):
+    step = _decoder().decode(_message(IDS.to(id_dtype), PROBS.to(prob_dtype)), 2, "m")
+    assert step.ids.tolist() == [[5, 6, 7], [8, 9, 0]]  # most probable first; padding id cleared
+    assert step.probs.tolist() == [[0.5, 0.25, 0.125], [0.5, 0.125, 0.0]]
+    assert step.residual.tolist() == [0.125, 0.375]
+    assert step.ids.dtype == torch.int64 and step.probs.dtype == torch.float32
+
+
+def test_decoded_arrays_are_owned_not_views_of_the_message():
+    message = _message(IDS.to(torch.int32), torch.tensor([[0.5, 0.25, 0.125], [0.5, 0.125, 0.0]]))
+    step = _decoder().decode(message, 2, "m")
+    step.probs[0, 0] = 0.0  # writable: a monitor may not, but torch must be able to
+    step.ids[0, 0] = 1
+    again = _decoder().decode(message, 2, "m")
+    assert again.probs[0, 0] == 0.5 and again.ids[0, 0] == 5
