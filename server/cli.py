@@ -16,7 +16,10 @@ from pathlib import Path
 import grpc
 
 from canvaswatch.server.config import ConfigError, load_config
+from canvaswatch.server.embedding import EmbeddingError
 from canvaswatch.server.logs import configure_logging
+from canvaswatch.server.monitor_workers import WorkerStartError
+from canvaswatch.server.vocab import VocabularyError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as err:  # a port in use, an unreadable trace file: say what, not a traceback
         print(f"canvaswatch: {err}", file=sys.stderr)
+        return 1
+    except (EmbeddingError, VocabularyError, WorkerStartError) as err:  # what start-up loads or spawns
+        print(f"canvaswatch: cannot start: {err}", file=sys.stderr)
         return 1
 
 

@@ -34,6 +34,7 @@ import itertools
 import os
 import pickle
 import select
+import signal
 import struct
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,10 @@ log = structlog.get_logger(__name__)
 WINDOW = 64  # messages a stream may have in flight to its worker
 SNAPSHOT_EVERY_S = 0.5
 START_TIMEOUT_S = 300.0
+
+
+class WorkerStartError(RuntimeError):
+    """A monitor worker could not start; the sidecar does not serve without its workers."""
 
 
 # ---------------------------------------------------------------- framing
@@ -92,6 +97,8 @@ def worker_main(index: int, config: Config, embeddings: torch.Tensor | None, log
     """Entry point of a worker process: build an engine, then serve frames until told to stop."""
     from canvaswatch.server.logs import configure_logging
 
+    # Ctrl-C reaches the whole process group; the front stops its workers itself, in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(log_level)
     structlog.contextvars.bind_contextvars(worker=index)
     torch.set_num_threads(1)  # N workers share the machine's cores; intra-op threads would oversubscribe them
@@ -119,8 +126,9 @@ def worker_main(index: int, config: Config, embeddings: torch.Tensor | None, log
                 last_snapshot, dirty = time.monotonic(), False
                 continue
             chunk = os.read(in_fd, 1 << 20)
-            if not chunk:
-                break  # the front went away
+            if not chunk:  # the front went away
+                worker.close()
+                return
             buffer += chunk
             continue
         out: list[tuple] = []
@@ -304,7 +312,7 @@ class WorkerProcess(asyncio.Protocol):
                     self.ready.set_result(None)
             elif head == "failed":
                 if not self.ready.done():
-                    self.ready.set_exception(RuntimeError(
+                    self.ready.set_exception(WorkerStartError(
                         f"server.monitor_processes: worker {self.index} failed to start: {item[1]}"))
             else:
                 stream = self.streams.get(head)
@@ -353,8 +361,8 @@ class MonitorWorkers:
         try:
             await asyncio.wait_for(asyncio.shield(worker.ready), START_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise RuntimeError(f"server.monitor_processes: worker {worker.index} did not start "
-                               f"within {START_TIMEOUT_S:.0f} s") from None
+            raise WorkerStartError(f"server.monitor_processes: worker {worker.index} did not start "
+                                   f"within {START_TIMEOUT_S:.0f} s") from None
 
     def open_stream(self) -> RelayStream:
         live = [w for w in self.workers if w.alive]
@@ -384,7 +392,7 @@ class MonitorWorkers:
         """On the loop: the worker's reply pipe closed. Fail its streams; replace it unless stopping."""
         was_alive, worker.alive = worker.alive, False
         if not worker.ready.done():
-            worker.ready.set_exception(RuntimeError(
+            worker.ready.set_exception(WorkerStartError(
                 f"server.monitor_processes: worker {worker.index} exited while starting"))
         if self._stopping or not was_alive:
             return

@@ -124,3 +124,23 @@ def test_a_port_in_use_is_a_clear_error_not_a_traceback(capsys):
 def test_a_missing_trace_file_is_a_clear_error(capsys, tmp_path):
     assert main(["check", str(tmp_path / "absent.cwtrace")]) == 1
     assert "absent.cwtrace" in capsys.readouterr().err
+
+
+def test_a_port_in_use_with_monitor_workers_leaves_no_worker_behind(capsys):
+    import multiprocessing
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--grpc-port", str(port), "--metrics-port", "-1", "--monitor-processes", "1"]) == 1
+    assert f"server.grpc_port: cannot bind 127.0.0.1:{port}" in capsys.readouterr().err
+    assert multiprocessing.active_children() == []  # the started worker was stopped, not orphaned
+
+
+def test_an_unloadable_vocabulary_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    config = tmp_path / "sidecar.toml"
+    config.write_text(f'[vocab]\ntokenizer = "{tmp_path / "absent"}"\n')
+    assert main(["serve", "--config", str(config), "--grpc-port", "0", "--metrics-port", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot start: vocab.tokenizer" in err and "Traceback" not in err
