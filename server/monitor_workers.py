@@ -140,7 +140,7 @@ def worker_main(index: int, config: Config, embeddings: torch.Tensor | None, log
             result = worker.handle(kind, stream_id, body)
             if result is not None:
                 out.append(result)
-                ended = ended or result[2] is not None
+                ended = ended or result[2] is not None  # finished or over: the snapshot goes with it
         dirty = True
         if ended or time.monotonic() - last_snapshot >= SNAPSHOT_EVERY_S:
             # in the same reply as a stream's last events: a client that saw its verdict sees its metrics
@@ -191,8 +191,11 @@ class _Worker:
                     handler.outcome = "invalid"
                     raise StepError(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"message[{handler.index}]: not a canvaswatch.v1.StepState") from None
-                # The stream stays open after its final message, as in-process: a message after it is an error.
+                # The stream stays open after its final message, as in-process: a message after it is an
+                # error. "finished" tells the front not to wait for a cancellation when input ends.
                 events = [event.SerializeToString() for event in handler.feed(message)]
+                if handler.finished:
+                    status = ("finished",)
             elif kind == END:
                 handler.end()
                 status = ("ok",)
@@ -208,7 +211,7 @@ class _Worker:
             log.exception("stream_failed", request_id=handler.request_id)
             handler.outcome = "error"
             status = ("abort", "INTERNAL", f"monitor worker: {type(err).__name__}: {err}")
-        if status is not None:
+        if status is not None and status[0] != "finished":
             handler.count()
             del self.handlers[stream_id]
         return stream_id, events, status
@@ -226,7 +229,8 @@ class RelayStream:
     results: asyncio.Queue = field(default_factory=asyncio.Queue)
     in_flight: int = 0
     room: asyncio.Event = field(default_factory=asyncio.Event)
-    done: bool = False
+    done: bool = False  # the worker ended the stream (or the front released it)
+    finished: bool = False  # the worker has seen the final message
 
     def send(self, raw: bytes) -> None:
         self.in_flight += 1
@@ -240,7 +244,7 @@ class RelayStream:
     def deliver(self, events: list[bytes], status: tuple | None) -> None:
         self.in_flight -= 1
         self.room.set()
-        if status is not None:
+        if status is not None and status[0] != "finished":
             self.done = True
         self.results.put_nowait((events, status))
 

@@ -21,6 +21,7 @@ from canvaswatch.server.decode import StepError
 from canvaswatch.server.metrics import Metrics
 from canvaswatch.server.monitor_workers import MonitorWorkers, RelayStream
 from canvaswatch.server.servicer import CanvasMonitorServicer
+from canvaswatch.server.stream_handler import CANCEL_GRACE_S
 from canvaswatch.v1 import monitor_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -51,10 +52,12 @@ class RelayWatch:
                     yield event
                 if status is None:
                     continue
+                if status[0] == "finished":  # the worker has the final message; the verdict came with it
+                    stream.finished = True
+                    continue
                 if status[0] == "input_ended":
-                    # A cancelled call ends the iterator too, and its CancelledError lands at the next
-                    # await: give it one before telling the worker that the client half-closed.
-                    await asyncio.sleep(0)
+                    if not stream.finished:
+                        await asyncio.sleep(CANCEL_GRACE_S)  # a cancellation lands here as CancelledError
                     self.workers.end_input(stream)
                     continue
                 if status[0] == "ok":

@@ -21,7 +21,7 @@ import structlog
 from canvaswatch.server.convert import verdict_to_pb
 from canvaswatch.server.decode import StepError
 from canvaswatch.server.engine import Engine
-from canvaswatch.server.stream_handler import StreamHandler, is_heavy
+from canvaswatch.server.stream_handler import CANCEL_GRACE_S, StreamHandler, is_heavy
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 
@@ -51,9 +51,8 @@ class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
                         events = handler.feed(message)
                     for event in events:
                         yield event
-                # A cancelled call ends the iterator too, and its CancelledError lands at the next await:
-                # give it one, or a cancellation would be counted as an incomplete stream.
-                await asyncio.sleep(0)
+                if not handler.finished:
+                    await asyncio.sleep(CANCEL_GRACE_S)  # a cancellation lands here as CancelledError
                 handler.end()
             except StepError as failure:
                 log.warning("stream_rejected", request_id=handler.request_id, code=failure.code.name, error=failure.message)

@@ -20,6 +20,11 @@ from canvaswatch.server.session import Session
 from canvaswatch.v1 import monitor_pb2 as pb
 
 _DENSE_FORMS = ("logits", "embeddings")
+# A cancelled call ends the request iterator just as a half-close does; the cancellation itself
+# reaches the handler a moment later (gRPC's completion queue delivers the two separately). A
+# stream that ends without its final message waits this long for it before being called
+# incomplete, so cancellations are counted as such. Streams that sent their final never wait.
+CANCEL_GRACE_S = 0.25
 
 
 def is_heavy(message: pb.StepState) -> bool:
