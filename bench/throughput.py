@@ -7,7 +7,9 @@ size limits). The echo server implements the same Watch RPC but only reads
 each StepState and answers one empty Verdict at the end: the cost of moving
 and parsing the bytes. The client replays identical pre-serialised top-k
 steps (k = 8, SIMULATED canvases) to each, and prints steps/s and MB/s with
-the sidecar/echo ratio (target: >= 0.5). `--monitor-processes` runs one
+the sidecar/echo ratio (target: >= 0.5), and where /proc exists the CPU
+each server process spent per step (the echo; the sidecar's gRPC process;
+its busiest monitor worker), which shows what limits a run. `--monitor-processes` runs one
 sidecar per value of server.monitor_processes (0: monitors on the gRPC
 process; N: N worker processes), each measured against the same echo.
 """
@@ -60,6 +62,35 @@ def wait_ready(target: str, timeout: float = 120.0) -> None:
     channel = grpc.insecure_channel(target)
     grpc.channel_ready_future(channel).result(timeout=timeout)
     channel.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process (its threads included) from /proc; NaN where there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of `pid` (a sidecar's monitor workers and multiprocessing's helper)."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rpartition(")")[2].split()[1]) == pid:
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def _per_step(seconds: float, count: int) -> str:
+    # /proc counts in clock ticks (10 ms): over a few hundred steps that is +-10-50 us a step
+    return "n/a" if seconds != seconds else f"{seconds / count * 1e6:.0f}"
 
 
 def make_steps(length: int, steps: int, k: int = 8) -> list[pb.StepState]:
@@ -146,18 +177,27 @@ def main() -> None:
             wait_ready(f"127.0.0.1:{port}")
         print(f"# top-k path throughput, k=8, {args.steps} steps per stream, default monitors, "
               f"{os.cpu_count()} cores, client and all servers on this machine (idle ones wait in epoll)")
-        print("| L | streams | monitor processes | echo steps/s | sidecar steps/s | ratio | echo MB/s | sidecar MB/s |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| L | streams | monitor processes | echo steps/s | sidecar steps/s | ratio | echo MB/s | sidecar MB/s "
+              "| CPU us/step: echo | front | busiest worker |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for length in (int(x) for x in args.lengths.split(",")):
             steps = make_steps(length, args.steps)
             for streams in (int(x) for x in args.streams.split(",")):
                 for port, mode in zip(grpc_ports, modes):
                     target = f"127.0.0.1:{port}"
                     drive(target, steps[:20], max(streams, mode or 1), length)  # warm-up, every worker
+                    sidecar = sidecars[modes.index(mode)]
+                    before = cpu_seconds(echo.pid)
                     echo_rate, echo_mb = drive(f"127.0.0.1:{echo_port}", steps, streams, length)
+                    echo_cpu = cpu_seconds(echo.pid) - before
+                    front, workers = cpu_seconds(sidecar.pid), {pid: cpu_seconds(pid) for pid in children(sidecar.pid)}
                     side_rate, side_mb = drive(target, steps, streams, length)
+                    front = cpu_seconds(sidecar.pid) - front
+                    busiest = max((cpu_seconds(pid) - spent for pid, spent in workers.items()), default=0.0)
+                    count = streams * len(steps)
                     print(f"| {length} | {streams} | {mode} | {echo_rate:.0f} | {side_rate:.0f} | {side_rate / echo_rate:.2f} | "
-                          f"{echo_mb:.1f} | {side_mb:.1f} |", flush=True)
+                          f"{echo_mb:.1f} | {side_mb:.1f} | {_per_step(echo_cpu, count)} | {_per_step(front, count)} | "
+                          f"{_per_step(busiest, count) if mode else '-'} |", flush=True)
     finally:
         for process in (echo, *sidecars):
             process.terminate()

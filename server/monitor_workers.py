@@ -236,8 +236,9 @@ class RelayStream:
         self.in_flight += 1
         self.worker.send(MESSAGE, self.stream_id, raw)
 
-    async def wait_for_room(self) -> None:
-        while self.in_flight >= WINDOW and not self.done:
+    async def wait_for_room(self, limit: int = WINDOW) -> None:
+        """Until fewer than `limit` messages are in flight (limit=1: all answered) or the stream is over."""
+        while self.in_flight >= limit and not self.done:
             self.room.clear()
             await self.room.wait()
 

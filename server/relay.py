@@ -78,6 +78,8 @@ class RelayWatch:
                 if stream.done:
                     return
                 stream.send(raw)
+            # Only once every message is answered, so Watch knows whether the final one was among them.
+            await stream.wait_for_room(limit=1)
             if not stream.done:
                 stream.results.put_nowait(([], ("input_ended",)))  # Watch decides: half-close or cancellation
         except asyncio.CancelledError:

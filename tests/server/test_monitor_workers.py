@@ -264,3 +264,19 @@ def test_embeddings_form_is_decoded_in_a_worker_with_the_shared_matrix(vocab, tm
         check_embeddings_form(running, vocab, gemma_embeddings)
     finally:
         running.thread.stop()
+
+
+@pytest.mark.parametrize("mode", ["relayed", "sidecar"])
+def test_a_stream_that_sent_its_final_never_waits_for_a_cancellation(mode, request, vocab, monkeypatch):
+    # The grace that tells a cancellation from an incomplete stream must not touch finished
+    # streams: with it stretched past the call's deadline, a finished stream still completes.
+    import canvaswatch.server.relay as relay
+    import canvaswatch.server.servicer as servicer
+
+    monkeypatch.setattr(relay, "CANCEL_GRACE_S", 60.0)
+    monkeypatch.setattr(servicer, "CANCEL_GRACE_S", 60.0)
+    running = request.getfixturevalue(mode)
+    with running.channel() as channel:
+        for seed in range(3):
+            verdict = replay(_trace(vocab, "clean", f"prompt-end-{mode}-{seed}", seed=seed), channel, timeout=20)
+            assert verdict.steps_seen > 0
