@@ -336,7 +336,7 @@ class WorkerProcess(asyncio.Protocol):
 
 
 class MonitorWorkers:
-    """N worker processes; streams are pinned to the worker with the fewest open streams."""
+    """N worker processes; each stream is pinned to the worker with the fewest open streams."""
 
     def __init__(self, config: Config, embeddings: torch.Tensor | None, log_level: str = "info") -> None:
         self.config = config
@@ -347,6 +347,7 @@ class MonitorWorkers:
         self.workers: list[WorkerProcess] = []
         self.retired_metrics: list[list[Family]] = []
         self._ids = itertools.count(1)
+        self._turns = itertools.count()
         self._stopping = False
 
     async def start(self) -> None:
@@ -373,7 +374,9 @@ class MonitorWorkers:
         live = [w for w in self.workers if w.alive]
         if not live:
             raise StepError(grpc.StatusCode.UNAVAILABLE, "no monitor worker is running; retry shortly")
-        worker = min(live, key=lambda w: len(w.streams))
+        # Fewest open streams; ties go round the workers, so light traffic does not all land on the first.
+        turn = next(self._turns)
+        worker = min(live, key=lambda w: (len(w.streams), (w.index - turn) % self.count))
         stream = RelayStream(next(self._ids), worker)
         worker.streams[stream.stream_id] = stream
         worker.send(OPEN, stream.stream_id)

@@ -280,3 +280,17 @@ def test_a_stream_that_sent_its_final_never_waits_for_a_cancellation(mode, reque
         for seed in range(3):
             verdict = replay(_trace(vocab, "clean", f"prompt-end-{mode}-{seed}", seed=seed), channel, timeout=20)
             assert verdict.steps_seen > 0
+
+
+def test_streams_one_after_another_take_turns_over_the_workers(relayed, vocab):
+    before = [w.metrics for w in _pool(relayed).workers]
+
+    def steps_of(metrics) -> float:
+        return sum(value for name, _, _, _, samples in metrics if name == "canvaswatch_steps"
+                   for sample_name, _, value in samples if sample_name == "canvaswatch_steps_total")
+
+    with relayed.channel() as channel:
+        for seed in range(2 * WORKERS):
+            replay(_trace(vocab, "clean", f"turns-{seed}", seed=seed), channel)
+    grown = [steps_of(w.metrics) - steps_of(b) for w, b in zip(_pool(relayed).workers, before)]
+    assert all(g > 0 for g in grown), grown  # sequential streams did not all land on one worker
