@@ -30,6 +30,7 @@ shared with the workers through shared memory rather than copied.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import pickle
@@ -159,6 +160,11 @@ class _Worker:
         from canvaswatch.server.metrics import Metrics
         from canvaswatch.server.vocab import load_vocabulary
 
+        if config.dense.batch_window_ms > 0:
+            # A worker handles its messages one at a time, so a batching window would only add its
+            # wait to every dense step: nothing from another stream can arrive inside it.
+            log.info("dense_batching_off_in_worker", batch_window_ms=config.dense.batch_window_ms)
+            config = dataclasses.replace(config, dense=dataclasses.replace(config.dense, batch_window_ms=0.0))
         vocab = load_vocabulary(config.vocab.tokenizer)
         dense = build_dense_decoder(config.dense, vocab.size, embeddings=embeddings)
         self.engine = Engine(config, vocab, metrics=Metrics(), dense=dense)

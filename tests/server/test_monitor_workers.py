@@ -294,3 +294,20 @@ def test_streams_one_after_another_take_turns_over_the_workers(relayed, vocab):
             replay(_trace(vocab, "clean", f"turns-{seed}", seed=seed), channel)
     grown = [steps_of(w.metrics) - steps_of(b) for w, b in zip(_pool(relayed).workers, before)]
     assert all(g > 0 for g in grown), grown  # sequential streams did not all land on one worker
+
+
+def test_a_worker_turns_dense_batching_off(vocab, dense):
+    # The window batches concurrent streams' steps in one process; a worker takes one message at a
+    # time, so there the window would only delay every dense step.
+    from canvaswatch.server.engine import Engine
+    from canvaswatch.server.monitor_workers import _Worker
+
+    config = parse_config({"dense": {"embeddings": "", "batch_window_ms": 1.0}})
+    in_process = Engine(config, vocab, dense=dense)
+    assert in_process.batcher is not None  # in-process, the window applies
+    in_process.close()
+    worker = _Worker(config, dense.embeddings)
+    try:
+        assert worker.engine.batcher is None and worker.engine.dense.embeddings is not None
+    finally:
+        worker.close()
