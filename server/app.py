@@ -73,6 +73,10 @@ class Sidecar:
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.workers is not None:
+            self.workers.on_serving_change = lambda serving: asyncio.get_running_loop().create_task(
+                health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING if serving
+                                    else health_pb2.HealthCheckResponse.NOT_SERVING))
         try:
             self._metrics_http = self.engine.metrics.serve(s.host, s.metrics_port, exposed) if s.metrics_port >= 0 else None
         except OSError as err:

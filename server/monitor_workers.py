@@ -39,7 +39,7 @@ import signal
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 import structlog
@@ -355,6 +355,9 @@ class MonitorWorkers:
         self._ids = itertools.count(1)
         self._turns = itertools.count()
         self._stopping = False
+        # Called on the loop with True / False when the first worker is up again / the last one is gone:
+        # the sidecar's health then says NOT_SERVING, so a readiness probe routes traffic elsewhere.
+        self.on_serving_change: Callable[[bool], None] = lambda serving: None
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -410,6 +413,8 @@ class MonitorWorkers:
                 f"server.monitor_processes: worker {worker.index} exited while starting"))
         if self._stopping or not was_alive:
             return
+        if not any(w.alive for w in self.workers):
+            self.on_serving_change(False)
         worker.process.join(1)
         log.error("monitor_worker_exited", worker=worker.index, exit_code=worker.process.exitcode,
                   streams=len(worker.streams))
@@ -430,6 +435,8 @@ class MonitorWorkers:
             log.error("monitor_worker_restart_failed", worker=worker.index, error=str(err))
             return
         log.info("monitor_worker_restarted", worker=worker.index)
+        if sum(w.alive for w in self.workers) == 1:
+            self.on_serving_change(True)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True

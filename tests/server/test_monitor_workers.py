@@ -311,3 +311,25 @@ def test_a_worker_turns_dense_batching_off(vocab, dense):
         assert worker.engine.batcher is None and worker.engine.dense.embeddings is not None
     finally:
         worker.close()
+
+
+def test_health_says_not_serving_while_no_worker_is_up(vocab, tmp_path):
+    running = start_sidecar(vocab, tmp_path, extra={"server": {"monitor_processes": 1}})
+    service = "canvaswatch.v1.CanvasMonitor"
+    try:
+        with running.channel() as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def status(name: str) -> int:
+                return health.Check(health_pb2.HealthCheckRequest(service=name)).status
+
+            assert status(service) == health_pb2.HealthCheckResponse.SERVING
+            [only] = _pool(running).workers
+            os.kill(only.process.pid, signal.SIGKILL)
+            _wait_until(lambda: status(service) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=30)
+            assert status("") == health_pb2.HealthCheckResponse.SERVING  # alive: liveness must not restart it
+            _wait_until(lambda: status(service) == health_pb2.HealthCheckResponse.SERVING, timeout=120)
+            verdict = replay(_trace(vocab, "clean", "back", seed=4), channel)
+            assert verdict.steps_seen > 0
+    finally:
+        running.thread.stop()
