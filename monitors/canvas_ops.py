@@ -71,7 +71,6 @@ class OffsetRuns:
     block: int = -1
     run: np.ndarray | None = None  # [offsets, L] consecutive steps held
     flagged: np.ndarray | None = None  # [offsets, L]
-    counting: np.ndarray | None = None  # [offsets]: some run of this offset is above zero
     _none: np.ndarray | None = None  # [L] all False, what a step where nothing holds fires
 
     def begin_step(self, block: int, offsets: int, length: int) -> None:
@@ -80,19 +79,15 @@ class OffsetRuns:
             self.block = block
             self.run = np.zeros((offsets, length), dtype=np.int64)
             self.flagged = np.zeros((offsets, length), dtype=bool)
-            self.counting = np.zeros(offsets, dtype=bool)
             self._none = np.zeros(length, dtype=bool)
             self._none.flags.writeable = False
 
     def advance(self, offset_index: int, holds: np.ndarray, min_steps: int) -> np.ndarray:
         """Count this step for one offset; the positions that reach `min_steps` now, for the first time."""
         if not holds.any():
-            # The usual step (nothing smeared): reset the runs once, then skip five array passes.
-            if self.counting[offset_index]:
-                self.run[offset_index] = 0
-                self.counting[offset_index] = False
+            # The usual step (nothing smeared): every run ends; skip the five array passes below.
+            self.run[offset_index] = 0
             return self._none
-        self.counting[offset_index] = True
         self.run[offset_index] = np.where(holds, self.run[offset_index] + 1, 0)
         fire = (self.run[offset_index] >= min_steps) & ~self.flagged[offset_index]
         self.flagged[offset_index] |= fire

@@ -58,7 +58,7 @@ class Sidecar:
             pb_grpc.add_CanvasMonitorServicer_to_server(servicer, server)
         else:
             await self.workers.start()
-            server.add_generic_rpc_handlers((relay_handler(RelayWatch(self.workers, self.engine.metrics, s.max_streams), servicer),))
+            server.add_generic_rpc_handlers((relay_handler(RelayWatch(self.workers, self.engine.metrics, servicer.slots), servicer),))
             exposed = merged_registry(self.engine.metrics.registry, self.workers.metric_snapshots)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -136,7 +136,7 @@ class StepDecoder:
         if not p.flags.writeable:  # still the message's bytes: torch needs its own
             p = p.copy()
         residual = np.clip(1.0 - sums, 0.0, None).astype(np.float32)
-        return torch.from_numpy(i), torch.from_numpy(np.ascontiguousarray(p)), torch.from_numpy(residual)
+        return torch.from_numpy(i), torch.from_numpy(p), torch.from_numpy(residual)
 
     def _read_logits(self, logits_msg: pb.Tensor, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self._dense_rows(logits_msg, "logits", length, where)

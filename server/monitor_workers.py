@@ -453,14 +453,17 @@ def _shareable(embeddings: torch.Tensor | None) -> torch.Tensor | None:
     """
     if embeddings is None or embeddings.device.type != "cpu":
         return None
-    needed = embeddings.numel() * embeddings.element_size()
-    try:
-        stats = os.statvfs("/dev/shm")
-        free = stats.f_bavail * stats.f_frsize
-    except OSError:
-        free = 0
-    if free < needed * 1.25:
+    if not fits_in_shared_memory(embeddings):
         log.warning("embeddings_not_shared", reason="/dev/shm too small; each monitor worker loads its own copy",
-                    needed_mb=needed >> 20, free_mb=free >> 20)
+                    needed_mb=(embeddings.numel() * embeddings.element_size()) >> 20)
         return None
     return embeddings.share_memory_()
+
+
+def fits_in_shared_memory(tensor: torch.Tensor) -> bool:
+    """Whether /dev/shm has room for `tensor` and a quarter more."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize >= tensor.numel() * tensor.element_size() * 1.25

@@ -21,7 +21,7 @@ from canvaswatch.server.decode import StepError
 from canvaswatch.server.metrics import Metrics
 from canvaswatch.server.monitor_workers import MonitorWorkers, RelayStream
 from canvaswatch.server.servicer import CanvasMonitorServicer
-from canvaswatch.server.stream_handler import CANCEL_GRACE_S
+from canvaswatch.server.stream_handler import CANCEL_GRACE_S, StreamSlots
 from canvaswatch.v1 import monitor_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -29,47 +29,41 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CanvasMonitor"].full_name
 
 
 class RelayWatch:
-    def __init__(self, workers: MonitorWorkers, metrics: Metrics, max_streams: int) -> None:
+    def __init__(self, workers: MonitorWorkers, metrics: Metrics, slots: StreamSlots) -> None:
         self.workers = workers
         self.metrics = metrics
-        self.max_streams = max_streams
-        self.active = 0
+        self.slots = slots  # the in-process servicer's: one limit for the server, whoever serves Watch
 
     async def Watch(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        if self.active >= self.max_streams:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.active} streams open; limit is {self.max_streams}")
-        try:
-            stream = self.workers.open_stream()
-        except StepError as err:
-            await context.abort(err.code, err.message)
-        self.active += 1
-        self.metrics.active_streams.inc()
-        pump = asyncio.get_running_loop().create_task(self._pump(request_iterator, stream))
-        try:
-            while True:
-                events, status = await stream.results.get()
-                for event in events:
-                    yield event
-                if status is None:
-                    continue
-                if status[0] == "finished":  # the worker has the final message; the verdict came with it
-                    stream.finished = True
-                    continue
-                if status[0] == "input_ended":
-                    if not stream.finished:
-                        await asyncio.sleep(CANCEL_GRACE_S)  # a cancellation lands here as CancelledError
-                    self.workers.end_input(stream)
-                    continue
-                if status[0] == "ok":
-                    break
-                if status[0] == "lost":  # the worker died: nobody else counts this request
-                    self.metrics.requests.labels(self.metrics.model_label(""), "error").inc()
-                await context.abort(grpc.StatusCode[status[1]], status[2])
-        finally:
-            pump.cancel()
-            self.workers.release(stream)  # cancels it in the worker unless it already ended there
-            self.active -= 1
-            self.metrics.active_streams.dec()
+        async with self.slots.held(context):
+            try:
+                stream = self.workers.open_stream()
+            except StepError as err:
+                await context.abort(err.code, err.message)
+            pump = asyncio.get_running_loop().create_task(self._pump(request_iterator, stream))
+            try:
+                while True:
+                    events, status = await stream.results.get()
+                    for event in events:
+                        yield event
+                    if status is None:
+                        continue
+                    if status[0] == "finished":  # the worker has the final message; the verdict came with it
+                        stream.finished = True
+                        continue
+                    if status[0] == "input_ended":
+                        if not stream.finished:
+                            await asyncio.sleep(CANCEL_GRACE_S)  # a cancellation lands here as CancelledError
+                        self.workers.end_input(stream)
+                        continue
+                    if status[0] == "ok":
+                        break
+                    if status[0] == "lost":  # the worker died: nobody else counts this request
+                        self.metrics.requests.labels(self.metrics.model_label(""), "error").inc()
+                    await context.abort(grpc.StatusCode[status[1]], status[2])
+            finally:
+                pump.cancel()
+                self.workers.release(stream)  # cancels it in the worker unless it already ended there
 
     async def _pump(self, request_iterator: AsyncIterator[bytes], stream: RelayStream) -> None:
         try:

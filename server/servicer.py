@@ -21,7 +21,7 @@ import structlog
 from canvaswatch.server.convert import verdict_to_pb
 from canvaswatch.server.decode import StepError
 from canvaswatch.server.engine import Engine
-from canvaswatch.server.stream_handler import CANCEL_GRACE_S, StreamHandler, is_heavy
+from canvaswatch.server.stream_handler import CANCEL_GRACE_S, StreamHandler, StreamSlots, is_heavy
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 
@@ -32,38 +32,32 @@ class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
     def __init__(self, engine: Engine, executor: ThreadPoolExecutor, max_streams: int) -> None:
         self.engine = engine
         self.executor = executor
-        self.max_streams = max_streams
-        self.active = 0
+        self.slots = StreamSlots(max_streams, engine.metrics.active_streams)
 
     async def Watch(self, request_iterator: AsyncIterator[pb.StepState], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.MonitorEvent]:
-        if self.active >= self.max_streams:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.active} streams open; limit is {self.max_streams}")
-        self.active += 1
-        self.engine.metrics.active_streams.inc()
-        handler = StreamHandler(self.engine)
-        loop = asyncio.get_running_loop()
-        try:
+        async with self.slots.held(context):
+            handler = StreamHandler(self.engine)
+            loop = asyncio.get_running_loop()
             try:
-                async for message in request_iterator:
-                    if is_heavy(message):
-                        events = await loop.run_in_executor(self.executor, handler.feed, message)
-                    else:
-                        events = handler.feed(message)
-                    for event in events:
-                        yield event
-                if not handler.finished:
-                    await asyncio.sleep(CANCEL_GRACE_S)  # a cancellation lands here as CancelledError
-                handler.end()
-            except StepError as failure:
-                log.warning("stream_rejected", request_id=handler.request_id, code=failure.code.name, error=failure.message)
-                await context.abort(failure.code, failure.message)
-        except asyncio.CancelledError:
-            handler.outcome = "cancelled"
-            raise
-        finally:
-            self.active -= 1
-            self.engine.metrics.active_streams.dec()
-            handler.count()
+                try:
+                    async for message in request_iterator:
+                        if is_heavy(message):
+                            events = await loop.run_in_executor(self.executor, handler.feed, message)
+                        else:
+                            events = handler.feed(message)
+                        for event in events:
+                            yield event
+                    if not handler.finished:
+                        await asyncio.sleep(CANCEL_GRACE_S)  # a cancellation lands here as CancelledError
+                    handler.end()
+                except StepError as failure:
+                    log.warning("stream_rejected", request_id=handler.request_id, code=failure.code.name, error=failure.message)
+                    await context.abort(failure.code, failure.message)
+            except asyncio.CancelledError:
+                handler.outcome = "cancelled"
+                raise
+            finally:
+                handler.count()
 
     async def Check(self, request: pb.Trace, context: grpc.aio.ServicerContext) -> pb.Verdict:
         loop = asyncio.get_running_loop()

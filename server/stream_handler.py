@@ -11,6 +11,9 @@ over and the caller aborts it.
 
 from __future__ import annotations
 
+import contextlib
+from typing import AsyncIterator
+
 import grpc
 
 from canvaswatch.server.convert import flag_to_pb, verdict_to_pb
@@ -87,3 +90,25 @@ class StreamHandler:
         metrics = self.engine.metrics
         model = self.session.model_label if self.session is not None else metrics.model_label("")
         metrics.requests.labels(model, self.outcome).inc()
+
+
+class StreamSlots:
+    """server.max_streams and the active-streams gauge, shared by whichever servicer takes Watch."""
+
+    def __init__(self, limit: int, gauge) -> None:
+        self.limit = limit
+        self.gauge = gauge  # canvaswatch_active_streams
+        self.active = 0
+
+    @contextlib.asynccontextmanager
+    async def held(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """One slot for the body; a full server aborts the call with RESOURCE_EXHAUSTED instead."""
+        if self.active >= self.limit:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.active} streams open; limit is {self.limit}")
+        self.active += 1
+        self.gauge.inc()
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self.gauge.dec()

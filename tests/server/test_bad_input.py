@@ -92,12 +92,17 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_stream_is_refused_with_the_field_named(sidecar, case):
+def assert_refused(sidecar, case: str) -> None:
+    """The stream CASES[case] ends with its status and a message naming the field."""
     messages, code, fragment = CASES[case]
     error = _watch(sidecar, messages)
     assert error.code().name == code, error.details()
     assert fragment in error.details()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_stream_is_refused_with_the_field_named(sidecar, case):
+    assert_refused(sidecar, case)
 
 
 def test_oversized_message_is_resource_exhausted_naming_the_limit(sidecar):

@@ -25,8 +25,8 @@ from canvaswatch.server.config import ConfigError, parse_config
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 from tests.conftest import info_for, start_sidecar, topk_step
-from tests.server.test_bad_input import CASES, _good, _watch
-from tests.server.test_watch import check_embeddings_form
+from tests.server.test_bad_input import CASES, _good, _watch, assert_refused
+from tests.server.test_watch import _trace, check_embeddings_form
 
 WORKERS = 2
 TOPK_CASES = [name for name, (messages, _, _) in CASES.items()
@@ -38,10 +38,6 @@ def relayed(vocab, tmp_path_factory):
     running = start_sidecar(vocab, tmp_path_factory.mktemp("relayed"), extra={"server": {"monitor_processes": WORKERS}})
     yield running
     running.thread.stop()
-
-
-def _trace(vocab, kind: str, request_id: str, seed: int = 0) -> pb.Trace:
-    return simulate.scenario(kind, vocab.encode, vocab.size, request_id=request_id, seed=seed)
 
 
 def _summary(verdict: pb.Verdict) -> list[tuple]:
@@ -103,10 +99,7 @@ def test_concurrent_streams_spread_over_the_workers_and_metrics_merge(relayed, v
 
 @pytest.mark.parametrize("case", TOPK_CASES)
 def test_bad_stream_is_refused_with_the_field_named(relayed, case):
-    messages, code, fragment = CASES[case]
-    error = _watch(relayed, messages)
-    assert error.code().name == code, error.details()
-    assert fragment in error.details()
+    assert_refused(relayed, case)
 
 
 def test_bytes_that_are_no_step_state_are_refused(relayed):
@@ -246,17 +239,10 @@ def test_auth_and_the_stream_limit_hold_for_relayed_streams(vocab, tmp_path):
         running.thread.stop()
 
 
-def _shm_free() -> int:
-    try:
-        stats = os.statvfs("/dev/shm")
-    except OSError:
-        return 0
-    return stats.f_bavail * stats.f_frsize
-
-
 def test_embeddings_form_is_decoded_in_a_worker_with_the_shared_matrix(vocab, tmp_path, dense, gemma_embeddings):
-    needed = gemma_embeddings.numel() * gemma_embeddings.element_size()
-    if not dense.embeddings.is_shared() and _shm_free() < needed * 1.25:
+    from canvaswatch.server.monitor_workers import fits_in_shared_memory
+
+    if not dense.embeddings.is_shared() and not fits_in_shared_memory(dense.embeddings):
         pytest.skip("/dev/shm is too small here to share the 0.7 GB matrix with a worker")
     running = start_sidecar(vocab, tmp_path, extra={"server": {"monitor_processes": 1}}, dense=dense)
     try:
