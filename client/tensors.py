@@ -52,14 +52,7 @@ def decode_tensor(message: pb.Tensor, field: str, *, ndim: int | None = None) ->
     Raises TensorFormatError naming `field` for an unknown dtype, a shape of the
     wrong rank, or a byte count that disagrees with shape x element size.
     """
-    torch_dtype, itemsize, shape, data = _checked(message, field, ndim)
-    if not data:
-        return torch.empty(shape, dtype=torch_dtype)
-    # frombuffer shares the message's immutable bytes; clone so the tensor is writable and owned.
-    flat = torch.frombuffer(bytearray(data), dtype=torch_dtype)
-    if not _little_endian_host():
-        flat = flat.view(torch.uint8).view(-1, itemsize).flip(-1).contiguous().view(torch_dtype).flatten()
-    return flat.view(shape)
+    return _to_tensor(*_checked(message, field, ndim))
 
 
 def decode_array(message: pb.Tensor, field: str, *, ndim: int | None = None) -> np.ndarray:
@@ -67,9 +60,10 @@ def decode_array(message: pb.Tensor, field: str, *, ndim: int | None = None) -> 
 
     BFLOAT16 has no NumPy dtype: it is read through torch and widened to float32.
     """
-    torch_dtype, _, shape, data = _checked(message, field, ndim)
+    checked = _checked(message, field, ndim)
+    torch_dtype, _, shape, data = checked
     if torch_dtype is torch.bfloat16:
-        return decode_tensor(message, field, ndim=ndim).float().numpy()
+        return _to_tensor(*checked).float().numpy()
     return np.frombuffer(data, dtype=_NUMPY_DTYPES[torch_dtype]).reshape(shape)
 
 
@@ -93,6 +87,16 @@ def _checked(message: pb.Tensor, field: str, ndim: int | None) -> tuple[torch.dt
             f"shape {list(shape)} of {pb.DType.Name(message.dtype)} needs {expected} bytes, got {len(data)}",
         )
     return torch_dtype, itemsize, shape, data
+
+
+def _to_tensor(torch_dtype: torch.dtype, itemsize: int, shape: tuple[int, ...], data: bytes) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=torch_dtype)
+    # frombuffer shares the message's immutable bytes; clone so the tensor is writable and owned.
+    flat = torch.frombuffer(bytearray(data), dtype=torch_dtype)
+    if not _little_endian_host():
+        flat = flat.view(torch.uint8).view(-1, itemsize).flip(-1).contiguous().view(torch_dtype).flatten()
+    return flat.view(shape)
 
 
 def _little_endian_host() -> bool:
