@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from canvaswatch.monitors.compiled import kernel
+
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
     """Ranks 0..n-1 with ties given their average rank (what Spearman's rho needs)."""
@@ -23,19 +25,6 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((rx * ry).sum()) / denominator if denominator > 0 else 0.0
 
 
-def window_all(mask: np.ndarray, width: int) -> np.ndarray:
-    """out[i] = mask[i : i + width].all(), for every i with a full window (prefix sums, no loop)."""
-    if mask.size < width:
-        return np.zeros(0, dtype=bool)
-    runs = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
-    return (runs[width:] - runs[:-width]) == width
-
-
-def window_mean(values: np.ndarray, width: int) -> np.ndarray:
-    sums = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
-    return (sums[width:] - sums[:-width]) / width
-
-
 def isin(ids: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     return torch.isin(ids, members) if members.numel() else torch.zeros_like(ids, dtype=torch.bool)
 
@@ -50,14 +39,31 @@ def contiguous_spans(positions: list[int]) -> list[list[int]]:
     return spans
 
 
-def isin_small(values: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """np.isin for a handful of members: a few equality passes beat its sort-based path ~10x."""
-    if members.size > 8:
-        return np.isin(values, members)
-    out = np.zeros(values.shape, dtype=bool)
-    for member in members.tolist():
-        out |= values == member
-    return out
+def sorted_members(ids: list[int]) -> np.ndarray:
+    """An id list as a sorted int64 array, for kernels to binary-search."""
+    return np.unique(np.asarray(ids, dtype=np.int64))
+
+
+@kernel
+def advance_runs(run, flagged, fire, holds, min_steps):
+    """Count one step into every (offset, position) run; returns how many reached min_steps for the first time.
+
+    A run grows while its condition holds and restarts at 0 when it does not; `fire` marks the
+    (offset, position) pairs reported at this step, each at most once per block (`flagged`).
+    """
+    fires = 0
+    for row in range(run.shape[0]):
+        for position in range(run.shape[1]):
+            fire[row, position] = False
+            if holds[row, position]:
+                run[row, position] += 1
+                if run[row, position] >= min_steps and not flagged[row, position]:
+                    flagged[row, position] = True
+                    fire[row, position] = True
+                    fires += 1
+            else:
+                run[row, position] = 0
+    return fires
 
 
 @dataclass
@@ -65,13 +71,15 @@ class OffsetRuns:
     """Per (offset, position) of one block: consecutive steps a condition has held, and whether it was reported.
 
     The smearing monitors' state: a condition must hold `min_steps` steps in a row before it is
-    flagged, once per (offset, position) and block. Bounded by offsets x canvas length.
+    flagged, once per (offset, position) and block. Bounded by offsets x canvas length. Their
+    kernels update it with `count_run`; `fire` holds the step's new (offset, position) reports.
     """
 
     block: int = -1
     run: np.ndarray | None = None  # [offsets, L] consecutive steps held
     flagged: np.ndarray | None = None  # [offsets, L]
-    _none: np.ndarray | None = None  # [L] all False, what a step where nothing holds fires
+    fire: np.ndarray | None = None  # [offsets, L] reached min_steps at this step
+    holds: np.ndarray | None = None  # [offsets, L] the condition at this step, written by the monitor
 
     def begin_step(self, block: int, offsets: int, length: int) -> None:
         """Start over at a new block (or canvas size); otherwise keep counting."""
@@ -79,16 +87,9 @@ class OffsetRuns:
             self.block = block
             self.run = np.zeros((offsets, length), dtype=np.int64)
             self.flagged = np.zeros((offsets, length), dtype=bool)
-            self._none = np.zeros(length, dtype=bool)
-            self._none.flags.writeable = False
+            self.fire = np.zeros((offsets, length), dtype=bool)
+            self.holds = np.zeros((offsets, length), dtype=bool)
 
-    def advance(self, offset_index: int, holds: np.ndarray, min_steps: int) -> np.ndarray:
-        """Count this step for one offset; the positions that reach `min_steps` now, for the first time."""
-        if not holds.any():
-            # The usual step (nothing smeared): every run ends; skip the five array passes below.
-            self.run[offset_index] = 0
-            return self._none
-        self.run[offset_index] = np.where(holds, self.run[offset_index] + 1, 0)
-        fire = (self.run[offset_index] >= min_steps) & ~self.flagged[offset_index]
-        self.flagged[offset_index] |= fire
-        return fire
+    def advance(self, min_steps: int) -> int:
+        """Count `holds` (filled by the monitor for this step) into the runs; how many fired."""
+        return advance_runs(self.run, self.flagged, self.fire, self.holds, min_steps)

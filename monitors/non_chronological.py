@@ -16,7 +16,8 @@ with at least `min_positions` committed positions. Score: (1 - rho) / 2.
 Hard negatives it excludes: ordinary left-to-right settling with jitter (rho
 stays high, no lead), early-settling padding (ignored ids).
 
-State per request: three [L] arrays and the last top-1, reset per block.
+State per request: the [L] commit steps and the last step, reset per block; each step is one
+compiled pass (`_update_commits`), the judgement at the block's end uses torch.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
 from canvaswatch.monitors.canvas_ops import isin, spearman
+from canvaswatch.monitors.compiled import kernel
 
 
 @dataclass(frozen=True)
@@ -81,15 +83,13 @@ class NonChronologicalMonitor:
         if state.last is not None and step.block != state.block:
             flags = self._judge(state)
             state.last = None
-        # NumPy per step (tiny arrays, ~1 us a call against torch's ~5 us); torch only at the judgement.
         top1, prob = step.ids_np[:, 0], step.probs_np[:, 0]
-        confident = prob >= self.params.settle_prob
         if state.last is None or state.commit is None or state.commit.shape != top1.shape:
             state.commit = np.full(top1.shape, -1, dtype=np.int64)
-            holding = np.zeros_like(confident)
+            previous = np.full_like(top1, -1)  # matches no token: nothing holds over from another block
         else:
-            holding = (top1 == state.last.ids_np[:, 0]) & (state.commit >= 0)
-        state.commit = np.where(confident, np.where(holding, state.commit, step.step), -1)
+            previous = state.last.ids_np[:, 0]
+        _update_commits(top1, prob, previous, state.commit, step.step, self.params.settle_prob)
         state.block, state.last = step.block, step
         return flags
 
@@ -121,3 +121,13 @@ class NonChronologicalMonitor:
             attributes={"rank_correlation": f"{rho:.3f}", "lead_steps": f"{lead:.1f}",
                         "committed_positions": str(positions.numel())},
         )]
+
+
+@kernel
+def _update_commits(top1, prob, previous, commit, step, settle_prob):
+    """A confident position keeps its commit step while its top-1 holds, else commits now; -1 while not confident."""
+    for i in range(top1.shape[0]):
+        if prob[i] < settle_prob:
+            commit[i] = -1
+        elif top1[i] != previous[i] or commit[i] < 0:
+            commit[i] = step

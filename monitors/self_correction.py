@@ -18,7 +18,8 @@ Hard negatives this excludes: ordinary refinement (positions that change while
 still uncertain never settled) and a settled token's probability wobbling
 without another token overtaking it.
 
-State per request: six [L] arrays, reset at each new block.
+State per request: nine [L] arrays, reset at each new block. Each step is one compiled pass
+over the canvas (`_advance`); the flag and its evidence are built only on steps with a flip.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import ClassVar
 import numpy as np
 
 from canvaswatch.monitors.canvas_ops import contiguous_spans
+from canvaswatch.monitors.compiled import kernel
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
 
 
@@ -61,6 +63,10 @@ class SelfCorrectionState:
     settled_token: np.ndarray | None = None  # [L]
     settled_step: np.ndarray | None = None  # [L] step at which it settled
     changed_step: np.ndarray | None = None  # [L] last step its top-1 changed
+    # This step's flips: where, and the token and step each flipped position had settled at.
+    flipped: np.ndarray | None = None  # [L] bool
+    flipped_from: np.ndarray | None = None  # [L]
+    flipped_since: np.ndarray | None = None  # [L]
 
 
 class SelfCorrectionMonitor:
@@ -83,23 +89,10 @@ class SelfCorrectionMonitor:
         if state.block != step.block or state.previous is None or state.previous.shape != top1.shape:
             self._reset(state, step.block, top1)
         p = self.params
-        confident = prob >= p.settle_prob
-        same = top1 == state.previous
-        state.run = np.where(confident, np.where(same, state.run + 1, 1), 0)
-
-        flipped = state.settled & (top1 != state.settled_token) & (prob >= p.flip_prob)
-        state.changed_step = np.where(same, state.changed_step, step.step)
-        flags: list[Flag] = []
-        if flipped.any():
-            flags.append(self._flag(state, step, flipped))
-            state.settled &= ~flipped
-
-        newly = (state.run >= p.settle_steps) & ~state.settled
-        state.settled_step = np.where(newly, step.step - p.settle_steps + 1, state.settled_step)
-        state.settled_token = np.where(newly, top1, state.settled_token)
-        state.settled |= newly
-        state.previous = top1.copy()
-        return flags
+        flips = _advance(top1, prob, step.step, p.settle_prob, p.flip_prob, p.settle_steps, state.previous, state.run,
+                         state.settled, state.settled_token, state.settled_step, state.changed_step,
+                         state.flipped, state.flipped_from, state.flipped_since)
+        return [self._flag(state, step)] if flips else []
 
     def on_finish(self, state: SelfCorrectionState, final: FinalCanvas) -> list[Flag]:
         return []
@@ -112,19 +105,23 @@ class SelfCorrectionMonitor:
         state.settled_token = np.full_like(top1, -1)
         state.settled_step = np.zeros_like(top1)
         state.changed_step = np.full_like(top1, -(10**6))
+        state.flipped = np.zeros(top1.shape, dtype=bool)
+        state.flipped_from = np.zeros_like(top1)
+        state.flipped_since = np.zeros_like(top1)
 
-    def _flag(self, state: SelfCorrectionState, step: DecodedStep, flipped: np.ndarray) -> Flag:
+    def _flag(self, state: SelfCorrectionState, step: DecodedStep) -> Flag:
+        flipped = state.flipped
         positions = np.nonzero(flipped)[0].tolist()
         vocab = step.vocab
         evidence = []
         changes = []
         for span in contiguous_spans(positions):
-            before = vocab.decode(state.settled_token[span[0] : span[-1] + 1].tolist())
+            before = vocab.decode(state.flipped_from[span[0] : span[-1] + 1].tolist())
             after = vocab.decode(step.ids_np[span[0] : span[-1] + 1, 0].tolist())
-            since = int(state.settled_step[span[0]])
+            since = int(state.flipped_since[span[0]])
             changes.append(f"{_span_name(span)} (settled at step {since})")
             evidence.append(Evidence(step.block, step.step, tuple(span), f"{before!r} -> {after!r}"))
-        held = int((step.step - state.settled_step[flipped]).max())
+        held = int((step.step - state.flipped_since[flipped]).max())
         # Other positions that changed just before (and at) the flip: the context that caused it.
         recent = (state.changed_step >= step.step - self.params.context_window) & ~flipped
         elsewhere = int(recent.sum())
@@ -142,3 +139,37 @@ class SelfCorrectionMonitor:
 
 def _span_name(span: list[int]) -> str:
     return f"position {span[0]}" if len(span) == 1 else f"positions {span[0]}-{span[-1]}"
+
+
+@kernel
+def _advance(top1, prob, step, settle_prob, flip_prob, settle_steps, previous, run, settled, settled_token,
+             settled_step, changed_step, flipped, flipped_from, flipped_since):
+    """One step of every position's settle/flip state machine; returns how many settled positions flipped.
+
+    A flipped position records the token and step it had settled at (flipped_from, flipped_since)
+    before it may settle again on its new token in this same step (settle_steps = 1).
+    """
+    flips = 0
+    for i in range(top1.shape[0]):
+        token = top1[i]
+        p = prob[i]
+        same = token == previous[i]
+        if p >= settle_prob:
+            run[i] = run[i] + 1 if same else 1
+        else:
+            run[i] = 0
+        if not same:
+            changed_step[i] = step
+        flip = settled[i] and token != settled_token[i] and p >= flip_prob
+        flipped[i] = flip
+        if flip:
+            flips += 1
+            flipped_from[i] = settled_token[i]
+            flipped_since[i] = settled_step[i]
+            settled[i] = False
+        if run[i] >= settle_steps and not settled[i]:
+            settled[i] = True
+            settled_token[i] = token
+            settled_step[i] = step - settle_steps + 1
+        previous[i] = token
+    return flips

@@ -12,7 +12,8 @@ steps, once per (q, s) per block. Score: 1 - mean probability of the copies.
 Hard negatives it excludes: text that repeats a phrase on purpose and settles
 it confidently ("step by step, step by step"); runs of one repeated token.
 
-Cost: `max_shift` vectorised comparisons over [L] (NumPy); state [max_shift, L].
+Cost: one compiled pass per step (`_smear_phrases`), `max_shift` comparisons per position that
+stop at the first unequal token; state [max_shift, L].
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import ClassVar
 import numpy as np
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
-from canvaswatch.monitors.canvas_ops import OffsetRuns, isin_small, window_all, window_mean
+from canvaswatch.monitors.canvas_ops import OffsetRuns, sorted_members
+from canvaswatch.monitors.compiled import kernel
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class SequenceSmearingMonitor:
     def __init__(self, params: SequenceSmearingParams) -> None:
         self.params = params
         self.severity = Severity.parse(params.severity)
-        self._ignore = np.array(params.ignore_ids, dtype=np.int64)
+        self._ignore = sorted_members(params.ignore_ids)
 
     def start(self, request: RequestMeta) -> OffsetRuns:
         return OffsetRuns()  # per shift and start position: consecutive smeared steps
@@ -60,26 +62,13 @@ class SequenceSmearingMonitor:
     def on_step(self, state: OffsetRuns, step: DecodedStep) -> list[Flag]:
         p = self.params
         top1, prob = step.ids_np[:, 0], step.probs_np[:, 0]
-        L, m = step.canvas_length, p.min_length
-        state.begin_step(step.block, p.max_shift, L)
-        usable = (prob >= p.min_prob) & ~isin_small(top1, self._ignore)
-        flags = []
-        for index, shift in enumerate(range(1, p.max_shift + 1)):
-            width = L - shift - m + 1
-            if width <= 0:
-                break
-            same = (top1[:-shift] == top1[shift:]) & usable[:-shift] & usable[shift:]
-            smeared = np.zeros(L, dtype=bool)
-            if same.any():
-                starts = window_all(same, m)[:width]
-                both = (prob[:-shift] + prob[shift:]) / 2
-                undecided = window_mean(both, m)[:width] < p.max_prob
-                one_token = window_all(top1[1:] == top1[:-1], m - 1)[:width]
-                smeared[:width] = starts & undecided & ~one_token
-            fire = state.advance(index, smeared, p.min_steps)
-            if fire.any():
-                flags.append(self._flag(step, np.nonzero(fire)[0].tolist(), shift, (prob[:-shift] + prob[shift:]) / 2))
-        return flags
+        state.begin_step(step.block, p.max_shift, step.canvas_length)
+        _smear_phrases(top1, prob, self._ignore, p.min_prob, p.max_prob, p.min_length, state.holds)
+        fires = state.advance(p.min_steps)
+        if not fires:
+            return []
+        return [self._flag(step, np.nonzero(row)[0].tolist(), index + 1, (prob[: -index - 1] + prob[index + 1 :]) / 2)
+                for index, row in enumerate(state.fire) if row.any()]
 
     def on_finish(self, state: OffsetRuns, final: FinalCanvas) -> list[Flag]:
         return []
@@ -102,3 +91,32 @@ class SequenceSmearingMonitor:
             attributes={"shift": str(shift), "places": str(len(starts))},
         )
 
+
+
+@kernel
+def _smear_phrases(top1, prob, ignore, min_prob, max_prob, min_length, holds):
+    """holds[s - 1, q]: the phrase at q..q+m-1 stands again at shift s, undecided, not one token repeated."""
+    length = top1.shape[0]
+    usable = np.zeros(length, dtype=np.bool_)
+    for i in range(length):
+        if prob[i] >= min_prob:
+            at = np.searchsorted(ignore, top1[i])  # ignore_ids, sorted
+            usable[i] = not (at < ignore.shape[0] and ignore[at] == top1[i])
+    holds[:] = False
+    for row in range(holds.shape[0]):
+        shift = row + 1
+        # starts whose two copies both fit on the canvas (none once the shift is too long)
+        for start in range(length - shift - min_length + 1):
+            total = 0.0
+            one_token = True
+            same = True
+            for t in range(min_length):
+                a = start + t
+                b = a + shift
+                if not (top1[a] == top1[b] and usable[a] and usable[b]):
+                    same = False
+                    break
+                total += (prob[a] + prob[b]) / 2
+                if t > 0 and top1[a] != top1[a - 1]:
+                    one_token = False
+            holds[row, start] = same and not one_token and total / min_length < max_prob

@@ -11,9 +11,9 @@ Hard negatives it excludes: a word legitimately repeated next to itself and
 settled ("very very", both >= max_prob); one-step coincidences of noise
 tokens (persistence).
 
-Cost: per offset, a pre-filter over [L, k] and a [C, k, k] comparison on the C
-candidate positions only (NumPy: small canvases pay per-call overhead, not
-per-element); state [max_distance, L].
+Cost: one compiled pass per step (`_smear_pairs`): the shares over [L, k], then
+per offset a k x k comparison at positions where both ends hold a share (most
+positions hold none); state [max_distance, L].
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import ClassVar
 import numpy as np
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
-from canvaswatch.monitors.canvas_ops import OffsetRuns, isin_small
+from canvaswatch.monitors.canvas_ops import OffsetRuns, sorted_members
+from canvaswatch.monitors.compiled import kernel
 
 
 @dataclass(frozen=True)
@@ -54,44 +55,30 @@ class TokenSmearingMonitor:
     def __init__(self, params: TokenSmearingParams) -> None:
         self.params = params
         self.severity = Severity.parse(params.severity)
-        self._ignore = np.array(params.ignore_ids, dtype=np.int64)
+        self._ignore = sorted_members(params.ignore_ids)
 
     def start(self, request: RequestMeta) -> OffsetRuns:
         return OffsetRuns()  # per distance and position: consecutive smeared steps
 
     def on_step(self, state: OffsetRuns, step: DecodedStep) -> list[Flag]:
         p = self.params
-        L = step.canvas_length
-        state.begin_step(step.block, p.max_distance, L)
-        ids, probs = step.ids_np, step.probs_np
-        share = (probs >= p.min_share) & (probs < p.max_prob) & ~isin_small(ids, self._ignore)
-        any_share = share.any(axis=1)  # once for every offset's pre-filter
-        flags = []
-        for index, offset in enumerate(range(1, p.max_distance + 1)):
-            if offset >= L:
-                break
-            smeared = np.zeros(L, dtype=bool)
-            near = any_share[:-offset] & any_share[offset:]  # cheap pre-filter
-            candidates = np.nonzero(near)[0]
-            match = None
-            if candidates.size:
-                a, b = ids[:-offset][candidates], ids[offset:][candidates]
-                match = (a[:, :, None] == b[:, None, :]) & share[:-offset][candidates][:, :, None] & share[offset:][candidates][:, None, :]
-                smeared[candidates] = match.reshape(len(candidates), -1).any(axis=1)
-            fire = state.advance(index, smeared, p.min_steps)
-            if fire.any():
-                starts = np.nonzero(fire)[0].tolist()
-                lookup = {int(c): i for i, c in enumerate(candidates)}
-                flags.append(self._flag(step, match, lookup, starts, offset))
-        return flags
+        state.begin_step(step.block, p.max_distance, step.canvas_length)
+        # slots[o, i]: the kept slots (at i, at i + o + 1) of the first shared token found, for evidence
+        slots = np.empty((p.max_distance, step.canvas_length, 2), dtype=np.int64)
+        _smear_pairs(step.ids_np, step.probs_np, self._ignore, p.min_share, p.max_prob, state.holds, slots)
+        fires = state.advance(p.min_steps)
+        if not fires:
+            return []
+        return [self._flag(step, slots[index], np.nonzero(row)[0].tolist(), index + 1)
+                for index, row in enumerate(state.fire) if row.any()]
 
     def on_finish(self, state: OffsetRuns, final: FinalCanvas) -> list[Flag]:
         return []
 
-    def _flag(self, step: DecodedStep, match: np.ndarray, lookup: dict[int, int], starts: list[int], offset: int) -> Flag:
+    def _flag(self, step: DecodedStep, slots: np.ndarray, starts: list[int], offset: int) -> Flag:
         evidence, mass = [], 0.0
         for start in starts:
-            slot_a, slot_b = (int(x) for x in np.argwhere(match[lookup[start]])[0])
+            slot_a, slot_b = (int(x) for x in slots[start])
             token = int(step.ids_np[start, slot_a])
             shares = (float(step.probs_np[start, slot_a]), float(step.probs_np[start + offset, slot_b]))
             mass = max(mass, sum(shares))
@@ -106,3 +93,37 @@ class TokenSmearingMonitor:
             evidence=tuple(evidence),
             attributes={"pairs": str(len(starts)), "distance": str(offset)},
         )
+
+
+@kernel
+def _smear_pairs(ids, probs, ignore, min_share, max_prob, holds, slots):
+    """holds[o, i]: positions i and i + o + 1 share a kept token at this step (its slots into `slots`)."""
+    length, k = ids.shape
+    share = np.zeros((length, k), dtype=np.bool_)
+    any_share = np.zeros(length, dtype=np.bool_)
+    for i in range(length):
+        for a in range(k):
+            p = probs[i, a]
+            if p >= min_share and p < max_prob:
+                # ignore_ids (sorted) searched only for the few kept tokens in the share range
+                at = np.searchsorted(ignore, ids[i, a])
+                if not (at < ignore.shape[0] and ignore[at] == ids[i, a]):
+                    share[i, a] = True
+                    any_share[i] = True
+    holds[:] = False
+    for row in range(holds.shape[0]):
+        offset = row + 1
+        for i in range(length - offset):
+            if not (any_share[i] and any_share[i + offset]):
+                continue
+            # the first (slot at i, slot at i + offset) pair in slot order holding one token
+            for a in range(k):
+                if share[i, a]:
+                    for b in range(k):
+                        if share[i + offset, b] and ids[i, a] == ids[i + offset, b]:
+                            holds[row, i] = True
+                            slots[row, i, 0] = a
+                            slots[row, i, 1] = b
+                            break
+                    if holds[row, i]:
+                        break

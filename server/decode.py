@@ -9,7 +9,6 @@ tied embedding matrix. A sidecar configured without a matrix answers the
 
 from __future__ import annotations
 
-import functools
 import time
 
 import grpc
@@ -18,6 +17,7 @@ import torch
 
 from canvaswatch.client.tensors import TensorFormatError, decode_array, decode_tensor
 from canvaswatch.monitors.base import DecodedStep, Vocabulary
+from canvaswatch.monitors.compiled import kernel
 from canvaswatch.server.dense import DenseDecoder
 from canvaswatch.server.metrics import Metrics
 from canvaswatch.v1 import monitor_pb2 as pb
@@ -26,13 +26,40 @@ from canvaswatch.v1 import monitor_pb2 as pb
 PROB_SUM_SLACK = 1e-2
 
 
-@functools.cache
-def _descent_matrix(k: int, dtype: np.dtype) -> np.ndarray:
-    """[k, k-1] with p @ D = p[:, :-1] - p[:, 1:] (each difference rounded once, so its sign is exact)."""
-    matrix = np.zeros((k, k - 1), dtype=dtype)
-    matrix[np.arange(k - 1), np.arange(k - 1)] = 1
-    matrix[np.arange(1, k), np.arange(k - 1)] = -1
-    return matrix
+_SORTED, _UNSORTED, _INVALID = 0, 1, 2
+
+
+@kernel
+def _check_topk(ids, probs, vocab_size, max_sum, ids_out, probs_out, residual):
+    """Validate a top-k state and copy it out: _SORTED, _UNSORTED (valid, not most probable first) or _INVALID.
+
+    Valid: every probability in [0, 1] (NaN is not), every id with mass inside the vocabulary,
+    every row summing to at most max_sum. Padding (probability 0) gets id 0; residual[r] is the
+    mass outside the row's kept tokens.
+    """
+    verdict = _SORTED
+    length, k = ids.shape
+    for r in range(length):
+        total = 0.0
+        for c in range(k):
+            p = probs[r, c]
+            if not (p >= 0 and p <= 1):
+                return _INVALID
+            token = ids[r, c]
+            if p > 0:
+                if token < 0 or token >= vocab_size:
+                    return _INVALID
+                ids_out[r, c] = token
+            else:
+                ids_out[r, c] = 0
+            probs_out[r, c] = p
+            total += p
+            if c > 0 and p > probs[r, c - 1]:
+                verdict = _UNSORTED
+        if total > max_sum:
+            return _INVALID
+        residual[r] = max(1.0 - total, 0.0)
+    return verdict
 
 
 class StepError(Exception):
@@ -91,9 +118,7 @@ class StepDecoder:
     def _read_topk(self, topk: pb.TopK, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not topk.HasField("ids") or not topk.HasField("probs"):
             raise invalid(f"{where}.topk: both ids and probs are required")
-        # In NumPy, straight from the message's bytes: a handful of reductions over [L, k], where
-        # torch's per-call overhead would dominate. The common case (all valid) costs two range
-        # checks; the diagnosis runs only on failure.
+        # Straight from the message's bytes (NumPy views); the diagnosis of a bad state runs only on failure.
         i = decode_array(topk.ids, "ids", ndim=2)
         p = decode_array(topk.probs, "probs", ndim=2)
         if i.dtype.kind != "i":
@@ -107,36 +132,37 @@ class StepDecoder:
         if i.shape[1] < 1:
             raise invalid(f"{where}.topk.ids.shape: k must be >= 1")
         p = p.astype(np.float32, copy=False)
-        if not (p.min() >= 0 and p.max() <= 1):  # also false for NaN
-            if not np.isfinite(p).all():
-                bad = np.argwhere(~np.isfinite(p))[0]
-                raise invalid(f"{where}.topk.probs: non-finite probability at position {bad[0]}, slot {bad[1]}")
+        # One compiled pass validates every entry and writes the owned, writable arrays torch wraps.
+        ids = np.empty(i.shape, dtype=np.int64)
+        probs = np.empty(p.shape, dtype=np.float32)
+        residual = np.empty(i.shape[0], dtype=np.float32)
+        verdict = _check_topk(i, p, self.vocab.size, 1 + PROB_SUM_SLACK, ids, probs, residual)
+        if verdict == _INVALID:
+            self._refuse_topk(i, p, where)
+        if verdict == _UNSORTED:
+            # Most probable first, whatever order the client used; padding sorts last.
+            order = np.argsort(-probs, axis=1, kind="stable")
+            probs = np.take_along_axis(probs, order, axis=1)
+            ids = np.take_along_axis(ids, order, axis=1)
+        return torch.from_numpy(ids), torch.from_numpy(probs), torch.from_numpy(residual)
+
+    def _refuse_topk(self, i: np.ndarray, p: np.ndarray, where: str) -> None:
+        """Raise the error for the first thing wrong with a top-k state the kernel refused."""
+        if not np.isfinite(p).all():
+            bad = np.argwhere(~np.isfinite(p))[0]
+            raise invalid(f"{where}.topk.probs: non-finite probability at position {bad[0]}, slot {bad[1]}")
+        if ((p < 0) | (p > 1)).any():
             bad = np.argwhere((p < 0) | (p > 1))[0]
             raise invalid(f"{where}.topk.probs: probability {p[bad[0], bad[1]]:g} outside [0, 1] at position {bad[0]}, slot {bad[1]}")
-        if i.min() < 0 or i.max() >= self.vocab.size:
-            out_of_vocab = (p > 0) & ((i < 0) | (i >= self.vocab.size))
-            if out_of_vocab.any():
-                bad = np.argwhere(out_of_vocab)[0]
-                raise invalid(
-                    f"{where}.topk.ids: token id {i[bad[0], bad[1]]} at position {bad[0]} is outside the vocabulary [0, {self.vocab.size})"
-                )
-        # Row sums and neighbour differences as small matrix products: on [L, k] rows of k ~ 8,
-        # BLAS is ~8x faster than NumPy's reductions along the short axis.
-        k = p.shape[1]
-        sums = p @ np.ones(k, dtype=p.dtype)
-        if sums.max() > 1 + PROB_SUM_SLACK:
-            position = int(np.argmax(sums > 1 + PROB_SUM_SLACK))
-            raise invalid(f"{where}.topk.probs: position {position} sums to {sums[position]:.4f} > 1")
-        if k > 1 and (p @ _descent_matrix(k, p.dtype)).min() < 0:
-            # Most probable first, whatever order the client used; padding sorts last.
-            order = np.argsort(-p, axis=1, kind="stable")
-            p = np.take_along_axis(p, order, axis=1)
-            i = np.take_along_axis(i, order, axis=1)
-        i = np.where(p > 0, i, 0).astype(np.int64, copy=False)  # a new array: owned and writable
-        if not p.flags.writeable:  # still the message's bytes: torch needs its own
-            p = p.copy()
-        residual = np.clip(1.0 - sums, 0.0, None).astype(np.float32)
-        return torch.from_numpy(i), torch.from_numpy(p), torch.from_numpy(residual)
+        out_of_vocab = (p > 0) & ((i < 0) | (i >= self.vocab.size))
+        if out_of_vocab.any():
+            bad = np.argwhere(out_of_vocab)[0]
+            raise invalid(
+                f"{where}.topk.ids: token id {i[bad[0], bad[1]]} at position {bad[0]} is outside the vocabulary [0, {self.vocab.size})"
+            )
+        sums = p.sum(axis=1, dtype=np.float64)
+        position = int(np.argmax(sums > 1 + PROB_SUM_SLACK))
+        raise invalid(f"{where}.topk.probs: position {position} sums to {sums[position]:.4f} > 1")
 
     def _read_logits(self, logits_msg: pb.Tensor, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self._dense_rows(logits_msg, "logits", length, where)

@@ -48,3 +48,32 @@ def test_decoded_arrays_are_owned_not_views_of_the_message():
     step.ids[0, 0] = 1
     again = _decoder().decode(message, 2, "m")
     assert again.probs[0, 0] == 0.5 and again.ids[0, 0] == 5
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nan", "non-finite probability at position 1, slot 0"),
+    ("negative", "probability -0.1 outside \\[0, 1\\] at position 0, slot 2"),
+    ("id", "token id 1000 at position 1 is outside the vocabulary"),
+    ("sum", "position 0 sums to 1.2500 > 1"),
+])
+def test_the_compiled_check_refuses_what_the_diagnosis_then_names(case, message):
+    from canvaswatch.server.decode import StepError
+
+    ids, probs = IDS.clone(), PROBS.clone()
+    if case == "nan":
+        probs[1, 0] = float("nan")
+    elif case == "negative":
+        probs[0, 2] = -0.1
+    elif case == "id":
+        ids[1, 1] = 1000  # holds mass: refused (the same id as padding would be cleared)
+    else:
+        probs[0] = torch.tensor([0.5, 0.5, 0.25])
+    with pytest.raises(StepError, match=message):
+        _decoder().decode(_message(ids.to(torch.int32), probs), 2, "m")
+
+
+def test_an_id_outside_the_vocabulary_in_a_padding_slot_is_cleared_not_refused():
+    ids = IDS.clone()
+    ids[1, 2] = 5000  # its slot holds probability 0
+    step = _decoder().decode(_message(ids, PROBS), 2, "m")
+    assert step.ids.tolist() == [[5, 6, 7], [8, 9, 0]]
