@@ -148,12 +148,11 @@ class DecodedStep:
     def text_lower(self) -> str:
         """The text lower-cased with its length kept, so offsets found in it index `text` too.
 
-        Computed once for every monitor that matches case-insensitively. A
-        character whose lower case is longer (e.g. 'İ') is kept as it is.
+        Computed once for every monitor that matches case-insensitively: from the vocabulary's
+        lower-cased pieces where it has them (no need to build `text` first), else by lowering
+        the text. A character whose lower case is longer (e.g. 'İ') is kept as it is; pieces are
+        lowered one by one, so a capital sigma ending a piece reads as final sigma.
         """
-        lowered = self.text.lower()
-        if len(lowered) == len(self.text):
-            return lowered
         decode_lower = getattr(self.vocab, "decode_lower", None)
         if decode_lower is not None:
             return decode_lower(self.ids_np[:, 0])

@@ -16,9 +16,10 @@ Case. `case_sensitive` applies to literal patterns; a regex is matched as
 written (add `(?i)` to it for case-insensitivity), which keeps its literal
 prefix fast to scan for.
 
-Cost. One matcher pass per step (canvaswatch.monitors.phrases): an
-Aho-Corasick pass over the top-1 text for the literals, one scan per regex,
-and one vectorised pass over the top-k lattice; the pass is shared with
+Cost. One matcher pass per step (canvaswatch.monitors.phrases): a compiled
+Aho-Corasick pass over the top-1 tokens for the literals (and regexes' literal
+prefixes), a scan per regex only where its prefix is present, and one pass
+over the top-k lattice; the pass is shared with
 `intermediate_context` when both run in one engine. State per request is one
 record per pattern seen.
 """

@@ -3,9 +3,13 @@
 A `PhraseSpec` is what one monitor watches (literal phrases, regexes, case
 rule, the top-k probability a lattice token needs). A `PhraseMatcher` matches
 the union of several specs in one pass per step:
-  - literals: one Aho-Corasick pass over the step's top-1 text (lower-cased
-    once per step for case-insensitive specs), with the word-edge rule;
-  - regexes: one scan each, matched as written;
+  - literals: one Aho-Corasick pass over the step's top-1 tokens, compiled
+    over their pieces' characters (canvaswatch.monitors.phrase_scan; lower-cased
+    piece by piece for case-insensitive specs), with the word-edge rule;
+  - regexes: one scan each of the top-1 text, matched as written; a
+    case-sensitive regex with a literal prefix of 3+ characters (the default
+    `AKIA...`) has it added to the Aho-Corasick pass as a gate and is scanned
+    only on steps whose canvas holds it, so most steps never build the text;
   - literals across the top-k alternatives: one vectorised lattice pass (a
     lookup table maps each vocabulary id to a pattern-token column, then one
     AND per token offset over every tokenisation of every pattern at once).
@@ -30,6 +34,8 @@ import ahocorasick
 import numpy as np
 
 from canvaswatch.monitors.base import DecodedStep, Vocabulary
+from canvaswatch.monitors.compiled import kernel, prefetch
+from canvaswatch.monitors.phrase_scan import CompiledScan, vocabulary_pieces
 
 CONTEXT_POSITIONS = 4  # tokens of context either side of a match in evidence
 
@@ -80,7 +86,7 @@ class PhraseMatcher:
         self.offsets: list[int] = []
         self.literals: list[tuple[int, str]] = []  # (global index, pattern)
         self.regexes: list[tuple[int, re.Pattern]] = []
-        keys: dict[str, list[int]] = {}
+        literal_keys: dict[str, list[int]] = {}
         offset = 0
         for spec in self.specs:
             self.offsets.append(offset)
@@ -88,19 +94,35 @@ class PhraseMatcher:
             first_in_spec: dict[str, int] = {}
             for i, pattern in enumerate(spec.patterns):
                 # The same phrase twice in one spec: its first index reports it; in two specs, each does.
-                first_in_spec.setdefault(pattern if self.case_sensitive else pattern.lower(), offset + i)
+                first_in_spec.setdefault(self._fold(pattern), offset + i)
             for key, index in first_in_spec.items():
-                keys.setdefault(key, []).append(index)
+                literal_keys.setdefault(key, []).append(index)
             self.regexes += [(offset + len(spec.patterns) + i, re.compile(expression))
                              for i, expression in enumerate(spec.regex)]
             offset += spec.size
         self._patterns = dict(self.literals)
-        self._automaton = ahocorasick.Automaton()
-        for key, indices in keys.items():
-            self._automaton.add_word(key, (tuple(indices), len(key)))
-        if keys:
+        # One scan finds the literals and each regex's gate: a literal every match of the regex
+        # starts with, so the regex (and the text it needs) runs only on canvases that hold it.
+        self._gates = [_gate(compiled, self.case_sensitive) for _, compiled in self.regexes]
+        keys: dict[str, tuple[list[int], list[int]]] = {key: (indices, []) for key, indices in literal_keys.items()}
+        for number, gate in enumerate(self._gates):
+            if gate is not None:
+                keys.setdefault(gate, ([], []))[1].append(number)
+        self._keys = list(keys)
+        self._key_literals = [tuple(indices) for indices, _ in keys.values()]
+        self._key_gates = [tuple(gated) for _, gated in keys.values()]
+        self._compiled = CompiledScan.fits(self._keys)
+        self._automaton = None
+        if self._keys and not self._compiled:
+            self._automaton = ahocorasick.Automaton()
+            for number, key in enumerate(self._keys):
+                self._automaton.add_word(key, number)
             self._automaton.make_automaton()
+        self._scans: dict[int, CompiledScan] = {}
         self._lattices: dict[int, _Lattice | None] = {}
+
+    def _fold(self, text: str) -> str:
+        return text if self.case_sensitive else text.lower()
 
     def _spec_of(self, index: int) -> int:
         return bisect.bisect_right(self.offsets, index) - 1
@@ -120,30 +142,45 @@ class PhraseMatcher:
         return found
 
     def _match_text(self, step: DecodedStep) -> dict[int, Sighting]:
-        text = step.text
-        searched = text if self.case_sensitive else step.text_lower
         found: dict[int, Sighting] = {}
-        if self.literals:
-            for end, (indices, size) in self._automaton.iter(searched):
-                start = end - size + 1
-                for index in indices:
-                    if index in found or not _at_word_edges(text, start, end + 1, self._patterns[index]):
-                        continue
-                    found[index] = _sighting(step, start, end + 1, text[start : end + 1], "top1")
-        for index, compiled in self.regexes:
-            if index not in found and (match := compiled.search(text)) is not None:
+        gated: set[int] = set()
+        for end, key in self._scan(step):
+            gated.update(self._key_gates[key])
+            size = len(self._keys[key])
+            start = end - size + 1
+            for index in self._key_literals[key]:
+                if index in found or not _at_word_edges(step.text, start, end + 1, self._patterns[index]):
+                    continue
+                found[index] = _sighting(step, start, end + 1, step.text[start : end + 1], "top1")
+        for number, (index, compiled) in enumerate(self.regexes):
+            if index in found or (self._gates[number] is not None and number not in gated):
+                continue
+            if (match := compiled.search(step.text)) is not None:
                 found[index] = _sighting(step, match.start(), match.end(), match.group(0), "top1")
         return found
+
+    def _scan(self, step: DecodedStep) -> list[tuple[int, int]]:
+        """(end character offset, key) of every key in the step's top-1 text, in text order."""
+        if not self._keys:
+            return []
+        if self._automaton is not None:
+            return list(self._automaton.iter(step.text if self.case_sensitive else step.text_lower))
+        scan = self._scans.get(id(step.vocab))
+        if scan is None:
+            scan = self._scans.setdefault(id(step.vocab), CompiledScan(
+                self._keys, vocabulary_pieces(step.vocab, lower=not self.case_sensitive)))
+        return scan.scan(step.ids_np[:, 0])
 
     def _match_lattice(self, step: DecodedStep) -> dict[int, Sighting]:
         lattice = self._lattice_for(step.vocab)
         if lattice is None:
             return {}
         ids, probs = step.ids_np, step.probs_np
+        threshold = max(self.min_alt_prob, 1e-12)
+        if not _any_kept(ids, probs, lattice.column_of, threshold):
+            return {}  # the usual step: no pattern token kept anywhere
         columns = lattice.column_of[ids]  # [L, k]: 1 + pattern-token column, 0 = none
-        present = (columns > 0) & (probs >= max(self.min_alt_prob, 1e-12))
-        if not present.any():
-            return {}
+        present = (columns > 0) & (probs >= threshold)
         length, width = ids.shape[0], lattice.sequences.shape[1]
         distinct = len(lattice.tokens)
         # member[pos, u]: pattern token u is kept at pos; rows past the canvas never match, the
@@ -237,6 +274,27 @@ def literal_regex(pattern: str) -> str:
 _LOWER_OR_DIGIT = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 
 
+def _gate(compiled: re.Pattern, case_sensitive: bool) -> str | None:
+    """A literal of 3+ characters that every match of `compiled` starts with, as the scan sees it; None if unsure.
+
+    Read from the regex's parse: its leading run of plain literals. Only case-sensitive regexes
+    get one (under IGNORECASE, re also equates e.g. 'ſ' with 's', which lower-casing does not),
+    and on a lower-cased scan only an ASCII prefix (its lower case is exact per character).
+    """
+    try:
+        parsed = re._parser.parse(compiled.pattern, compiled.flags)
+    except Exception:  # a private module: any surprise just means "no gate"
+        return None
+    prefix = ""
+    for op, argument in parsed:
+        if op is not re._constants.LITERAL:
+            break
+        prefix += chr(argument)
+    if len(prefix) < 3 or parsed.state.flags & re.IGNORECASE or not (case_sensitive or prefix.isascii()):
+        return None
+    return prefix if case_sensitive else prefix.lower()
+
+
 def _at_word_edges(text: str, start: int, stop: int, pattern: str) -> bool:
     """literal_regex's edge rule, checked on a found occurrence."""
     if pattern[:1].isalnum() or pattern[:1] == "_":
@@ -283,6 +341,20 @@ def _build_lattice(literals: list[tuple[int, str]], case_sensitive: bool, vocab:
         pattern_of=np.array([index for index, _ in sequences]),
         lengths=np.array([len(ids) for _, ids in sequences]),
     )
+
+
+@kernel
+def _any_kept(ids, probs, column_of, threshold):
+    """Whether any pattern token (column_of > 0) is kept with at least `threshold` somewhere."""
+    length, k = ids.shape
+    for i in range(length):
+        if i + 4 < length:  # the table lookups of a row a few positions ahead (random ids: cache misses)
+            for c in range(k):
+                prefetch(column_of, ids[i + 4, c])
+        for c in range(k):
+            if column_of[ids[i, c]] > 0 and probs[i, c] >= threshold:
+                return True
+    return False
 
 
 def _sighting(step: DecodedStep, start: int, stop: int, matched: str, via: str) -> Sighting:

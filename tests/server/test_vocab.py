@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from canvaswatch.server.vocab import VocabularyError, load_vocabulary
@@ -31,3 +32,21 @@ def test_a_tokenizer_directory_replaces_the_default(tmp_path):
 def test_a_missing_directory_names_the_key(tmp_path):
     with pytest.raises(VocabularyError, match="vocab.tokenizer: .* is neither 'gemma3-270m' nor a directory"):
         load_vocabulary(str(tmp_path / "absent"))
+
+
+def test_decoding_random_canvases_joins_exactly_the_pieces(vocab):
+    # The compiled gather over one UTF-8 buffer must give what joining the Python pieces gives,
+    # for every script and byte-fallback piece a random canvas draws, and lower-case piece by piece.
+    generator = torch.Generator().manual_seed(3)
+    pieces, lowered = vocab.pieces(), vocab.pieces(lower=True)
+    for length in (0, 1, 256, 1024):
+        ids = torch.randint(0, vocab.size, (length,), generator=generator).tolist()
+        assert vocab.decode(ids) == "".join(pieces[i] for i in ids)
+        assert vocab.decode_lower(ids) == "".join(lowered[i] for i in ids)
+        assert len(vocab.decode_lower(ids)) == len(vocab.decode(ids))
+
+
+@pytest.mark.parametrize("bad", [-1, 262_144])
+def test_decoding_an_id_outside_the_vocabulary_raises_instead_of_reading_past_the_table(vocab, bad):
+    with pytest.raises(IndexError, match=f"token id {bad} is outside the vocabulary"):
+        vocab.decode([5, bad])

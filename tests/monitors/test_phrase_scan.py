@@ -1,0 +1,102 @@
+"""The compiled phrase scan: the same hits as a scan of the text, its fallback, and the regex gates."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from canvaswatch.monitors import phrase_scan
+from canvaswatch.monitors.base import RequestMeta
+from canvaswatch.monitors.lexicon import LexiconMonitor, LexiconParams
+from canvaswatch.monitors.phrase_scan import CompiledScan
+from canvaswatch.monitors.phrases import PhraseMatcher, PhraseSpec
+from tests.monitors.canvas import canvas_step
+
+# Overlapping keys on purpose: one is a suffix of another, one a prefix, one inside another.
+KEYS = ["he", "she", "hers", "his secret", "secret", "rm -rf /", "ß straße"]
+
+
+def _text_hits(text: str, keys: list[str]) -> set[tuple[int, int]]:
+    """Every (end offset, key) by brute force over the text."""
+    return {(m.start() + len(key) - 1, number) for number, key in enumerate(keys)
+            for m in re.finditer(f"(?={re.escape(key)})", text)}
+
+
+def _canvases(vocab, count: int, length: int):
+    generator = torch.Generator().manual_seed(11)
+    planted = vocab.encode(" she said his secret: rm -rf / and hers, ß straße")
+    for _ in range(count):
+        ids = torch.randint(0, vocab.size, (length,), generator=generator)
+        start = int(torch.randint(0, length - len(planted), (1,), generator=generator))
+        ids[start : start + len(planted)] = torch.tensor(planted)
+        yield ids.numpy()
+
+
+def test_the_compiled_scan_finds_exactly_what_a_scan_of_the_text_finds(vocab):
+    scan = CompiledScan(KEYS, vocab.pieces(lower=True))
+    for ids in _canvases(vocab, 20, 512):
+        text = vocab.decode_lower(ids)
+        found = scan.scan(ids)
+        assert set(found) == _text_hits(text, KEYS)
+        assert [end for end, _ in found] == sorted(end for end, _ in found)  # text order
+
+
+def test_a_canvas_with_more_hits_than_the_first_buffer_returns_every_hit(vocab):
+    scan = CompiledScan(["ab", "b"], vocab.pieces())
+    ids = torch.tensor(vocab.encode("ab" * 300)).numpy()
+    assert len(scan.scan(ids)) == len(_text_hits(vocab.decode(ids), ["ab", "b"])) == 600
+
+
+def test_an_id_outside_the_vocabulary_raises_instead_of_reading_past_the_table(vocab):
+    scan = CompiledScan(KEYS, vocab.pieces())
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        scan.scan(torch.tensor([3, vocab.size]).numpy())
+
+
+def test_a_lexicon_too_large_for_the_table_falls_back_and_matches_the_same(vocab, monkeypatch):
+    spec = PhraseSpec(patterns=("his secret", "rm -rf /", "Straße"), regex=(r"AKIA[0-9A-Z]{4}",),
+                      case_sensitive=False, min_alt_prob=0.05)
+    compiled = PhraseMatcher([spec])
+    monkeypatch.setattr(phrase_scan, "MAX_CODES", 2)  # as if the phrases had more characters than codes
+    fallback = PhraseMatcher([spec])
+    assert compiled._automaton is None and fallback._automaton is not None
+    for ids in _canvases(vocab, 10, 256):
+        step = canvas_step(ids.tolist(), 0.9, vocab=vocab)
+        assert compiled._match_text(step) == fallback._match_text(step)
+        assert compiled._match_text(step)  # the planted phrases are found
+
+
+META = RequestMeta("r", "m", "", (), 32, 0)
+
+
+def test_a_regex_runs_only_on_canvases_that_hold_its_literal_prefix(vocab):
+    monitor = LexiconMonitor(LexiconParams(patterns=["untraceable poison"], regex=[r"AKIA[0-9A-Z]{16}(?![0-9A-Z])"]))
+    state = monitor.start(META)
+    quiet = canvas_step((vocab.encode("nothing to see here, just words") * 4)[:32], 0.9, vocab=vocab)
+    assert monitor.on_step(state, quiet) == []
+    assert "text" not in quiet.__dict__  # no match, no gate: the canvas was never read as a string
+    keyed = canvas_step((vocab.encode("the key AKIAABCDEFGHIJKLMNOP was") + vocab.encode(" the") * 32)[:32],
+                        0.9, step=1, vocab=vocab)
+    (flag,) = monitor.on_step(state, keyed)
+    assert flag.attributes["pattern"] == r"AKIA[0-9A-Z]{16}(?![0-9A-Z])"
+    assert "[AKIAABCDEFGHIJKLMNOP]" in flag.evidence[0].snippet
+    lower = canvas_step((vocab.encode("the key akiaabcdefghijklmnop was") + vocab.encode(" the") * 32)[:32],
+                        0.9, step=2, vocab=vocab)
+    assert monitor.on_step(monitor.start(META), lower) == []  # the gate is seen; the regex, case-sensitive, refuses
+    assert "text" in lower.__dict__
+
+
+@pytest.mark.parametrize("expression, gate", [
+    (r"AKIA[0-9A-Z]{16}", "akia"),
+    (r"(?i)password\s*=", None),  # IGNORECASE: re equates more than lower-casing does
+    (r"ab[0-9]", None),  # too short to be worth a key
+    (r"abc*d", None),  # only "ab" is certain
+    (r"secret|token", None),  # no single prefix
+    (r"Ärger!", None),  # not ASCII: its lower case is not certain per character
+])
+def test_regex_gates_are_taken_only_when_certain(expression, gate):
+    from canvaswatch.monitors.phrases import _gate
+
+    assert _gate(re.compile(expression), case_sensitive=False) == gate
