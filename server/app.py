@@ -35,6 +35,7 @@ class Sidecar:
         self.config = config
         self.vocab = vocab or load_vocabulary(config.vocab.tokenizer)
         self.engine = Engine(config, self.vocab, metrics=metrics, dense=dense)
+        self.engine.warm_up()
         self.executor = ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="canvaswatch-step")
         # Workers build their own engine from `config` (vocabulary, monitors); only the matrix is handed over.
         self.workers = (MonitorWorkers(config, self.engine.dense.embeddings, log_level=config.logging.level)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import structlog
 
-from canvaswatch.monitors.base import Flag, Monitor, Vocabulary
+from canvaswatch.monitors.base import FinalCanvas, Flag, Monitor, Vocabulary
 from canvaswatch.monitors.phrases import link_phrase_matchers
 from canvaswatch.monitors.registry import describe_params
 from canvaswatch.server.audit import AuditLog
@@ -50,6 +51,32 @@ class Engine:
             budget_s=config.server.monitor_budget_ms / 1000.0,
             log_content=config.logging.log_content,
         )
+
+    def warm_up(self) -> None:
+        """Run the top-k path once on a synthetic request, off the books, before serving.
+
+        The per-step kernels are compiled on first use (~0.5 s each on a machine that has not
+        cached them yet) and the phrase scan builds its table per vocabulary: done here, no
+        request waits for it. Nothing is counted, logged or kept; a monitor that fails on the
+        synthetic canvas is left to fail (and be isolated) on real ones.
+        """
+        length, k = 16, 4
+        ids = (np.arange(length * k, dtype=np.int32).reshape(length, k) * 7919) % self.vocab.size
+        probs = np.tile(np.array([0.85, 0.1, 0.03, 0.0], dtype=np.float32), (length, 1))
+        message = pb.StepState(topk=pb.TopK(
+            ids=pb.Tensor(dtype=pb.INT32, shape=[length, k], data=ids.tobytes()),
+            probs=pb.Tensor(dtype=pb.FLOAT32, shape=[length, k], data=probs.tobytes())))
+        decoder = StepDecoder(self.vocab, Metrics(), self.dense)
+        meta = request_meta(pb.RequestInfo(request_id="warm-up", canvas_length=length), "info")
+        for monitor in self.monitors:
+            try:
+                state = monitor.start(meta)
+                for number in range(2):
+                    message.step = number
+                    monitor.on_step(state, decoder.decode(message, length, "warm-up"))
+                monitor.on_finish(state, FinalCanvas(output_ids=(), text="", steps_seen=2, steps_dropped=0))
+            except Exception as err:  # noqa: BLE001 - warm-up must never stop a start-up
+                log.debug("warm_up_skipped", monitor=monitor.name, error=f"{type(err).__name__}: {err}")
 
     def open(self, info: pb.RequestInfo, where: str, keep_history: bool = False) -> Session:
         meta = request_meta(info, where)

@@ -168,6 +168,7 @@ class _Worker:
         vocab = load_vocabulary(config.vocab.tokenizer)
         dense = build_dense_decoder(config.dense, vocab.size, embeddings=embeddings)
         self.engine = Engine(config, vocab, metrics=Metrics(), dense=dense)
+        self.engine.warm_up()
         self.handlers: dict[int, Any] = {}
 
     def snapshot(self) -> list[Family]:

@@ -41,7 +41,12 @@ def test_dockerfile_is_multistage_non_root_with_a_grpc_health_check_and_ci_insta
     # same order: torch from its pinned wheel first, then the project (CI installs it editable, with test extras)
     assert image_installs == ["torch==2.13.0", "."]
     assert ci_installs[:2] == ["torch==2.13.0", "-e"]
-    assert "load_vocabulary(); load_embedding_matrix()" in text  # baked in: no network at start-up
+    # baked in: the default engine loads the vocabulary and matrix (no network at start-up) and its
+    # warm-up compiles the kernels into a cache the non-root user can read at run time
+    assert "Engine(default_config(), load_vocabulary()).warm_up()" in text
+    final_stage = text.split("\nFROM ")[-1]
+    assert "NUMBA_CACHE_DIR=/opt/canvaswatch-cache/numba" in final_stage
+    assert "--chown=10001:10001 /opt/canvaswatch-cache" in final_stage
 
 
 def test_healthcheck_command_reports_serving_and_down(vocab, dense, tmp_path):
