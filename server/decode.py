@@ -30,12 +30,12 @@ _SORTED, _UNSORTED, _INVALID = 0, 1, 2
 
 
 @kernel
-def _check_topk(ids, probs, vocab_size, max_sum, ids_out, probs_out, residual):
+def _check_topk(ids, probs, vocab_size, max_sum, ids_out, probs_out, residual, residual_sum):
     """Validate a top-k state and copy it out: _SORTED, _UNSORTED (valid, not most probable first) or _INVALID.
 
     Valid: every probability in [0, 1] (NaN is not), every id with mass inside the vocabulary,
     every row summing to at most max_sum. Padding (probability 0) gets id 0; residual[r] is the
-    mass outside the row's kept tokens.
+    mass outside the row's kept tokens, residual_sum[0] their sum (float64, as the mean needs).
     """
     verdict = _SORTED
     length, k = ids.shape
@@ -59,6 +59,7 @@ def _check_topk(ids, probs, vocab_size, max_sum, ids_out, probs_out, residual):
         if total > max_sum:
             return _INVALID
         residual[r] = max(1.0 - total, 0.0)
+        residual_sum[0] += residual[r]
     return verdict
 
 
@@ -98,10 +99,10 @@ class StepDecoder:
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"{where}.embeddings: this sidecar has no embedding matrix configured (dense.embeddings); send topk or logits",
             )
-        hidden = None
+        hidden = residual_sum = None
         try:
             if form == "topk":
-                ids, probs, residual = self._read_topk(message.topk, canvas_length, where)
+                ids, probs, residual, residual_sum = self._read_topk(message.topk, canvas_length, where)
             elif form == "logits":
                 ids, probs, residual = self._read_logits(message.logits, canvas_length, where)
             else:
@@ -112,10 +113,10 @@ class StepDecoder:
         self._timers[form].observe(time.perf_counter() - started)
         return DecodedStep(
             block=message.block, step=message.step, ids=ids, probs=probs, vocab=self.vocab,
-            residual=residual, canvas_ids=canvas, hidden=hidden,
+            residual=residual, canvas_ids=canvas, hidden=hidden, residual_sum=residual_sum,
         )
 
-    def _read_topk(self, topk: pb.TopK, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _read_topk(self, topk: pb.TopK, length: int, where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         if not topk.HasField("ids") or not topk.HasField("probs"):
             raise invalid(f"{where}.topk: both ids and probs are required")
         # Straight from the message's bytes (NumPy views); the diagnosis of a bad state runs only on failure.
@@ -136,7 +137,8 @@ class StepDecoder:
         ids = np.empty(i.shape, dtype=np.int64)
         probs = np.empty(p.shape, dtype=np.float32)
         residual = np.empty(i.shape[0], dtype=np.float32)
-        verdict = _check_topk(i, p, self.vocab.size, 1 + PROB_SUM_SLACK, ids, probs, residual)
+        residual_sum = np.zeros(1, dtype=np.float64)
+        verdict = _check_topk(i, p, self.vocab.size, 1 + PROB_SUM_SLACK, ids, probs, residual, residual_sum)
         if verdict == _INVALID:
             self._refuse_topk(i, p, where)
         if verdict == _UNSORTED:
@@ -144,7 +146,7 @@ class StepDecoder:
             order = np.argsort(-probs, axis=1, kind="stable")
             probs = np.take_along_axis(probs, order, axis=1)
             ids = np.take_along_axis(ids, order, axis=1)
-        return torch.from_numpy(ids), torch.from_numpy(probs), torch.from_numpy(residual)
+        return torch.from_numpy(ids), torch.from_numpy(probs), torch.from_numpy(residual), float(residual_sum[0])
 
     def _refuse_topk(self, i: np.ndarray, p: np.ndarray, where: str) -> None:
         """Raise the error for the first thing wrong with a top-k state the kernel refused."""

@@ -38,6 +38,7 @@ def test_every_wire_dtype_decodes_to_the_same_ordered_canvas(id_dtype, prob_dtyp
     assert step.ids.tolist() == [[5, 6, 7], [8, 9, 0]]  # most probable first; padding id cleared
     assert step.probs.tolist() == [[0.5, 0.25, 0.125], [0.5, 0.125, 0.0]]
     assert step.residual.tolist() == [0.125, 0.375]
+    assert step.residual_mean == 0.25  # summed in the decoding pass, not again by each reader
     assert step.ids.dtype == torch.int64 and step.probs.dtype == torch.float32
 
 
