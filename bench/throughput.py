@@ -1,6 +1,6 @@
 """Top-k path throughput: the sidecar with its default monitors vs a bare gRPC echo, same messages, same run.
 
-    python bench/throughput.py [--lengths 256,1024] [--streams 1,8] [--steps 200] [--monitor-processes 0,2]
+    python bench/throughput.py [--lengths 256,1024] [--streams 1,8] [--steps 200] [--monitor-processes 0,2] [--repeats 7]
 
 Both servers run as separate processes on 127.0.0.1 (grpc.aio, same message
 size limits). The echo server implements the same Watch RPC but only reads
@@ -12,6 +12,8 @@ each server process spent per step (the echo; the sidecar's gRPC process;
 its busiest monitor worker), which shows what limits a run. `--monitor-processes` runs one
 sidecar per value of server.monitor_processes (0: monitors on the gRPC
 process; N: N worker processes), each measured against the same echo.
+`--repeats R` measures each row R times, echo and sidecar alternating, and
+reports median rates: on a shared machine single runs vary by +-25%.
 """
 
 from __future__ import annotations
@@ -156,6 +158,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--monitor-processes", default="0", help="comma-separated server.monitor_processes values")
     parser.add_argument("--config", help="the sidecars' TOML config (default: the built-in one)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per row, echo and sidecar alternating; rates are medians, CPU columns means")
     parser.add_argument("--echo-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_port:
@@ -187,14 +191,18 @@ def main() -> None:
                     target = f"127.0.0.1:{port}"
                     drive(target, steps[:20], max(streams, mode or 1), length)  # warm-up, every worker
                     sidecar = sidecars[modes.index(mode)]
-                    before = cpu_seconds(echo.pid)
-                    echo_rate, echo_mb = drive(f"127.0.0.1:{echo_port}", steps, streams, length)
-                    echo_cpu = cpu_seconds(echo.pid) - before
-                    front, workers = cpu_seconds(sidecar.pid), {pid: cpu_seconds(pid) for pid in children(sidecar.pid)}
-                    side_rate, side_mb = drive(target, steps, streams, length)
-                    front = cpu_seconds(sidecar.pid) - front
-                    busiest = max((cpu_seconds(pid) - spent for pid, spent in workers.items()), default=0.0)
-                    count = streams * len(steps)
+                    echo_runs, side_runs = [], []
+                    echo_cpu = front = busiest = 0.0
+                    for _ in range(args.repeats):  # alternate, so drifts of a shared machine hit both alike
+                        before = cpu_seconds(echo.pid)
+                        echo_runs.append(drive(f"127.0.0.1:{echo_port}", steps, streams, length))
+                        echo_cpu += cpu_seconds(echo.pid) - before
+                        spent, workers = cpu_seconds(sidecar.pid), {pid: cpu_seconds(pid) for pid in children(sidecar.pid)}
+                        side_runs.append(drive(target, steps, streams, length))
+                        front += cpu_seconds(sidecar.pid) - spent
+                        busiest += max((cpu_seconds(pid) - used for pid, used in workers.items()), default=0.0)
+                    (echo_rate, echo_mb), (side_rate, side_mb) = _median(echo_runs), _median(side_runs)
+                    count = args.repeats * streams * len(steps)
                     print(f"| {length} | {streams} | {mode} | {echo_rate:.0f} | {side_rate:.0f} | {side_rate / echo_rate:.2f} | "
                           f"{echo_mb:.1f} | {side_mb:.1f} | {_per_step(echo_cpu, count)} | {_per_step(front, count)} | "
                           f"{_per_step(busiest, count) if mode else '-'} |", flush=True)
@@ -202,6 +210,12 @@ def main() -> None:
         for process in (echo, *sidecars):
             process.terminate()
             process.wait(timeout=30)
+
+
+def _median(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """The run with the median rate (steps/s, MB/s of the same run)."""
+    return sorted(runs)[len(runs) // 2]
+
 
 if __name__ == "__main__":
     main()
