@@ -8,15 +8,19 @@ arithmetic; deciding what to flag and writing evidence stays in Python, on the
 rare steps that flag.
 
 `kernel` is numba's `njit` with the on-disk cache (a process loads a compiled
-kernel in milliseconds instead of compiling it for ~0.5 s) and without the GIL
-held, so a kernel never holds up the event loop's other threads.
-NUMBA_DISABLE_JIT=1 runs every kernel as plain Python (slow; for debugging).
+kernel in milliseconds instead of compiling it for ~0.5 s). Kernels keep the
+GIL: each runs for a few microseconds, less than a hand-over of the GIL to
+gRPC's poller thread and back can cost (the throughput benchmark measured the
+same or better without nogil, within its noise). NUMBA_DISABLE_JIT=1 runs
+every kernel as plain Python (slow; for debugging).
 
-Rule: a kernel calls no kernel of another module; Python chains them (`prefetch`,
-an intrinsic of a few instructions, is the exception). The cache
-is keyed on the defining file alone, so a caller would keep a stale compiled
-copy of a callee edited elsewhere (and a per-position call that numba does not
-inline costs ~20 ns, more than a helper's own work).
+Rule: a kernel calls no kernel of another module; Python chains them
+(`prefetch`, an intrinsic of a few instructions, is the exception). The cache is
+keyed on the defining file alone, so a caller would keep a stale compiled copy
+of a callee edited elsewhere, and a per-position call that numba does not
+inline costs ~20 ns, more than a helper's own work. For the same reason an edit
+of this file's decorator recompiles nothing already cached: clear the
+`__pycache__/*.nbi` files after one.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.core.extending import intrinsic
 
-kernel = numba.njit(cache=True, nogil=True)
+kernel = numba.njit(cache=True)
 
 
 @intrinsic
