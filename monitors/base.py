@@ -110,9 +110,9 @@ class DecodedStep:
     hidden: torch.Tensor | None = None  # [L, d] the self-conditioning vectors, when sent in that form
     residual_sum: float | None = None  # sum of residual, when the decoder computed it on the way
 
-    @property
+    @cached_property
     def canvas_length(self) -> int:
-        return int(self.ids.shape[0])
+        return len(self.ids_np)
 
     @cached_property
     def ids_np(self) -> "np.ndarray":
