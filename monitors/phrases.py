@@ -345,14 +345,22 @@ def _build_lattice(literals: list[tuple[int, str]], case_sensitive: bool, vocab:
 
 @kernel
 def _any_kept(ids, probs, column_of, threshold):
-    """Whether any pattern token (column_of > 0) is kept with at least `threshold` somewhere."""
+    """Whether any pattern token (column_of > 0) is kept with at least `threshold` somewhere.
+
+    Slots are most probable first, so a row is read only down to its first slot under the
+    threshold: most slots never cost a (random, cache-missing) table lookup.
+    """
     length, k = ids.shape
     for i in range(length):
-        if i + 4 < length:  # the table lookups of a row a few positions ahead (random ids: cache misses)
+        if i + 4 < length:  # the lookups of a row a few positions ahead, so their misses overlap
             for c in range(k):
+                if probs[i + 4, c] < threshold:
+                    break
                 prefetch(column_of, ids[i + 4, c])
         for c in range(k):
-            if column_of[ids[i, c]] > 0 and probs[i, c] >= threshold:
+            if probs[i, c] < threshold:
+                break
+            if column_of[ids[i, c]] > 0:
                 return True
     return False
 
