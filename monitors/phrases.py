@@ -111,9 +111,8 @@ class PhraseMatcher:
         self._keys = list(keys)
         self._key_literals = [tuple(indices) for indices, _ in keys.values()]
         self._key_gates = [tuple(gated) for _, gated in keys.values()]
-        self._compiled = CompiledScan.fits(self._keys)
-        self._automaton = None
-        if self._keys and not self._compiled:
+        self._automaton = None  # pyahocorasick over the text, only for lexicons too large to compile
+        if self._keys and not CompiledScan.fits(self._keys):
             self._automaton = ahocorasick.Automaton()
             for number, key in enumerate(self._keys):
                 self._automaton.add_word(key, number)
