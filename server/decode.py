@@ -10,6 +10,7 @@ tied embedding matrix. A sidecar configured without a matrix answers the
 from __future__ import annotations
 
 import time
+from typing import NoReturn
 
 import grpc
 import numpy as np
@@ -155,7 +156,7 @@ class StepDecoder:
             ids = np.take_along_axis(ids, order, axis=1)
         return ids, probs, residual, float(residual_sum[0])
 
-    def _refuse_topk(self, i: np.ndarray, p: np.ndarray, where: str) -> None:
+    def _refuse_topk(self, i: np.ndarray, p: np.ndarray, where: str) -> NoReturn:
         """Raise the error for the first thing wrong with a top-k state the kernel refused."""
         if not np.isfinite(p).all():
             bad = np.argwhere(~np.isfinite(p))[0]
