@@ -8,7 +8,8 @@ arithmetic; deciding what to flag and writing evidence stays in Python, on the
 rare steps that flag.
 
 `kernel` is numba's `njit` with the on-disk cache (a process loads a compiled
-kernel in milliseconds instead of compiling it for ~0.5 s). Kernels keep the
+kernel in milliseconds instead of compiling it for ~0.5 s), or without it where
+no cache directory is writable (logged once). Kernels keep the
 GIL: each runs for a few microseconds, less than a hand-over of the GIL to
 gRPC's poller thread and back can cost (the throughput benchmark measured the
 same or better without nogil, within its noise). NUMBA_DISABLE_JIT=1 runs
@@ -25,12 +26,36 @@ of this file's decorator recompiles nothing already cached: clear the
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numba
+import structlog
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.core.extending import intrinsic
 
-kernel = numba.njit(cache=True)
+log = structlog.get_logger(__name__)
+_uncached: list[str] = []
+
+
+def kernel(function: Callable) -> Callable:
+    """numba.njit with the disk cache; compiled in memory only where numba finds no writable cache directory.
+
+    numba needs its cache directory writable even to read it (it checks with a temporary file),
+    and raises at decoration when neither NUMBA_CACHE_DIR, the package's __pycache__ nor a
+    user cache directory is: e.g. a read-only root filesystem. The sidecar must start there
+    too, compiling at start-up instead (~3.5 s).
+    """
+    try:
+        return numba.njit(cache=True)(function)
+    except RuntimeError as err:  # "cannot cache function ...: no locator available"
+        if "no locator" not in str(err):
+            raise
+        if not _uncached:
+            log.warning("kernel_cache_unavailable", reason=str(err),
+                        fix="set NUMBA_CACHE_DIR to a writable directory")
+        _uncached.append(function.__qualname__)
+        return numba.njit(function)
 
 
 @intrinsic

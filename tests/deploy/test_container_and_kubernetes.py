@@ -80,6 +80,11 @@ def test_sidecar_wiring_between_manifests_and_config():
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert sidecar[probe]["grpc"]["port"] == config.server.grpc_port
     assert sidecar["resources"]["requests"] and sidecar["securityContext"]["runAsUser"] == 10001
+    # a read-only root filesystem: the kernel cache (numba writes to read it) is on a mounted volume
+    if sidecar["securityContext"].get("readOnlyRootFilesystem"):
+        cache = {e["name"]: e["value"] for e in sidecar["env"]}["NUMBA_CACHE_DIR"]
+        mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"] if not m.get("readOnly")}
+        assert mounts.get(cache) in {v["name"] for v in pod["spec"]["volumes"] if "emptyDir" in v}
     assert monitor["kind"] == "PodMonitor" and monitor["spec"]["podMetricsEndpoints"][0]["port"] == "cw-metrics"
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod["metadata"]["labels"].items()
