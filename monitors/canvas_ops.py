@@ -71,8 +71,9 @@ class OffsetRuns:
     """Per (offset, position) of one block: consecutive steps a condition has held, and whether it was reported.
 
     The smearing monitors' state: a condition must hold `min_steps` steps in a row before it is
-    flagged, once per (offset, position) and block. Bounded by offsets x canvas length. Their
-    kernels update it with `count_run`; `fire` holds the step's new (offset, position) reports.
+    flagged, once per (offset, position) and block. Bounded by offsets x canvas length. A
+    monitor's kernel writes the step's condition into `holds`; `advance` counts it into the runs
+    in one compiled pass and leaves the step's new (offset, position) reports in `fire`.
     """
 
     block: int = -1
