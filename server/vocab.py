@@ -15,6 +15,7 @@ canvas positions.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -48,9 +49,15 @@ class TokenizerVocabulary:
         self._lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=self.size)
         self._text = _PieceTable(pieces)
         # Each piece lower-cased on its own with its length kept (~0.1 s to build here, so that no
-        # request pays for it): offsets into the text index its lower case too.
+        # request pays for it): offsets into the text index its lower case too. The phrase scan
+        # compiles its table from these.
         self._lower_pieces = [lower_keeping_length(p) for p in pieces]
-        self._lower = _PieceTable(self._lower_pieces)
+
+    @functools.cached_property
+    def _lower(self) -> "_PieceTable":
+        # Built on first use (~50 ms, a few MB per process): only matching that falls back to
+        # scanning the text (lexicons too large to compile) reads the lower-cased text.
+        return _PieceTable(self._lower_pieces)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._text.join(ids)
