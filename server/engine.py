@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import structlog
+import torch
 
+from canvaswatch.client.tensors import encode_tensor
 from canvaswatch.monitors.base import FinalCanvas, Flag, Monitor, Vocabulary
 from canvaswatch.monitors.phrases import link_phrase_matchers
 from canvaswatch.monitors.registry import describe_params
@@ -61,11 +62,9 @@ class Engine:
         synthetic canvas is left to fail (and be isolated) on real ones.
         """
         length, k = 16, 4
-        ids = (np.arange(length * k, dtype=np.int32).reshape(length, k) * 7919) % self.vocab.size
-        probs = np.tile(np.array([0.85, 0.1, 0.03, 0.0], dtype=np.float32), (length, 1))
-        message = pb.StepState(topk=pb.TopK(
-            ids=pb.Tensor(dtype=pb.INT32, shape=[length, k], data=ids.tobytes()),
-            probs=pb.Tensor(dtype=pb.FLOAT32, shape=[length, k], data=probs.tobytes())))
+        ids = (torch.arange(length * k, dtype=torch.int32).reshape(length, k) * 7919) % self.vocab.size
+        probs = torch.tensor([0.85, 0.1, 0.03, 0.0]).repeat(length, 1)
+        message = pb.StepState(topk=pb.TopK(ids=encode_tensor(ids), probs=encode_tensor(probs)))
         decoder = StepDecoder(self.vocab, Metrics(), self.dense)
         meta = request_meta(pb.RequestInfo(request_id="warm-up", canvas_length=length), "info")
         for monitor in self.monitors:
