@@ -35,9 +35,9 @@ class CompiledScan:
 
     def __init__(self, keys: Sequence[str], pieces: Sequence[str]) -> None:
         alphabet = sorted({char for key in keys for char in key})
-        self._code = {char: code for code, char in enumerate(alphabet, start=1)}
-        self.delta, self.out_start, self.out_key = _automaton([[self._code[c] for c in key] for key in keys], len(alphabet))
-        self.starts, self.codes = _piece_codes(pieces, self._code)
+        code_of = {char: code for code, char in enumerate(alphabet, start=1)}
+        self.delta, self.out_start, self.out_key = _automaton([[code_of[c] for c in key] for key in keys], len(alphabet))
+        self.starts, self.codes = _piece_codes(pieces, code_of)
 
     @staticmethod
     def fits(keys: Sequence[str]) -> bool:
