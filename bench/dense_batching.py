@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from canvaswatch.server.dense import DenseDecoder
-from canvaswatch.server.dense_batching import DenseBatcher
+from canvaswatch.server.bottleneck.dense import DenseDecoder
+from canvaswatch.server.bottleneck.batching import DenseBatcher
 
 
 def run(decode, streams: int, steps: int, hidden: list[torch.Tensor], sync) -> float:

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from canvaswatch.server.dense import Projection, project_topk_chunked
+from canvaswatch.server.bottleneck.dense import Projection, project_topk_chunked
 
 V = 262_144
 
@@ -72,7 +72,7 @@ def main() -> None:
         fused = "n/a"
         rate = f"{1e3 / chunked_ms:.2f} (chunked)"
         if device == "cuda":
-            from canvaswatch.server.dense_triton import fused_topk
+            from canvaswatch.server.bottleneck.fused_triton import fused_topk
 
             fused_ms = timer(lambda: fused_topk(H, E, args.k))
             fused = f"{fused_ms:.3f} ({fused_ms / bare:.2f}x)"

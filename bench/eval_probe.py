@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from canvaswatch.server.vocab import load_vocabulary  # noqa: E402
+from canvaswatch.server.bottleneck.vocab import load_vocabulary  # noqa: E402
 from tests.probe_eval import write_probe_eval  # noqa: E402
 
 

@@ -3,8 +3,8 @@ import sys
 import torch
 from triton.testing import do_bench
 
-from canvaswatch.server import dense_triton as dt
-from canvaswatch.server.dense import Projection
+from canvaswatch.server.bottleneck import fused_triton as dt
+from canvaswatch.server.bottleneck.dense import Projection
 
 torch.manual_seed(0)
 dev = "cuda"

@@ -30,9 +30,9 @@ from throughput import make_steps  # noqa: E402
 
 from canvaswatch.monitors.base import RequestMeta  # noqa: E402
 from canvaswatch.server.config import default_config  # noqa: E402
-from canvaswatch.server.dense import DenseDecoder  # noqa: E402
-from canvaswatch.server.engine import Engine  # noqa: E402
-from canvaswatch.server.vocab import load_vocabulary  # noqa: E402
+from canvaswatch.server.bottleneck.dense import DenseDecoder  # noqa: E402
+from canvaswatch.server.pipeline.engine import Engine  # noqa: E402
+from canvaswatch.server.bottleneck.vocab import load_vocabulary  # noqa: E402
 
 
 def best_of(passes: int, fn, setup=lambda: None) -> float:

@@ -11,7 +11,7 @@ the methods in turn:
   bare      fp32 H @ E^T alone
   topk      bare + topk            (the brute force for top-k ids and logits)
   naive     bare + logsumexp + topk (the brute force with probabilities)
-  screened  canvaswatch.server.dense_screen, top-k only, and with log Z
+  screened  canvaswatch.server.bottleneck.screened, top-k only, and with log Z
 and checks that the screen's ids equal the float64 brute force's.
 """
 
@@ -24,9 +24,9 @@ import time
 import torch
 
 from canvaswatch.client.simulate import corpus
-from canvaswatch.server.dense_screen import ScreenedIndex
-from canvaswatch.server.embedding import load_embedding_matrix
-from canvaswatch.server.vocab import cache_dir, default_gguf_path
+from canvaswatch.server.bottleneck.screened import ScreenedIndex
+from canvaswatch.server.bottleneck.embedding import load_embedding_matrix
+from canvaswatch.server.bottleneck.vocab import cache_dir, default_gguf_path
 
 
 def gemma_hidden_states(length: int) -> torch.Tensor:

@@ -12,16 +12,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from canvaswatch.monitors.base import Vocabulary
-from canvaswatch.server.auth import BearerTokenInterceptor
+from canvaswatch.server.transport.auth import BearerTokenInterceptor
 from canvaswatch.server.config import Config
-from canvaswatch.server.dense import DenseDecoder
-from canvaswatch.server.engine import Engine
-from canvaswatch.server.metrics import Metrics
-from canvaswatch.server.metrics_merge import merged_registry
-from canvaswatch.server.monitor_workers import MonitorWorkers
-from canvaswatch.server.relay import SERVICE_NAME, RelayWatch, relay_handler
-from canvaswatch.server.servicer import CanvasMonitorServicer
-from canvaswatch.server.vocab import load_vocabulary
+from canvaswatch.server.bottleneck.dense import DenseDecoder
+from canvaswatch.server.pipeline.engine import Engine
+from canvaswatch.server.ops.metrics import Metrics
+from canvaswatch.server.ops.merged_metrics import merged_registry
+from canvaswatch.server.workers.pool import MonitorWorkers
+from canvaswatch.server.transport.relay import SERVICE_NAME, RelayWatch, relay_handler
+from canvaswatch.server.transport.servicer import CanvasMonitorServicer
+from canvaswatch.server.bottleneck.vocab import load_vocabulary
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)

@@ -16,10 +16,10 @@ from pathlib import Path
 import grpc
 
 from canvaswatch.server.config import ConfigError, load_config
-from canvaswatch.server.embedding import EmbeddingError
-from canvaswatch.server.logs import configure_logging
-from canvaswatch.server.monitor_workers import WorkerStartError
-from canvaswatch.server.vocab import VocabularyError
+from canvaswatch.server.bottleneck.embedding import EmbeddingError
+from canvaswatch.server.ops.logs import configure_logging
+from canvaswatch.server.workers.pool import WorkerStartError
+from canvaswatch.server.bottleneck.vocab import VocabularyError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,8 +173,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _offline_engine(config_path: str | None):
     """An in-process engine for the offline commands (check, inspect, eval): no server, quiet logs."""
-    from canvaswatch.server.engine import Engine
-    from canvaswatch.server.vocab import load_vocabulary
+    from canvaswatch.server.pipeline.engine import Engine
+    from canvaswatch.server.bottleneck.vocab import load_vocabulary
 
     config = load_config(config_path)
     configure_logging("warning")
@@ -183,8 +183,8 @@ def _offline_engine(config_path: str | None):
 
 def _check(args: argparse.Namespace) -> int:
     from canvaswatch.client.trace import read_traces
-    from canvaswatch.server.convert import verdict_to_pb
-    from canvaswatch.server.decode import StepError
+    from canvaswatch.server.transport.convert import verdict_to_pb
+    from canvaswatch.server.bottleneck.step_decoder import StepError
 
     engine = _offline_engine(args.config)
     for index, trace in enumerate(read_traces(args.trace)):
@@ -217,7 +217,7 @@ def _replay(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from canvaswatch.client import simulate
     from canvaswatch.client.trace import write_traces
-    from canvaswatch.server.vocab import load_vocabulary
+    from canvaswatch.server.bottleneck.vocab import load_vocabulary
 
     vocab = load_vocabulary()
     if args.corpus:
@@ -235,8 +235,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from canvaswatch.client.trace import read_traces
-    from canvaswatch.server.decode import StepError
-    from canvaswatch.server.report import write_report
+    from canvaswatch.server.bottleneck.step_decoder import StepError
+    from canvaswatch.server.ops.report import write_report
 
     engine = _offline_engine(args.config)
     traces = list(read_traces(args.trace))
@@ -255,7 +255,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from canvaswatch.client.trace import read_traces
-    from canvaswatch.server.evaluate import as_json, as_table, evaluate
+    from canvaswatch.server.evaluation.evaluate import as_json, as_table, evaluate
 
     engine = _offline_engine(args.config)
     scores = evaluate(engine, read_traces(args.traces))

@@ -50,8 +50,8 @@ from typing import Any, Mapping
 
 from canvaswatch.monitors import registry
 from canvaswatch.monitors.base import Monitor
-from canvaswatch.server.embedding import DEFAULT_EMBEDDINGS
-from canvaswatch.server.vocab import DEFAULT_TOKENIZER
+from canvaswatch.server.bottleneck.embedding import DEFAULT_EMBEDDINGS
+from canvaswatch.server.bottleneck.vocab import DEFAULT_TOKENIZER
 
 # Built-ins that work with no external file; new ones join as they land.
 DEFAULT_MONITORS: tuple[str, ...] = (
@@ -76,7 +76,7 @@ class ServerSection:
     auth_tokens: list[str] = field(default_factory=list)
     workers: int = 2
     # 0: decode and monitor on the gRPC process's event loop. N > 0: N worker processes do it and the
-    # gRPC process relays bytes (server/monitor_workers.py); for more streams than one core can monitor.
+    # gRPC process relays bytes (server/workers/pool.py); for more streams than one core can monitor.
     monitor_processes: int = 0
 
     def __post_init__(self) -> None:

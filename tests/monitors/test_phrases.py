@@ -85,8 +85,8 @@ def test_a_phrase_listed_twice_in_one_monitor_flags_once(vocab):
 
 def test_the_default_engine_shares_one_matcher_between_lexicon_and_intermediate_context(vocab):
     from canvaswatch.server.config import default_config
-    from canvaswatch.server.dense import DenseDecoder
-    from canvaswatch.server.engine import Engine
+    from canvaswatch.server.bottleneck.dense import DenseDecoder
+    from canvaswatch.server.pipeline.engine import Engine
 
     engine = Engine(default_config(), vocab, dense=DenseDecoder(None, vocab.size))
     monitors = {m.name: m for m in engine.monitors}

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from canvaswatch.client.tensors import encode_tensor
-from canvaswatch.server.decode import StepDecoder
-from canvaswatch.server.dense import DenseDecoder
-from canvaswatch.server.metrics import Metrics
+from canvaswatch.server.bottleneck.step_decoder import StepDecoder
+from canvaswatch.server.bottleneck.dense import DenseDecoder
+from canvaswatch.server.ops.metrics import Metrics
 from canvaswatch.v1 import monitor_pb2 as pb
 
 
@@ -58,7 +58,7 @@ def test_decoded_arrays_are_owned_not_views_of_the_message():
     ("sum", "position 0 sums to 1.2500 > 1"),
 ])
 def test_the_compiled_check_refuses_what_the_diagnosis_then_names(case, message):
-    from canvaswatch.server.decode import StepError
+    from canvaswatch.server.bottleneck.step_decoder import StepError
 
     ids, probs = IDS.clone(), PROBS.clone()
     if case == "nan":

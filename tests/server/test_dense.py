@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from canvaswatch.server.dense import DenseDecoder, Projection, project_topk_chunked
-from canvaswatch.server.embedding import EmbeddingError, load_embedding_matrix
+from canvaswatch.server.bottleneck.dense import DenseDecoder, Projection, project_topk_chunked
+from canvaswatch.server.bottleneck.embedding import EmbeddingError, load_embedding_matrix
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -119,7 +119,7 @@ def test_default_matrix_is_the_real_gemma_one(gemma_embeddings):
 @pytest.mark.parametrize(("rows", "dim", "vocab"), [(256, 640, 262_144), (1024, 640, 262_144), (37, 96, 50_001), (1, 2816, 32_768), (5, 64, 1000)])
 @pytest.mark.parametrize("projection", [Projection(), Projection(softcap=30.0)])
 def test_fused_kernel_matches_brute_force(rows, dim, vocab, projection):
-    from canvaswatch.server.dense_triton import fused_topk
+    from canvaswatch.server.bottleneck.fused_triton import fused_topk
 
     generator = torch.Generator(device="cuda").manual_seed(5)
     embeddings = (torch.randn(vocab, dim, device="cuda", generator=generator) * 0.03).to(torch.bfloat16)

@@ -6,8 +6,8 @@ import threading
 
 import torch
 
-from canvaswatch.server.dense import DenseDecoder
-from canvaswatch.server.dense_batching import DenseBatcher
+from canvaswatch.server.bottleneck.dense import DenseDecoder
+from canvaswatch.server.bottleneck.batching import DenseBatcher
 
 
 def test_concurrent_requests_are_coalesced_and_split_back_exactly():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from canvaswatch.server.config import ConfigError, load_config
-from canvaswatch.server.dense import DenseDecoder, Projection
-from canvaswatch.server.dense_screen import ScreenedIndex
+from canvaswatch.server.bottleneck.dense import DenseDecoder, Projection
+from canvaswatch.server.bottleneck.screened import ScreenedIndex
 
 
 def _brute_force(hidden: torch.Tensor, embeddings: torch.Tensor, k: int, projection: Projection = Projection()):
@@ -97,8 +97,8 @@ def test_screened_backend_is_refused_off_the_cpu(tmp_path):
 
 def test_sidecar_decoder_exports_the_residual_error_bound(vocab):
     from canvaswatch.client.tensors import encode_tensor
-    from canvaswatch.server.decode import StepDecoder
-    from canvaswatch.server.metrics import Metrics
+    from canvaswatch.server.bottleneck.step_decoder import StepDecoder
+    from canvaswatch.server.ops.metrics import Metrics
     from canvaswatch.v1 import monitor_pb2 as pb
 
     generator = torch.Generator().manual_seed(6)

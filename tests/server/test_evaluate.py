@@ -8,9 +8,9 @@ from canvaswatch.client import simulate
 from canvaswatch.client.trace import write_traces
 from canvaswatch.server.cli import main
 from canvaswatch.server.config import default_config, load_config
-from canvaswatch.server.dense import DenseDecoder
-from canvaswatch.server.engine import Engine
-from canvaswatch.server.evaluate import OUTPUT_ONLY, _auroc, evaluate
+from canvaswatch.server.bottleneck.dense import DenseDecoder
+from canvaswatch.server.pipeline.engine import Engine
+from canvaswatch.server.evaluation.evaluate import OUTPUT_ONLY, _auroc, evaluate
 from tests.tiny_classifier import build_tiny_classifier, write_eval_config
 
 

@@ -240,7 +240,7 @@ def test_auth_and_the_stream_limit_hold_for_relayed_streams(vocab, tmp_path):
 
 
 def test_embeddings_form_is_decoded_in_a_worker_with_the_shared_matrix(vocab, tmp_path, dense, gemma_embeddings):
-    from canvaswatch.server.monitor_workers import fits_in_shared_memory
+    from canvaswatch.server.workers.pool import fits_in_shared_memory
 
     if not dense.embeddings.is_shared() and not fits_in_shared_memory(dense.embeddings):
         pytest.skip("/dev/shm is too small here to share the 0.7 GB matrix with a worker")
@@ -256,8 +256,8 @@ def test_embeddings_form_is_decoded_in_a_worker_with_the_shared_matrix(vocab, tm
 def test_a_stream_that_sent_its_final_never_waits_for_a_cancellation(mode, request, vocab, monkeypatch):
     # The grace that tells a cancellation from an incomplete stream must not touch finished
     # streams: with it stretched past the call's deadline, a finished stream still completes.
-    import canvaswatch.server.relay as relay
-    import canvaswatch.server.servicer as servicer
+    import canvaswatch.server.transport.relay as relay
+    import canvaswatch.server.transport.servicer as servicer
 
     monkeypatch.setattr(relay, "CANCEL_GRACE_S", 60.0)
     monkeypatch.setattr(servicer, "CANCEL_GRACE_S", 60.0)
@@ -285,8 +285,8 @@ def test_streams_one_after_another_take_turns_over_the_workers(relayed, vocab):
 def test_a_worker_turns_dense_batching_off(vocab, dense):
     # The window batches concurrent streams' steps in one process; a worker takes one message at a
     # time, so there the window would only delay every dense step.
-    from canvaswatch.server.engine import Engine
-    from canvaswatch.server.monitor_workers import _Worker
+    from canvaswatch.server.pipeline.engine import Engine
+    from canvaswatch.server.workers.pool import _Worker
 
     config = parse_config({"dense": {"embeddings": "", "batch_window_ms": 1.0}})
     in_process = Engine(config, vocab, dense=dense)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from canvaswatch.server.servicer import _read_ahead
+from canvaswatch.server.transport.servicer import _read_ahead
 
 
 def test_the_next_read_starts_before_the_current_message_is_handled_and_order_is_kept():

@@ -6,7 +6,7 @@ import torch
 
 from canvaswatch.monitors.base import DecodedStep
 from canvaswatch.server.config import default_config
-from canvaswatch.server.engine import Engine
+from canvaswatch.server.pipeline.engine import Engine
 from canvaswatch.v1 import monitor_pb2 as pb
 
 

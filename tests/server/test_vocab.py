@@ -6,7 +6,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from canvaswatch.server.vocab import VocabularyError, load_vocabulary
+from canvaswatch.server.bottleneck.vocab import VocabularyError, load_vocabulary
 
 
 def test_default_vocabulary_is_the_real_gemma_tokenizer(vocab):

@@ -7,8 +7,8 @@ import dataclasses
 from prometheus_client import generate_latest
 
 from canvaswatch.server.config import default_config
-from canvaswatch.server.dense import DenseDecoder
-from canvaswatch.server.engine import Engine
+from canvaswatch.server.bottleneck.dense import DenseDecoder
+from canvaswatch.server.pipeline.engine import Engine
 
 
 def _samples(engine: Engine) -> dict[str, float]:

@@ -19,10 +19,10 @@ from typing import AsyncIterator
 import grpc
 import structlog
 
-from canvaswatch.server.convert import verdict_to_pb
-from canvaswatch.server.decode import StepError
-from canvaswatch.server.engine import Engine
-from canvaswatch.server.stream_handler import CANCEL_GRACE_S, StreamHandler, StreamSlots, is_heavy
+from canvaswatch.server.transport.convert import verdict_to_pb
+from canvaswatch.server.bottleneck.step_decoder import StepError
+from canvaswatch.server.pipeline.engine import Engine
+from canvaswatch.server.pipeline.stream_handler import CANCEL_GRACE_S, StreamHandler, StreamSlots, is_heavy
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 

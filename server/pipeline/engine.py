@@ -18,15 +18,15 @@ from canvaswatch.client.tensors import encode_tensor
 from canvaswatch.monitors.base import FinalCanvas, Flag, Monitor, Vocabulary
 from canvaswatch.monitors.phrases import link_phrase_matchers
 from canvaswatch.monitors.registry import describe_params
-from canvaswatch.server.audit import AuditLog
+from canvaswatch.server.ops.audit import AuditLog
 from canvaswatch.server.config import Config
-from canvaswatch.server.convert import request_meta
-from canvaswatch.server.decode import StepDecoder, invalid
-from canvaswatch.server.dense import DenseDecoder, build_dense_decoder
-from canvaswatch.server.dense_batching import DenseBatcher
-from canvaswatch.server.metrics import Metrics
-from canvaswatch.server.report import RequestHistory, ReportWriter
-from canvaswatch.server.session import Session, SessionSettings, SessionVerdict
+from canvaswatch.server.transport.convert import request_meta
+from canvaswatch.server.bottleneck.step_decoder import StepDecoder, invalid
+from canvaswatch.server.bottleneck.dense import DenseDecoder, build_dense_decoder
+from canvaswatch.server.bottleneck.batching import DenseBatcher
+from canvaswatch.server.ops.metrics import Metrics
+from canvaswatch.server.ops.report import RequestHistory, ReportWriter
+from canvaswatch.server.pipeline.session import Session, SessionSettings, SessionVerdict
 from canvaswatch.v1 import monitor_pb2 as pb
 
 log = structlog.get_logger(__name__)

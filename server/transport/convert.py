@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from canvaswatch.monitors.base import Evidence, Flag, RequestMeta, Severity
-from canvaswatch.server.decode import invalid
-from canvaswatch.server.session import SessionVerdict
+from canvaswatch.server.bottleneck.step_decoder import invalid
+from canvaswatch.server.pipeline.session import SessionVerdict
 from canvaswatch.v1 import monitor_pb2 as pb
 
 MAX_REQUEST_ID = 256

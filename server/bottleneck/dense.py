@@ -9,9 +9,9 @@ exact logsumexp, so the residual mass outside the kept set is exact.
 Implementations:
 - chunked (torch, CPU or CUDA): V is processed in chunks, keeping a running
   logsumexp and a running top-k, so memory is O(L x chunk), never O(L x V);
-- fused (Triton, CUDA; canvaswatch.server.dense_triton): one pass over E that
+- fused (Triton, CUDA; canvaswatch.server.bottleneck.fused_triton): one pass over E that
   never writes the [L, V] logits (see that module for how it stays exact);
-- screened (CPU, opt-in: backend = "screened"; canvaswatch.server.dense_screen):
+- screened (CPU, opt-in: backend = "screened"; canvaswatch.server.bottleneck.screened):
   int8 scores with provable error bounds exclude most of the vocabulary, the
   rest is rescored exactly. Same top-k ids and logits as a float64 brute
   force; the normalisation is an estimate whose error bound travels with the
@@ -62,7 +62,7 @@ class DenseDecoder:
         self.backend = self._choose(backend)
         self.screen = None
         if self.backend == "screened":
-            from canvaswatch.server.dense_screen import ScreenedIndex
+            from canvaswatch.server.bottleneck.screened import ScreenedIndex
 
             if projection.scale <= 0:
                 raise ValueError("the screened backend needs a positive logit_scale")
@@ -94,7 +94,7 @@ class DenseDecoder:
         lead = hidden.shape[:-1]
         flat = hidden.reshape(-1, hidden.shape[-1]).to(device=self.embeddings.device, dtype=self.embeddings.dtype)
         if self.backend == "triton":
-            from canvaswatch.server.dense_triton import fused_topk
+            from canvaswatch.server.bottleneck.fused_triton import fused_topk
 
             fused = fused_topk(flat, self.embeddings, self.k, self.projection)
             if self.top_p is None:
@@ -170,7 +170,7 @@ def build_dense_decoder(section, vocab_size: int, embeddings: torch.Tensor | Non
 
     `embeddings`: the section's matrix, already loaded (a monitor worker gets the front's, shared).
     """
-    from canvaswatch.server.embedding import load_embedding_matrix
+    from canvaswatch.server.bottleneck.embedding import load_embedding_matrix
 
     if embeddings is None and section.embeddings:
         embeddings = load_embedding_matrix(section.embeddings, tensor=section.tensor,

@@ -19,7 +19,7 @@ from typing import Iterable
 
 from canvaswatch.monitors.base import FinalCanvas, RequestMeta
 from canvaswatch.monitors.lexicon import LexiconMonitor, LexiconParams
-from canvaswatch.server.engine import Engine
+from canvaswatch.server.pipeline.engine import Engine
 from canvaswatch.v1 import monitor_pb2 as pb
 
 OUTPUT_ONLY = "output_only_scan"

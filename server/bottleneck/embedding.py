@@ -51,7 +51,7 @@ def load_embedding_matrix(spec: str = DEFAULT_EMBEDDINGS, *, tensor: str = "", d
 def _default_matrix() -> torch.Tensor:
     from safetensors.torch import load_file, save_file
 
-    from canvaswatch.server.vocab import cache_dir, default_gguf_path
+    from canvaswatch.server.bottleneck.vocab import cache_dir, default_gguf_path
 
     cached = cache_dir() / DEFAULT_EMBEDDINGS / "embeddings.f16.safetensors"
     if not cached.exists():

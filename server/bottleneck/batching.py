@@ -13,7 +13,7 @@ import torch
 
 from canvaswatch.client.token_bottleneck import Bottleneck
 from canvaswatch.monitors.batching import WindowBatcher
-from canvaswatch.server.dense import DenseDecoder
+from canvaswatch.server.bottleneck.dense import DenseDecoder
 
 
 class DenseBatcher:

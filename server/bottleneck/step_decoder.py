@@ -2,7 +2,7 @@
 
 Three wire forms (canvaswatch.v1.StepState.state): `topk` is read as is;
 `logits` [L, V] and `embeddings` [L, d] go through the dense token
-bottleneck (canvaswatch.server.dense), the latter projected with the model's
+bottleneck (canvaswatch.server.bottleneck.dense), the latter projected with the model's
 tied embedding matrix. A sidecar configured without a matrix answers the
 `embeddings` form with UNIMPLEMENTED.
 """
@@ -19,8 +19,8 @@ import torch
 from canvaswatch.client.tensors import TensorFormatError, decode_array, decode_tensor
 from canvaswatch.monitors.base import DecodedStep, Vocabulary
 from canvaswatch.monitors.compiled import kernel
-from canvaswatch.server.dense import DenseDecoder
-from canvaswatch.server.metrics import Metrics
+from canvaswatch.server.bottleneck.dense import DenseDecoder
+from canvaswatch.server.ops.metrics import Metrics
 from canvaswatch.v1 import monitor_pb2 as pb
 
 # Probabilities are floats sent by clients in up to bf16; this much slack over 1 is rounding, more is a bug.

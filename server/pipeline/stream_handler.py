@@ -16,10 +16,10 @@ from typing import AsyncIterator
 
 import grpc
 
-from canvaswatch.server.convert import flag_to_pb, verdict_to_pb
-from canvaswatch.server.decode import StepError
-from canvaswatch.server.engine import Engine
-from canvaswatch.server.session import Session
+from canvaswatch.server.transport.convert import flag_to_pb, verdict_to_pb
+from canvaswatch.server.bottleneck.step_decoder import StepError
+from canvaswatch.server.pipeline.engine import Engine
+from canvaswatch.server.pipeline.session import Session
 from canvaswatch.v1 import monitor_pb2 as pb
 
 _DENSE_FORMS = ("logits", "embeddings")

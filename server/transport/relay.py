@@ -17,11 +17,11 @@ from typing import AsyncIterator
 import grpc
 import structlog
 
-from canvaswatch.server.decode import StepError
-from canvaswatch.server.metrics import Metrics
-from canvaswatch.server.monitor_workers import MonitorWorkers, RelayStream
-from canvaswatch.server.servicer import CanvasMonitorServicer
-from canvaswatch.server.stream_handler import CANCEL_GRACE_S, StreamSlots
+from canvaswatch.server.bottleneck.step_decoder import StepError
+from canvaswatch.server.ops.metrics import Metrics
+from canvaswatch.server.workers.pool import MonitorWorkers, RelayStream
+from canvaswatch.server.transport.servicer import CanvasMonitorServicer
+from canvaswatch.server.pipeline.stream_handler import CANCEL_GRACE_S, StreamSlots
 from canvaswatch.v1 import monitor_pb2 as pb
 
 log = structlog.get_logger(__name__)

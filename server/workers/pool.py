@@ -47,8 +47,8 @@ import torch
 import torch.multiprocessing as torch_mp
 
 from canvaswatch.server.config import Config
-from canvaswatch.server.decode import StepError
-from canvaswatch.server.metrics_merge import Family, snapshot
+from canvaswatch.server.bottleneck.step_decoder import StepError
+from canvaswatch.server.ops.merged_metrics import Family, snapshot
 
 log = structlog.get_logger(__name__)
 
@@ -96,7 +96,7 @@ def _write_all(fd: int, data: bytes) -> None:
 def worker_main(index: int, config: Config, embeddings: torch.Tensor | None, log_level: str,
                 requests: Any, replies: Any) -> None:
     """Entry point of a worker process: build an engine, then serve frames until told to stop."""
-    from canvaswatch.server.logs import configure_logging
+    from canvaswatch.server.ops.logs import configure_logging
 
     # Ctrl-C reaches the whole process group; the front stops its workers itself, in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -155,10 +155,10 @@ class _Worker:
     """A worker's engine and its open streams' handlers."""
 
     def __init__(self, config: Config, embeddings: torch.Tensor | None) -> None:
-        from canvaswatch.server.dense import build_dense_decoder
-        from canvaswatch.server.engine import Engine
-        from canvaswatch.server.metrics import Metrics
-        from canvaswatch.server.vocab import load_vocabulary
+        from canvaswatch.server.bottleneck.dense import build_dense_decoder
+        from canvaswatch.server.pipeline.engine import Engine
+        from canvaswatch.server.ops.metrics import Metrics
+        from canvaswatch.server.bottleneck.vocab import load_vocabulary
 
         if config.dense.batch_window_ms > 0:
             # A worker handles its messages one at a time, so a batching window would only add its
@@ -179,7 +179,7 @@ class _Worker:
 
     def handle(self, kind: int, stream_id: int, body: bytes) -> tuple | None:
         """(stream id, serialised events, status or None) for a message, an end or a cancel."""
-        from canvaswatch.server.stream_handler import StreamHandler
+        from canvaswatch.server.pipeline.stream_handler import StreamHandler
         from canvaswatch.v1 import monitor_pb2 as pb
 
         if kind == OPEN:

@@ -18,9 +18,9 @@ from typing import Any, Callable
 import structlog
 
 from canvaswatch.monitors.base import DecodedStep, FinalCanvas, Flag, Monitor, RequestMeta, Severity
-from canvaswatch.server.audit import AuditLog
-from canvaswatch.server.decode import invalid
-from canvaswatch.server.metrics import Metrics
+from canvaswatch.server.ops.audit import AuditLog
+from canvaswatch.server.bottleneck.step_decoder import invalid
+from canvaswatch.server.ops.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 

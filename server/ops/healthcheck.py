@@ -1,4 +1,4 @@
-"""`python -m canvaswatch.server.healthcheck HOST:PORT`: exit 0 when the sidecar reports SERVING (grpc.health.v1).
+"""`python -m canvaswatch.server.ops.healthcheck HOST:PORT`: exit 0 when the sidecar reports SERVING (grpc.health.v1).
 
 Used by the container's HEALTHCHECK; Kubernetes uses its native gRPC probes instead.
 """

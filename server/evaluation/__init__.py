@@ -1,0 +1,1 @@
+"""Offline scoring: how well each monitor separates labelled traces."""

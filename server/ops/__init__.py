@@ -1,0 +1,1 @@
+"""What operators read: Prometheus metrics (also merged across processes), the audit log, structured logs, the HTML report, the health probe."""

@@ -1,0 +1,1 @@
+"""gRPC transport: the CanvasMonitor servicer, the worker relay, auth, and wire <-> value conversion."""
