@@ -17,6 +17,7 @@ _EXPORTS = {
     "Bottleneck": "canvaswatch.client.token_bottleneck",
     "bottleneck": "canvaswatch.client.token_bottleneck",
     "bottleneck_probs": "canvaswatch.client.token_bottleneck",
+    "SamplerSignals": "canvaswatch.client.sampler_signals",
     "read_traces": "canvaswatch.client.trace",
     "write_traces": "canvaswatch.client.trace",
 }

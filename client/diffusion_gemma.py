@@ -18,6 +18,30 @@ Two ways to feed it:
   L=256). With `enforce=True` the hook also replaces the self-conditioning
   logits by their bottlenecked distribution, so the model really runs through
   the bottleneck and what is monitored is exactly what flows.
+  The hook also sends the sampler's own signals (StepState fields 20, 24-27;
+  see canvaswatch.client.sampler_signals), computed on the device and narrowed
+  there to [B, L] so ~11 bytes per position leave it:
+    accepted    EntropyBoundSampler.accepted_token_mask, read after the step
+                (transformers keeps it); 0 for rows whose denoising had already
+                finished, whose canvas generate() leaves unchanged.
+    entropy     not kept by transformers: recomputed from the very logits the
+                sampler scored (the float32 temperature-scaled logits handed to
+                accept_canvas, seen by wrapping that call for the step): the
+                sampler's Categorical(logits).entropy(), in float32. Not from
+                the returned self-conditioning logits, which generate() has
+                already cast to the embedding dtype (bf16 in the real model).
+                A finished row repeats its previous step's entropy.
+    argmax_ids  the argmax canvas _denoising_step returns (generate()'s draft,
+                and at a block's last step the block's output).
+    canvas_ids  the canvas _denoising_step returns: accepted tokens where the
+                mask is 1, fresh uniform noise elsewhere.
+    temperature not exposed either: recomputed from generate()'s logits
+                processors at this step, t_min + (t_max - t_min) * n / N with
+                n the steps remaining (LinearTemperatureScheduleLogitsProcessor;
+                generate() evaluates it in float32, so they agree to float32
+                rounding), times any processor's plain `temperature`.
+  Logits mode sends none of them: put_draft sees only the logits, neither the
+  sampler nor the step.
 In both, when the sidecar lags, steps are dropped by policy and counted, and
 the final message always goes out.
 """
@@ -25,11 +49,13 @@ the final message always goes out.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import grpc
 import torch
 
+from canvaswatch.client.sampler_signals import SamplerSignals, entropy
 from canvaswatch.client.token_bottleneck import Bottleneck, bottleneck
 from canvaswatch.client.stream import WatchStream, channel_options, new_request_id
 from canvaswatch.v1 import monitor_pb2 as pb
@@ -80,17 +106,24 @@ class CanvasWatchStreamer:
             return  # on-device mode: the hook already sent this step's top-k
         self._emit(logits.shape[0], logits.shape[1], functools.partial(self._build_from_logits, logits))
 
-    def put_bottleneck(self, kept: Bottleneck) -> None:
-        """One step's [B, L, k] bottleneck computed on the model's device (see attach_bottleneck)."""
+    def put_bottleneck(self, kept: Bottleneck, signals: SamplerSignals | None = None) -> None:
+        """One step's [B, L, k] bottleneck, and optionally its [B, L] sampler signals, computed on the model's device.
+
+        See attach_bottleneck. Nothing here waits for the device: the copies start now and the
+        sender thread waits for them.
+        """
         ids, probs = kept.ids, kept.probs
         if ids.is_cuda:
-            # Start the small copy now without waiting; the sender thread waits on the event.
+            # Start the small copies now without waiting; the sender thread waits on the event.
             event = torch.cuda.Event()
             ids, probs = ids.to("cpu", non_blocking=True), probs.to("cpu", non_blocking=True)
+            if signals is not None:
+                signals = signals.to("cpu", non_blocking=True)
             event.record()
         else:
             event = None
-        self._emit(ids.shape[0], ids.shape[1], functools.partial(self._build_from_topk, ids, probs, event, kept.top_p))
+        self._emit(ids.shape[0], ids.shape[1],
+                   functools.partial(self._build_from_topk, ids, probs, event, kept.top_p, signals))
 
     def end(self) -> None:
         for row, stream in enumerate(self.streams):
@@ -137,12 +170,13 @@ class CanvasWatchStreamer:
         kept = bottleneck(logits[row], k=self.k, top_p=self.top_p)
         return pb.StepState(block=block, step=step, topk=kept.to_message())
 
-    def _build_from_topk(self, ids: torch.Tensor, probs: torch.Tensor, event, top_p: float, row: int, block: int,
-                         step: int) -> pb.StepState:
+    def _build_from_topk(self, ids: torch.Tensor, probs: torch.Tensor, event, top_p: float,
+                         signals: SamplerSignals | None, row: int, block: int, step: int) -> pb.StepState:
         if event is not None:
             event.synchronize()
         kept = Bottleneck(ids=ids[row], probs=probs[row], residual=(1 - probs[row].sum(-1)), top_p=top_p)
-        return pb.StepState(block=block, step=step, topk=kept.to_message())
+        message = pb.StepState(block=block, step=step, topk=kept.to_message())
+        return signals.row(row).fill(message) if signals is not None else message
 
 
 def _rows(value: torch.Tensor) -> list[list[int]]:
@@ -166,33 +200,71 @@ def enforce_bottleneck(logits: torch.Tensor, kept: Bottleneck) -> torch.Tensor:
 
 
 class BottleneckHook:
-    """Runs the token bottleneck on the model's device after every denoising step.
+    """Runs the token bottleneck, and reads the sampler's signals, on the model's device after every denoising step.
 
-    It wraps the model instance's `_denoising_step` (transformers 5.23's
+    It wraps the model instance's `_denoising_step` (transformers 5.23-5.24's
     DiffusionGemmaGenerationMixin), which returns the self-conditioning logits
     the next step is conditioned on: the exact state to read, and to replace
-    when enforcing. `detach()` restores the model.
+    when enforcing. generate() passes it the sampler, the step and the logits
+    processors by keyword, which is where the signals come from (the module
+    docstring says how each is obtained). `detach()` restores the model.
     """
 
     def __init__(self, model: torch.nn.Module, streamer: CanvasWatchStreamer | None, *, k: int = 8,
-                 top_p: float | None = None, enforce: bool = False) -> None:
+                 top_p: float | None = None, enforce: bool = False, signals: bool = True) -> None:
         if not hasattr(model, "_denoising_step"):
             raise TypeError(f"{type(model).__name__} has no _denoising_step: not a transformers DiffusionGemma model")
         self.model, self.streamer = model, streamer
         self.k, self.top_p, self.enforce = k, top_p, enforce
+        self.signals = signals and streamer is not None
+        self._last_entropy: torch.Tensor | None = None
         self._original = model._denoising_step
         model._denoising_step = self._step
         if streamer is not None:
             streamer._takes_logits = False  # spare transformers the full-logits CPU copy
 
     def _step(self, *args, **kwargs):
-        canvas, argmax, logits, finished = self._original(*args, **kwargs)
+        sampler = kwargs.get("sampler") if self.signals else None
+        finished = kwargs.get("finished_denoising")
+        # generate() ORs this step's stopping verdict into that tensor in place: keep who had finished before it.
+        finished_before = finished.clone() if sampler is not None and isinstance(finished, torch.Tensor) else None
+        scored: list[torch.Tensor] = []
+        undo = _see_scored_logits(sampler, scored) if sampler is not None else None
+        try:
+            canvas, argmax, logits, finished = self._original(*args, **kwargs)
+        finally:
+            if undo is not None:
+                undo()
+        signals = None
+        if sampler is not None:
+            signals = self._signals(sampler, kwargs, scored, canvas, argmax, logits, finished_before)
         kept = bottleneck(logits, k=self.k, top_p=self.top_p)
         if self.enforce:
             logits = enforce_bottleneck(logits, kept)
         if self.streamer is not None:
-            self.streamer.put_bottleneck(kept)
+            self.streamer.put_bottleneck(kept, signals)
         return canvas, argmax, logits, finished
+
+    def _signals(self, sampler, kwargs: dict, scored: list[torch.Tensor], canvas: torch.Tensor, argmax: torch.Tensor,
+                 logits: torch.Tensor, finished_before: torch.Tensor | None) -> SamplerSignals:
+        """This step's [B, L] signals in their wire dtypes, still on the device (no synchronisation)."""
+        # The sampler's own scored logits when the wrapper saw them; else the returned ones (a sampler
+        # other than transformers' EntropyBoundSampler), which may be rounded to the embedding dtype.
+        position_entropy = scored[-1] if scored else entropy(logits)
+        accepted = getattr(sampler, "accepted_token_mask", None)
+        if accepted is not None:
+            accepted = accepted.bool()
+        if finished_before is not None:
+            # Rows already finished keep their canvas (generate() discards this step for them).
+            running = ~finished_before.view(-1, 1)
+            if accepted is not None:
+                accepted = accepted & running
+            if self._last_entropy is not None and self._last_entropy.shape == position_entropy.shape:
+                position_entropy = torch.where(running, position_entropy, self._last_entropy)
+        self._last_entropy = position_entropy
+        temperature = sampling_temperature(kwargs.get("logits_processor"), kwargs.get("cur_step"))
+        return SamplerSignals(accepted=accepted, entropy=position_entropy, argmax_ids=argmax, canvas_ids=canvas,
+                              temperature=temperature).compact()
 
     def detach(self) -> None:
         self.model._denoising_step = self._original
@@ -201,8 +273,61 @@ class BottleneckHook:
 
 
 def attach_bottleneck(model: torch.nn.Module, streamer: CanvasWatchStreamer | None = None, *, k: int | None = None,
-                      top_p: float | None = None, enforce: bool = False) -> BottleneckHook:
-    """Compute the top-k on the model's device (and with enforce=True, run the model through it)."""
+                      top_p: float | None = None, enforce: bool = False, signals: bool = True) -> BottleneckHook:
+    """Compute the top-k on the model's device (and with enforce=True, run the model through it).
+
+    With a streamer and signals=True (the default), every step also carries the sampler's
+    accepted mask, entropy, argmax and sampled canvases and temperature (see the module docstring).
+    """
     k = k if k is not None else (streamer.k if streamer is not None else 8)
     top_p = top_p if top_p is not None else (streamer.top_p if streamer is not None else None)
-    return BottleneckHook(model, streamer, k=k, top_p=top_p, enforce=enforce)
+    return BottleneckHook(model, streamer, k=k, top_p=top_p, enforce=enforce, signals=signals)
+
+
+def sampling_temperature(logits_processor, cur_step: int | torch.Tensor | None) -> float | None:
+    """The temperature generate()'s logits processors divide the logits by at step `cur_step`, or None if unknown.
+
+    `cur_step` counts the denoising steps remaining (N at the first step, 1 at the last), as
+    transformers' LinearTemperatureScheduleLogitsProcessor reads it: t = t_min + (t_max - t_min) * n / N.
+    A processor with a plain numeric `temperature` (TemperatureLogitsWarper) multiplies in; with
+    no temperature processor the sampler draws from softmax(logits) itself, temperature 1.
+    """
+    if cur_step is None:
+        return None
+    remaining = int(cur_step)  # a Python int in generate(); never a device tensor here
+    temperature = 1.0
+    for processor in logits_processor or ():
+        if all(hasattr(processor, name) for name in ("t_min", "t_max", "max_denoising_steps")):
+            temperature *= processor.t_min + (processor.t_max - processor.t_min) * (
+                remaining / processor.max_denoising_steps)
+        elif isinstance(getattr(processor, "temperature", None), (int, float)):
+            temperature *= float(processor.temperature)
+    return temperature if math.isfinite(temperature) and temperature > 0 else None
+
+
+def _see_scored_logits(sampler, seen: list[torch.Tensor]):
+    """Wrap `sampler.accept_canvas` for one step so the entropy of the logits it scores is appended to `seen`.
+
+    Returns the function that restores the sampler (None if it has no accept_canvas). generate()
+    may have put a compiled accept_canvas on the instance; the wrapper calls whichever is there.
+    """
+    accept = getattr(sampler, "accept_canvas", None)
+    if accept is None:
+        return None
+    own = "accept_canvas" in vars(sampler)
+
+    def scoring(*args, **kwargs):
+        # accept_canvas(current_canvas, denoiser_canvas, logits, cur_step)
+        scored = kwargs["logits"] if "logits" in kwargs else args[2]
+        seen.append(entropy(scored))
+        return accept(*args, **kwargs)
+
+    sampler.accept_canvas = scoring
+
+    def undo() -> None:
+        if own:
+            sampler.accept_canvas = accept
+        else:
+            del sampler.accept_canvas
+
+    return undo

@@ -2,6 +2,7 @@
 
     stream = WatchStream("127.0.0.1:50051", info)       # one per generation request
     stream.send(step)                                   # in the denoising loop: never blocks
+    stream.send(step, signals=SamplerSignals(...))      # with the sampler's accepted mask, entropy, ...
     stream.finish(output_ids)                           # the final message is never dropped
     verdict = stream.result(timeout=5)                  # flags arrive earlier in stream.flags
 
@@ -15,6 +16,7 @@ the same for asyncio serving stacks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import uuid
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
@@ -22,6 +24,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 import grpc
 
 from canvaswatch.client.queueing import StepQueue
+from canvaswatch.client.sampler_signals import SamplerSignals
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 
@@ -72,12 +75,15 @@ class _StreamCore:
     def dropped(self) -> int:
         return self.queue.dropped
 
-    def enqueue(self, step: StepPayload) -> bool:
+    def enqueue(self, step: StepPayload, signals: SamplerSignals | None = None) -> bool:
         if self._finished:
             raise RuntimeError("send() after finish()")
         if self.error is not None:
             self.queue.dropped += 1  # the stream is gone; count, never raise into the serving loop
             return False
+        if signals is not None:
+            # Encoded with the message, on the sender thread: the serving loop only queues.
+            step = functools.partial(_with_signals, step, signals)
         return self.queue.put(step)
 
     def enqueue_final(self, output_ids: Sequence[int], step: StepPayload | None) -> None:
@@ -121,6 +127,10 @@ class _StreamCore:
         self.queue.abandon()
 
 
+def _with_signals(payload: StepPayload, signals: SamplerSignals) -> pb.StepState:
+    return signals.fill(_materialise(payload))
+
+
 def _materialise(payload: StepPayload) -> pb.StepState:
     message = payload() if callable(payload) else payload
     if not isinstance(message, pb.StepState):
@@ -147,9 +157,14 @@ class WatchStream:
     dropped = property(lambda self: self._core.dropped, doc="Steps dropped so far (queue full or stream gone).")
     flags = property(lambda self: list(self._core.flags), doc="Flags received so far.")
 
-    def send(self, step: StepPayload) -> bool:
-        """Queue a step; never blocks. Returns False if it (or nothing) was dropped by the policy."""
-        return self._core.enqueue(step)
+    def send(self, step: StepPayload, signals: SamplerSignals | None = None) -> bool:
+        """Queue a step; never blocks. Returns False if it (or nothing) was dropped by the policy.
+
+        `signals` (one canvas [L], tensors on any device) are written into the message by
+        SamplerSignals.fill on the sender thread, when the step is built: like a lazy step,
+        they must not be modified in place after send().
+        """
+        return self._core.enqueue(step, signals)
 
     def finish(self, output_ids: Sequence[int], step: StepPayload | None = None) -> None:
         """Queue the final message (with an optional last state); never dropped, never blocks."""
@@ -224,8 +239,8 @@ class AsyncWatchStream:
     dropped = property(lambda self: self._core.dropped)
     flags = property(lambda self: list(self._core.flags))
 
-    def send(self, step: StepPayload) -> bool:
-        return self._core.enqueue(step)
+    def send(self, step: StepPayload, signals: SamplerSignals | None = None) -> bool:
+        return self._core.enqueue(step, signals)
 
     def finish(self, output_ids: Sequence[int], step: StepPayload | None = None) -> None:
         self._core.enqueue_final(output_ids, step)

@@ -31,6 +31,7 @@ _DTYPES: dict[int, tuple[torch.dtype, int]] = {
     pb.BFLOAT16: (torch.bfloat16, 2),
     pb.INT32: (torch.int32, 4),
     pb.INT64: (torch.int64, 8),
+    pb.UINT8: (torch.uint8, 1),
 }
 _TORCH_TO_WIRE = {torch_dtype: wire for wire, (torch_dtype, _) in _DTYPES.items()}
 
@@ -68,7 +69,7 @@ def decode_array(message: pb.Tensor, field: str, *, ndim: int | None = None) -> 
 
 
 _NUMPY_DTYPES = {torch.float32: np.dtype("<f4"), torch.float16: np.dtype("<f2"),
-                 torch.int32: np.dtype("<i4"), torch.int64: np.dtype("<i8")}
+                 torch.int32: np.dtype("<i4"), torch.int64: np.dtype("<i8"), torch.uint8: np.dtype("u1")}
 
 
 def _checked(message: pb.Tensor, field: str, ndim: int | None) -> tuple[torch.dtype, int, tuple[int, ...], bytes]:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61nvaswatch/v1/monitor.proto\x12\x0e\x63\x61nvaswatch.v1\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.canvaswatch.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xf4\x01\n\x0bRequestInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x12\n\nprompt_ids\x18\x04 \x03(\x05\x12\x15\n\rcanvas_length\x18\x05 \x01(\r\x12\x13\n\x0btotal_steps\x18\x06 \x01(\r\x12?\n\nattributes\x18\x07 \x03(\x0b\x32+.canvaswatch.v1.RequestInfo.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"a\n\x04TopK\x12#\n\x03ids\x18\x01 \x01(\x0b\x32\x16.canvaswatch.v1.Tensor\x12%\n\x05probs\x18\x02 \x01(\x0b\x32\x16.canvaswatch.v1.Tensor\x12\r\n\x05top_p\x18\x03 \x01(\x02\"\xaf\x02\n\tStepState\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.canvaswatch.v1.RequestInfo\x12\r\n\x05\x62lock\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\r\x12$\n\x04topk\x18\n \x01(\x0b\x32\x14.canvaswatch.v1.TopKH\x00\x12,\n\nembeddings\x18\x0b \x01(\x0b\x32\x16.canvaswatch.v1.TensorH\x00\x12(\n\x06logits\x18\x0c \x01(\x0b\x32\x16.canvaswatch.v1.TensorH\x00\x12\x12\n\ncanvas_ids\x18\x14 \x03(\x05\x12\r\n\x05\x66inal\x18\x15 \x01(\x08\x12\x12\n\noutput_ids\x18\x16 \x03(\x05\x12\x1c\n\x14\x63lient_dropped_steps\x18\x17 \x01(\rB\x07\n\x05state\"K\n\x08\x45vidence\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x11\n\tpositions\x18\x03 \x03(\r\x12\x0f\n\x07snippet\x18\x04 \x01(\t\"\xfb\x01\n\x04\x46lag\x12\x0f\n\x07monitor\x18\x01 \x01(\t\x12*\n\x08severity\x18\x02 \x01(\x0e\x32\x18.canvaswatch.v1.Severity\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12*\n\x08\x65vidence\x18\x05 \x03(\x0b\x32\x18.canvaswatch.v1.Evidence\x12\x38\n\nattributes\x18\x06 \x03(\x0b\x32$.canvaswatch.v1.Flag.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x01\n\x07Verdict\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05\x66lags\x18\x02 \x03(\x0b\x32\x14.canvaswatch.v1.Flag\x12.\n\x0cmax_severity\x18\x03 \x01(\x0e\x32\x18.canvaswatch.v1.Severity\x12\x12\n\nsteps_seen\x18\x04 \x01(\r\x12\x15\n\rsteps_dropped\x18\x05 \x01(\r\x12\x16\n\x0emonitor_errors\x18\x06 \x03(\t\"}\n\x0cMonitorEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x04\x66lag\x18\x02 \x01(\x0b\x32\x14.canvaswatch.v1.FlagH\x00\x12*\n\x07verdict\x18\x03 \x01(\x0b\x32\x17.canvaswatch.v1.VerdictH\x00\x42\x07\n\x05\x65vent\"\\\n\x05Trace\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.canvaswatch.v1.RequestInfo\x12(\n\x05steps\x18\x02 \x03(\x0b\x32\x19.canvaswatch.v1.StepState\"\x15\n\x13ListMonitorsRequest\"\x98\x01\n\x0bMonitorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x37\n\x06params\x18\x03 \x03(\x0b\x32\'.canvaswatch.v1.MonitorInfo.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x14ListMonitorsResponse\x12-\n\x08monitors\x18\x01 \x03(\x0b\x32\x1b.canvaswatch.v1.MonitorInfo*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05*I\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x08\n\x04INFO\x10\x01\x12\x0b\n\x07WARNING\x10\x02\x12\x0c\n\x08\x43RITICAL\x10\x03\x32\xe9\x01\n\rCanvasMonitor\x12\x44\n\x05Watch\x12\x19.canvaswatch.v1.StepState\x1a\x1c.canvaswatch.v1.MonitorEvent(\x01\x30\x01\x12\x37\n\x05\x43heck\x12\x15.canvaswatch.v1.Trace\x1a\x17.canvaswatch.v1.Verdict\x12Y\n\x0cListMonitors\x12#.canvaswatch.v1.ListMonitorsRequest\x1a$.canvaswatch.v1.ListMonitorsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x61nvaswatch/v1/monitor.proto\x12\x0e\x63\x61nvaswatch.v1\"K\n\x06Tensor\x12$\n\x05\x64type\x18\x01 \x01(\x0e\x32\x15.canvaswatch.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xf4\x01\n\x0bRequestInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x12\n\nprompt_ids\x18\x04 \x03(\x05\x12\x15\n\rcanvas_length\x18\x05 \x01(\r\x12\x13\n\x0btotal_steps\x18\x06 \x01(\r\x12?\n\nattributes\x18\x07 \x03(\x0b\x32+.canvaswatch.v1.RequestInfo.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"a\n\x04TopK\x12#\n\x03ids\x18\x01 \x01(\x0b\x32\x16.canvaswatch.v1.Tensor\x12%\n\x05probs\x18\x02 \x01(\x0b\x32\x16.canvaswatch.v1.Tensor\x12\r\n\x05top_p\x18\x03 \x01(\x02\"\xd8\x03\n\tStepState\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.canvaswatch.v1.RequestInfo\x12\r\n\x05\x62lock\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\r\x12$\n\x04topk\x18\n \x01(\x0b\x32\x14.canvaswatch.v1.TopKH\x00\x12,\n\nembeddings\x18\x0b \x01(\x0b\x32\x16.canvaswatch.v1.TensorH\x00\x12(\n\x06logits\x18\x0c \x01(\x0b\x32\x16.canvaswatch.v1.TensorH\x00\x12\x12\n\ncanvas_ids\x18\x14 \x03(\x05\x12\r\n\x05\x66inal\x18\x15 \x01(\x08\x12\x12\n\noutput_ids\x18\x16 \x03(\x05\x12\x1c\n\x14\x63lient_dropped_steps\x18\x17 \x01(\r\x12(\n\x08\x61\x63\x63\x65pted\x18\x18 \x01(\x0b\x32\x16.canvaswatch.v1.Tensor\x12\'\n\x07\x65ntropy\x18\x19 \x01(\x0b\x32\x16.canvaswatch.v1.Tensor\x12*\n\nargmax_ids\x18\x1a \x01(\x0b\x32\x16.canvaswatch.v1.Tensor\x12\x18\n\x0btemperature\x18\x1b \x01(\x02H\x01\x88\x01\x01\x42\x07\n\x05stateB\x0e\n\x0c_temperature\"K\n\x08\x45vidence\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x11\n\tpositions\x18\x03 \x03(\r\x12\x0f\n\x07snippet\x18\x04 \x01(\t\"\xfb\x01\n\x04\x46lag\x12\x0f\n\x07monitor\x18\x01 \x01(\t\x12*\n\x08severity\x18\x02 \x01(\x0e\x32\x18.canvaswatch.v1.Severity\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12*\n\x08\x65vidence\x18\x05 \x03(\x0b\x32\x18.canvaswatch.v1.Evidence\x12\x38\n\nattributes\x18\x06 \x03(\x0b\x32$.canvaswatch.v1.Flag.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x01\n\x07Verdict\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05\x66lags\x18\x02 \x03(\x0b\x32\x14.canvaswatch.v1.Flag\x12.\n\x0cmax_severity\x18\x03 \x01(\x0e\x32\x18.canvaswatch.v1.Severity\x12\x12\n\nsteps_seen\x18\x04 \x01(\r\x12\x15\n\rsteps_dropped\x18\x05 \x01(\r\x12\x16\n\x0emonitor_errors\x18\x06 \x03(\t\"}\n\x0cMonitorEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x04\x66lag\x18\x02 \x01(\x0b\x32\x14.canvaswatch.v1.FlagH\x00\x12*\n\x07verdict\x18\x03 \x01(\x0b\x32\x17.canvaswatch.v1.VerdictH\x00\x42\x07\n\x05\x65vent\"\\\n\x05Trace\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.canvaswatch.v1.RequestInfo\x12(\n\x05steps\x18\x02 \x03(\x0b\x32\x19.canvaswatch.v1.StepState\"\x15\n\x13ListMonitorsRequest\"\x98\x01\n\x0bMonitorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x37\n\x06params\x18\x03 \x03(\x0b\x32\'.canvaswatch.v1.MonitorInfo.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x14ListMonitorsResponse\x12-\n\x08monitors\x18\x01 \x03(\x0b\x32\x1b.canvaswatch.v1.MonitorInfo*g\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05UINT8\x10\x06*I\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x08\n\x04INFO\x10\x01\x12\x0b\n\x07WARNING\x10\x02\x12\x0c\n\x08\x43RITICAL\x10\x03\x32\xe9\x01\n\rCanvasMonitor\x12\x44\n\x05Watch\x12\x19.canvaswatch.v1.StepState\x1a\x1c.canvaswatch.v1.MonitorEvent(\x01\x30\x01\x12\x37\n\x05\x43heck\x12\x15.canvaswatch.v1.Trace\x1a\x17.canvaswatch.v1.Verdict\x12Y\n\x0cListMonitors\x12#.canvaswatch.v1.ListMonitorsRequest\x1a$.canvaswatch.v1.ListMonitorsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,10 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FLAG_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_MONITORINFO_PARAMSENTRY']._loaded_options = None
   _globals['_MONITORINFO_PARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1762
-  _globals['_DTYPE']._serialized_end=1854
-  _globals['_SEVERITY']._serialized_start=1856
-  _globals['_SEVERITY']._serialized_end=1929
+  _globals['_DTYPE']._serialized_start=1931
+  _globals['_DTYPE']._serialized_end=2034
+  _globals['_SEVERITY']._serialized_start=2036
+  _globals['_SEVERITY']._serialized_end=2109
   _globals['_TENSOR']._serialized_start=48
   _globals['_TENSOR']._serialized_end=123
   _globals['_REQUESTINFO']._serialized_start=126
@@ -50,27 +50,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOPK']._serialized_start=372
   _globals['_TOPK']._serialized_end=469
   _globals['_STEPSTATE']._serialized_start=472
-  _globals['_STEPSTATE']._serialized_end=775
-  _globals['_EVIDENCE']._serialized_start=777
-  _globals['_EVIDENCE']._serialized_end=852
-  _globals['_FLAG']._serialized_start=855
-  _globals['_FLAG']._serialized_end=1106
+  _globals['_STEPSTATE']._serialized_end=944
+  _globals['_EVIDENCE']._serialized_start=946
+  _globals['_EVIDENCE']._serialized_end=1021
+  _globals['_FLAG']._serialized_start=1024
+  _globals['_FLAG']._serialized_end=1275
   _globals['_FLAG_ATTRIBUTESENTRY']._serialized_start=321
   _globals['_FLAG_ATTRIBUTESENTRY']._serialized_end=370
-  _globals['_VERDICT']._serialized_start=1109
-  _globals['_VERDICT']._serialized_end=1290
-  _globals['_MONITOREVENT']._serialized_start=1292
-  _globals['_MONITOREVENT']._serialized_end=1417
-  _globals['_TRACE']._serialized_start=1419
-  _globals['_TRACE']._serialized_end=1511
-  _globals['_LISTMONITORSREQUEST']._serialized_start=1513
-  _globals['_LISTMONITORSREQUEST']._serialized_end=1534
-  _globals['_MONITORINFO']._serialized_start=1537
-  _globals['_MONITORINFO']._serialized_end=1689
-  _globals['_MONITORINFO_PARAMSENTRY']._serialized_start=1644
-  _globals['_MONITORINFO_PARAMSENTRY']._serialized_end=1689
-  _globals['_LISTMONITORSRESPONSE']._serialized_start=1691
-  _globals['_LISTMONITORSRESPONSE']._serialized_end=1760
-  _globals['_CANVASMONITOR']._serialized_start=1932
-  _globals['_CANVASMONITOR']._serialized_end=2165
+  _globals['_VERDICT']._serialized_start=1278
+  _globals['_VERDICT']._serialized_end=1459
+  _globals['_MONITOREVENT']._serialized_start=1461
+  _globals['_MONITOREVENT']._serialized_end=1586
+  _globals['_TRACE']._serialized_start=1588
+  _globals['_TRACE']._serialized_end=1680
+  _globals['_LISTMONITORSREQUEST']._serialized_start=1682
+  _globals['_LISTMONITORSREQUEST']._serialized_end=1703
+  _globals['_MONITORINFO']._serialized_start=1706
+  _globals['_MONITORINFO']._serialized_end=1858
+  _globals['_MONITORINFO_PARAMSENTRY']._serialized_start=1813
+  _globals['_MONITORINFO_PARAMSENTRY']._serialized_end=1858
+  _globals['_LISTMONITORSRESPONSE']._serialized_start=1860
+  _globals['_LISTMONITORSRESPONSE']._serialized_end=1929
+  _globals['_CANVASMONITOR']._serialized_start=2112
+  _globals['_CANVASMONITOR']._serialized_end=2345
 # @@protoc_insertion_point(module_scope)

@@ -15,6 +15,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BFLOAT16: _ClassVar[DType]
     INT32: _ClassVar[DType]
     INT64: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
 
 class Severity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -28,6 +29,7 @@ FLOAT16: DType
 BFLOAT16: DType
 INT32: DType
 INT64: DType
+UINT8: DType
 SEVERITY_UNSPECIFIED: Severity
 INFO: Severity
 WARNING: Severity
@@ -79,7 +81,7 @@ class TopK(_message.Message):
     def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., probs: _Optional[_Union[Tensor, _Mapping]] = ..., top_p: _Optional[float] = ...) -> None: ...
 
 class StepState(_message.Message):
-    __slots__ = ("info", "block", "step", "topk", "embeddings", "logits", "canvas_ids", "final", "output_ids", "client_dropped_steps")
+    __slots__ = ("info", "block", "step", "topk", "embeddings", "logits", "canvas_ids", "final", "output_ids", "client_dropped_steps", "accepted", "entropy", "argmax_ids", "temperature")
     INFO_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +92,10 @@ class StepState(_message.Message):
     FINAL_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_DROPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    ARGMAX_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     info: RequestInfo
     block: int
     step: int
@@ -100,7 +106,11 @@ class StepState(_message.Message):
     final: bool
     output_ids: _containers.RepeatedScalarFieldContainer[int]
     client_dropped_steps: int
-    def __init__(self, info: _Optional[_Union[RequestInfo, _Mapping]] = ..., block: _Optional[int] = ..., step: _Optional[int] = ..., topk: _Optional[_Union[TopK, _Mapping]] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., canvas_ids: _Optional[_Iterable[int]] = ..., final: _Optional[bool] = ..., output_ids: _Optional[_Iterable[int]] = ..., client_dropped_steps: _Optional[int] = ...) -> None: ...
+    accepted: Tensor
+    entropy: Tensor
+    argmax_ids: Tensor
+    temperature: float
+    def __init__(self, info: _Optional[_Union[RequestInfo, _Mapping]] = ..., block: _Optional[int] = ..., step: _Optional[int] = ..., topk: _Optional[_Union[TopK, _Mapping]] = ..., embeddings: _Optional[_Union[Tensor, _Mapping]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., canvas_ids: _Optional[_Iterable[int]] = ..., final: _Optional[bool] = ..., output_ids: _Optional[_Iterable[int]] = ..., client_dropped_steps: _Optional[int] = ..., accepted: _Optional[_Union[Tensor, _Mapping]] = ..., entropy: _Optional[_Union[Tensor, _Mapping]] = ..., argmax_ids: _Optional[_Union[Tensor, _Mapping]] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class Evidence(_message.Message):
     __slots__ = ("block", "step", "positions", "snippet")
