@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from canvaswatch.server.bottleneck.dense import Projection, project_topk_chunked
+from canvaswatch.server.bottleneck.projection import Projection, project_topk_chunked
 
 V = 262_144
 

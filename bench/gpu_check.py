@@ -4,7 +4,7 @@ import torch
 from triton.testing import do_bench
 
 from canvaswatch.server.bottleneck import fused_triton as dt
-from canvaswatch.server.bottleneck.dense import Projection
+from canvaswatch.server.bottleneck.projection import Projection
 
 torch.manual_seed(0)
 dev = "cuda"

@@ -19,7 +19,8 @@ from canvaswatch.server.pipeline.engine import Engine
 from canvaswatch.server.ops.metrics import Metrics
 from canvaswatch.server.ops.merged_metrics import merged_registry
 from canvaswatch.server.workers.pool import MonitorWorkers
-from canvaswatch.server.transport.relay import SERVICE_NAME, RelayWatch, relay_handler
+from canvaswatch.server.transport.relay import RelayWatch, relay_handler
+from canvaswatch.server.transport.status import SERVICE_NAME
 from canvaswatch.server.transport.servicer import CanvasMonitorServicer
 from canvaswatch.server.bottleneck.vocab import load_vocabulary
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc

@@ -183,15 +183,16 @@ def _offline_engine(config_path: str | None):
 
 def _check(args: argparse.Namespace) -> int:
     from canvaswatch.client.trace import read_traces
-    from canvaswatch.server.transport.convert import verdict_to_pb
-    from canvaswatch.server.bottleneck.step_decoder import StepError
+    from canvaswatch.server.pipeline.wire import verdict_to_pb
+    from canvaswatch.server.errors import StepError
+    from canvaswatch.server.transport.status import grpc_status
 
     engine = _offline_engine(args.config)
     for index, trace in enumerate(read_traces(args.trace)):
         try:
             verdict = verdict_to_pb(engine.check_trace(trace))
         except StepError as err:
-            print(f"canvaswatch: trace {index}: {err.code.name}: {err.message}", file=sys.stderr)
+            print(f"canvaswatch: trace {index}: {grpc_status(err.refusal).name}: {err.message}", file=sys.stderr)
             return 1
         _print_verdict(verdict, args.json)
     return 0
@@ -235,7 +236,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from canvaswatch.client.trace import read_traces
-    from canvaswatch.server.bottleneck.step_decoder import StepError
+    from canvaswatch.server.errors import StepError
+    from canvaswatch.server.transport.status import grpc_status
     from canvaswatch.server.ops.report import write_report
 
     engine = _offline_engine(args.config)
@@ -245,7 +247,7 @@ def _inspect(args: argparse.Namespace) -> int:
         try:
             history = engine.history_of(trace)
         except StepError as err:
-            print(f"canvaswatch: trace {index}: {err.code.name}: {err.message}", file=sys.stderr)
+            print(f"canvaswatch: trace {index}: {grpc_status(err.refusal).name}: {err.message}", file=sys.stderr)
             return 1
         target = output if len(traces) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
         write_report(history, engine.vocab, target)

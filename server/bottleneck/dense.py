@@ -21,31 +21,14 @@ Implementations:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import structlog
 import torch
 
 from canvaswatch.client.token_bottleneck import Bottleneck, from_candidates
+from canvaswatch.server.bottleneck.projection import DEFAULT_CHUNK, Projection, chunked_topk, project_topk_chunked  # noqa: F401 (re-exported)
 
 log = structlog.get_logger(__name__)
-
-DEFAULT_CHUNK = 32768
-
-
-@dataclass(frozen=True)
-class Projection:
-    """How hidden states become logits: softcap(scale * H Eᵀ)."""
-
-    scale: float = 1.0
-    softcap: float = 0.0
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits * self.scale if self.scale != 1.0 else logits
-        if self.softcap > 0:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits
-
 
 class DenseDecoder:
     def __init__(self, embeddings: torch.Tensor | None, vocab_size: int, *, k: int = 8, top_p: float | None = None,
@@ -82,7 +65,7 @@ class DenseDecoder:
         """[..., V] logits (already projected) to the bottleneck, chunked over V."""
         if logits.shape[-1] != self.vocab_size:
             raise ValueError(f"logits have a vocabulary of {logits.shape[-1]}, expected {self.vocab_size}")
-        values, ids, log_z = _chunked_topk(lambda a, b: logits[..., a:b].float(), self.vocab_size, self.k, self.chunk)
+        values, ids, log_z = chunked_topk(lambda a, b: logits[..., a:b].float(), self.vocab_size, self.k, self.chunk)
         return from_candidates(values, ids, log_z, self.top_p)
 
     def decode_embeddings(self, hidden: torch.Tensor) -> Bottleneck:
@@ -128,38 +111,6 @@ class DenseDecoder:
                 raise
             return "torch"
         return "triton"
-
-
-def project_topk_chunked(hidden: torch.Tensor, embeddings: torch.Tensor, k: int, projection: Projection,
-                         chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(top-k logits sorted, their ids, logsumexp) of softcap(scale * H Eᵀ) without materialising [L, V]."""
-    if embeddings.dtype == torch.float32:
-        def block(start: int, stop: int) -> torch.Tensor:
-            return projection.apply(hidden.float() @ embeddings[start:stop].T)
-    else:
-        # Half-precision products round each logit to 8 (bf16) bits of mantissa, which reorders
-        # near-ties; the chunk is upcast so the top-k is exact for the matrix as stored.
-        def block(start: int, stop: int) -> torch.Tensor:
-            return projection.apply(hidden.float() @ embeddings[start:stop].float().T)
-
-    return _chunked_topk(block, embeddings.shape[0], k, chunk)
-
-
-def _chunked_topk(block, vocab_size: int, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    k = min(k, vocab_size)
-    best_values = best_ids = log_z = None
-    for start in range(0, vocab_size, chunk):
-        stop = min(start + chunk, vocab_size)
-        logits = block(start, stop)
-        chunk_z = torch.logsumexp(logits, dim=-1)
-        log_z = chunk_z if log_z is None else torch.logaddexp(log_z, chunk_z)
-        values, ids = torch.topk(logits, min(k, stop - start), dim=-1)
-        ids = ids + start
-        if best_values is not None:
-            values, ids = torch.cat([best_values, values], -1), torch.cat([best_ids, ids], -1)
-        best_values, order = torch.topk(values, min(k, values.shape[-1]), dim=-1)
-        best_ids = torch.gather(ids, -1, order)
-    return best_values, best_ids, log_z
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from canvaswatch.server.bottleneck.dense import Projection
+from canvaswatch.server.bottleneck.projection import Projection, project_topk_chunked
 
 SUB = 16  # columns summarised by one stored maximum (16 measured best of 16/32/64 on an H100)
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -188,8 +188,6 @@ def fused_topk(hidden: torch.Tensor, embeddings: torch.Tensor, k: int,
     group = min(32, triton.next_power_of_2(n_sub))
     if triton.next_power_of_2(n_sub) // group < k_blocks:
         # A vocabulary this small has fewer groups than blocks to pick: the chunked path is exact and cheap.
-        from canvaswatch.server.bottleneck.dense import project_topk_chunked
-
         values, ids, log_z = project_topk_chunked(hidden, embeddings, k, projection)
         probs = torch.exp(values - log_z.unsqueeze(-1))
         return FusedResult(values, ids.to(torch.int32), probs, (1 - probs.sum(-1)).clamp_min(0), log_z)

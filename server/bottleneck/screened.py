@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from canvaswatch.server.bottleneck.dense import Projection
+from canvaswatch.server.bottleneck.projection import Projection
 
 _U32 = 2.0**-24  # unit roundoff of float32
 _BLOCK = 64  # columns per block maximum in the chunk filter

@@ -4,7 +4,9 @@ Three wire forms (canvaswatch.v1.StepState.state): `topk` is read as is;
 `logits` [L, V] and `embeddings` [L, d] go through the dense token
 bottleneck (canvaswatch.server.bottleneck.dense), the latter projected with the model's
 tied embedding matrix. A sidecar configured without a matrix answers the
-`embeddings` form with UNIMPLEMENTED.
+`embeddings` form with UNIMPLEMENTED. Whatever the form, the sampler's own
+signals (accepted, entropy, argmax_ids, temperature) are read when present
+(canvaswatch.server.bottleneck.sampler_signals).
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ from __future__ import annotations
 import time
 from typing import NoReturn
 
-import grpc
 import numpy as np
 import torch
 
 from canvaswatch.client.tensors import TensorFormatError, decode_array, decode_tensor
 from canvaswatch.monitors.base import DecodedStep, Vocabulary
 from canvaswatch.monitors.compiled import kernel
+from canvaswatch.server.errors import Refusal, StepError, invalid
 from canvaswatch.server.bottleneck.dense import DenseDecoder
+from canvaswatch.server.bottleneck.sampler_signals import read_sampler_fields
 from canvaswatch.server.ops.metrics import Metrics
 from canvaswatch.v1 import monitor_pb2 as pb
 
@@ -64,17 +67,6 @@ def _check_topk(ids, probs, vocab_size, max_sum, ids_out, probs_out, residual, r
     return verdict
 
 
-class StepError(Exception):
-    """A step the sidecar refuses; carries the gRPC status and a message naming the field."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def invalid(message: str) -> StepError:
-    return StepError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 class StepDecoder:
@@ -97,8 +89,8 @@ class StepDecoder:
             raise invalid(f"{where}.state: a non-final step needs one of topk, embeddings, logits")
         if form == "embeddings" and self.dense.embeddings is None:
             raise StepError(
-                grpc.StatusCode.UNIMPLEMENTED,
                 f"{where}.embeddings: this sidecar has no embedding matrix configured (dense.embeddings); send topk or logits",
+                Refusal.UNSUPPORTED,
             )
         hidden = residual_sum = None
         try:
@@ -112,10 +104,16 @@ class StepDecoder:
         except TensorFormatError as err:
             raise invalid(f"{where}.{form}.{err}") from None
         canvas = self._read_canvas(message, canvas_length, where)
+        try:
+            signals = read_sampler_fields(message, canvas_length, self.vocab.size)
+        except TensorFormatError as err:
+            raise invalid(f"{where}.{err}") from None
         self._timers[form].observe(time.perf_counter() - started)
         step = DecodedStep(
             block=message.block, step=message.step, ids=ids, probs=probs, vocab=self.vocab,
             residual=residual, canvas_ids=canvas, hidden=hidden, residual_sum=residual_sum,
+            accepted=signals.accepted, entropy=signals.entropy, argmax_ids=signals.argmax_ids,
+            temperature=signals.temperature,
         )
         if form == "topk":
             # The NumPy arrays the torch tensors were made from: every monitor reads these, and

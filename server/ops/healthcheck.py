@@ -10,7 +10,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-SERVICE = "canvaswatch.v1.CanvasMonitor"
+from canvaswatch.server.transport.status import SERVICE_NAME as SERVICE
 
 
 def check(target: str, timeout: float = 2.0) -> bool:

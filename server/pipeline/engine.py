@@ -20,8 +20,9 @@ from canvaswatch.monitors.phrases import link_phrase_matchers
 from canvaswatch.monitors.registry import describe_params
 from canvaswatch.server.ops.audit import AuditLog
 from canvaswatch.server.config import Config
-from canvaswatch.server.transport.convert import request_meta
-from canvaswatch.server.bottleneck.step_decoder import StepDecoder, invalid
+from canvaswatch.server.pipeline.wire import request_meta
+from canvaswatch.server.bottleneck.step_decoder import StepDecoder
+from canvaswatch.server.errors import invalid
 from canvaswatch.server.bottleneck.dense import DenseDecoder, build_dense_decoder
 from canvaswatch.server.bottleneck.batching import DenseBatcher
 from canvaswatch.server.ops.metrics import Metrics

@@ -19,7 +19,7 @@ import structlog
 
 from canvaswatch.monitors.base import DecodedStep, FinalCanvas, Flag, Monitor, RequestMeta, Severity
 from canvaswatch.server.ops.audit import AuditLog
-from canvaswatch.server.bottleneck.step_decoder import invalid
+from canvaswatch.server.errors import invalid
 from canvaswatch.server.ops.metrics import Metrics
 
 log = structlog.get_logger(__name__)

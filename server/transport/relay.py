@@ -17,15 +17,16 @@ from typing import AsyncIterator
 import grpc
 import structlog
 
-from canvaswatch.server.bottleneck.step_decoder import StepError
 from canvaswatch.server.ops.metrics import Metrics
-from canvaswatch.server.workers.pool import MonitorWorkers, RelayStream
+from canvaswatch.server.pipeline.stream_handler import Outcome
+from canvaswatch.server.transport.lifecycle import StreamSlots, await_cancellation, watch_call
 from canvaswatch.server.transport.servicer import CanvasMonitorServicer
-from canvaswatch.server.pipeline.stream_handler import CANCEL_GRACE_S, StreamSlots
+from canvaswatch.server.transport.status import SERVICE_NAME
+from canvaswatch.server.workers.pool import MonitorWorkers, RelayStream
+from canvaswatch.server.workers.protocol import StreamEnd, StreamStatus
 from canvaswatch.v1 import monitor_pb2 as pb
 
 log = structlog.get_logger(__name__)
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CanvasMonitor"].full_name
 
 
 class RelayWatch:
@@ -35,11 +36,10 @@ class RelayWatch:
         self.slots = slots  # the in-process servicer's: one limit for the server, whoever serves Watch
 
     async def Watch(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        async with self.slots.held(context):
-            try:
-                stream = self.workers.open_stream()
-            except StepError as err:
-                await context.abort(err.code, err.message)
+        # The worker counts the request and logs a refusal (it knows the request id); the front only
+        # relays, except for a stream whose worker died, which nobody else can count.
+        async with watch_call(self.slots, context, log_refusal=False):
+            stream = self.workers.open_stream()
             pump = asyncio.get_running_loop().create_task(self._pump(request_iterator, stream))
             try:
                 while True:
@@ -48,19 +48,17 @@ class RelayWatch:
                         yield event
                     if status is None:
                         continue
-                    if status[0] == "finished":  # the worker has the final message; the verdict came with it
+                    if status.end is StreamEnd.FINISHED:  # the worker has the final message; the verdict came with it
                         stream.finished = True
-                        continue
-                    if status[0] == "input_ended":
-                        if not stream.finished:
-                            await asyncio.sleep(CANCEL_GRACE_S)  # a cancellation lands here as CancelledError
+                    elif status.end is StreamEnd.INPUT_ENDED:
+                        await await_cancellation(stream.finished)
                         self.workers.end_input(stream)
-                        continue
-                    if status[0] == "ok":
+                    elif status.end is StreamEnd.OK:
                         break
-                    if status[0] == "lost":  # the worker died: nobody else counts this request
-                        self.metrics.requests.labels(self.metrics.model_label(""), "error").inc()
-                    await context.abort(grpc.StatusCode[status[1]], status[2])
+                    else:
+                        if status.end is StreamEnd.LOST:
+                            self.metrics.requests.labels(self.metrics.model_label(""), Outcome.ERROR.value).inc()
+                        raise status.error()
             finally:
                 pump.cancel()
                 self.workers.release(stream)  # cancels it in the worker unless it already ended there
@@ -75,7 +73,7 @@ class RelayWatch:
             # Only once every message is answered, so Watch knows whether the final one was among them.
             await stream.wait_for_room(limit=1)
             if not stream.done:
-                stream.results.put_nowait(([], ("input_ended",)))  # Watch decides: half-close or cancellation
+                stream.results.put_nowait(([], StreamStatus(StreamEnd.INPUT_ENDED)))  # Watch decides: half-close or cancellation
         except asyncio.CancelledError:
             raise
         except Exception as err:  # the call is ending (cancelled, too large a message); Watch sees it too

@@ -19,10 +19,12 @@ from typing import AsyncIterator
 import grpc
 import structlog
 
-from canvaswatch.server.transport.convert import verdict_to_pb
-from canvaswatch.server.bottleneck.step_decoder import StepError
+from canvaswatch.server.errors import StepError
 from canvaswatch.server.pipeline.engine import Engine
-from canvaswatch.server.pipeline.stream_handler import CANCEL_GRACE_S, StreamHandler, StreamSlots, is_heavy
+from canvaswatch.server.pipeline.stream_handler import Outcome, StreamHandler, is_heavy
+from canvaswatch.server.pipeline.wire import verdict_to_pb
+from canvaswatch.server.transport.lifecycle import StreamSlots, await_cancellation, watch_call
+from canvaswatch.server.transport.status import grpc_status
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 
@@ -36,37 +38,31 @@ class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
         self.slots = StreamSlots(max_streams, engine.metrics.active_streams)
 
     async def Watch(self, request_iterator: AsyncIterator[pb.StepState], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.MonitorEvent]:
-        async with self.slots.held(context):
-            handler = StreamHandler(self.engine)
-            loop = asyncio.get_running_loop()
-            try:
-                try:
-                    async with contextlib.aclosing(_read_ahead(request_iterator)) as messages:
-                        async for message in messages:
-                            if is_heavy(message):
-                                events = await loop.run_in_executor(self.executor, handler.feed, message)
-                            else:
-                                events = handler.feed(message)
-                            for event in events:
-                                yield event
-                    if not handler.finished:
-                        await asyncio.sleep(CANCEL_GRACE_S)  # a cancellation lands here as CancelledError
-                    handler.end()
-                except StepError as failure:
-                    log.warning("stream_rejected", request_id=handler.request_id, code=failure.code.name, error=failure.message)
-                    await context.abort(failure.code, failure.message)
-            except asyncio.CancelledError:
-                handler.outcome = "cancelled"
-                raise
-            finally:
-                handler.count()
+        handler = StreamHandler(self.engine)
+        loop = asyncio.get_running_loop()
+
+        def cancelled() -> None:
+            handler.outcome = Outcome.CANCELLED
+
+        async with watch_call(self.slots, context, request_id=lambda: handler.request_id,
+                              on_cancel=cancelled, on_end=handler.count):
+            async with contextlib.aclosing(_read_ahead(request_iterator)) as messages:
+                async for message in messages:
+                    if is_heavy(message):
+                        events = await loop.run_in_executor(self.executor, handler.feed, message)
+                    else:
+                        events = handler.feed(message)
+                    for event in events:
+                        yield event
+            await await_cancellation(handler.finished)
+            handler.end()
 
     async def Check(self, request: pb.Trace, context: grpc.aio.ServicerContext) -> pb.Verdict:
         loop = asyncio.get_running_loop()
         try:
             verdict = await loop.run_in_executor(self.executor, self.engine.check_trace, request)
         except StepError as err:
-            await context.abort(err.code, err.message)
+            await context.abort(grpc_status(err.refusal), err.message)
         return verdict_to_pb(verdict)
 
     async def ListMonitors(self, request: pb.ListMonitorsRequest, context: grpc.aio.ServicerContext) -> pb.ListMonitorsResponse:

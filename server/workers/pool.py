@@ -9,15 +9,10 @@ worker processes, which parses, decodes and monitors its messages in order
 Streams run in parallel across workers, and even a single stream overlaps
 the front's receiving with the worker's monitoring.
 
-Wire between the processes (one pipe each way per worker): the front
-writes length-prefixed frames (kind: open, message, end, cancel or stop; a
-stream id; the message's bytes) through asyncio pipe transports, so relaying
-costs its event loop a write and a read callback and no front thread
-competes with the loop for the GIL. The worker takes every complete frame
-waiting in its pipe as one batch (a busy worker gets larger batches, not
-more wake-ups) and answers the batch with one pickled list of (stream id,
-events, status), plus a snapshot of its metrics (metrics_merge) after a
-stream ends or every half second while busy. Each stream may have at most
+The front writes frames (workers/protocol.py) through asyncio pipe
+transports, so relaying costs its event loop a write and a read callback and
+no front thread competes with the loop for the GIL; the worker side is
+workers/child.py. Each stream may have at most
 WINDOW messages in flight, so a slow worker slows its own streams' reads
 (gRPC flow control then pushes back on the client) instead of queueing
 without bound.
@@ -30,201 +25,32 @@ shared with the workers through shared memory rather than copied.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import os
 import pickle
-import select
-import signal
-import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-import grpc
 import structlog
 import torch
 import torch.multiprocessing as torch_mp
 
 from canvaswatch.server.config import Config
-from canvaswatch.server.bottleneck.step_decoder import StepError
-from canvaswatch.server.ops.merged_metrics import Family, snapshot
+from canvaswatch.server.errors import Refusal, StepError
+from canvaswatch.server.ops.merged_metrics import Family
+from canvaswatch.server.workers.child import worker_main
+from canvaswatch.server.workers.protocol import REPLY, REQUEST, Frame, StreamEnd, StreamStatus
+from canvaswatch.server.workers.shared_memory import shareable
 
 log = structlog.get_logger(__name__)
 
 WINDOW = 64  # messages a stream may have in flight to its worker
-SNAPSHOT_EVERY_S = 0.5
 START_TIMEOUT_S = 300.0
 
 
 class WorkerStartError(RuntimeError):
     """A monitor worker could not start; the sidecar does not serve without its workers."""
-
-
-# ---------------------------------------------------------------- framing
-
-# front -> worker: body length, kind, stream id, then the body (a StepState's bytes, or nothing)
-_REQUEST = struct.Struct("<IBQ")
-# worker -> front: body length, then a pickled list of replies
-_REPLY = struct.Struct("<I")
-OPEN, MESSAGE, END, CANCEL, STOP = range(5)
-
-
-def _take_requests(buffer: bytearray) -> list[tuple[int, int, bytes]]:
-    """Every complete request frame at the front of `buffer`, removed from it."""
-    frames, at = [], 0
-    while len(buffer) - at >= _REQUEST.size:
-        size, kind, stream_id = _REQUEST.unpack_from(buffer, at)
-        stop = at + _REQUEST.size + size
-        if stop > len(buffer):
-            break
-        frames.append((kind, stream_id, bytes(buffer[at + _REQUEST.size : stop])))
-        at = stop
-    del buffer[:at]
-    return frames
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-# ---------------------------------------------------------------- worker side
-
-
-def worker_main(index: int, config: Config, embeddings: torch.Tensor | None, log_level: str,
-                requests: Any, replies: Any) -> None:
-    """Entry point of a worker process: build an engine, then serve frames until told to stop."""
-    from canvaswatch.server.ops.logs import configure_logging
-
-    # Ctrl-C reaches the whole process group; the front stops its workers itself, in order.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_logging(log_level)
-    structlog.contextvars.bind_contextvars(worker=index)
-    torch.set_num_threads(1)  # N workers share the machine's cores; intra-op threads would oversubscribe them
-    in_fd, out_fd = requests.fileno(), replies.fileno()
-
-    def reply(items: list) -> None:
-        body = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
-        _write_all(out_fd, _REPLY.pack(len(body)) + body)
-
-    try:
-        worker = _Worker(config, embeddings)
-    except Exception as err:
-        reply([("failed", f"{type(err).__name__}: {err}")])
-        return
-    reply([("ready", index)])
-    buffer = bytearray()
-    last_snapshot, dirty = time.monotonic(), False
-    while True:
-        frames = _take_requests(buffer)
-        if not frames:
-            wait = max(0.0, last_snapshot + SNAPSHOT_EVERY_S - time.monotonic()) if dirty else None
-            readable, _, _ = select.select([in_fd], [], [], wait)
-            if not readable:  # quiet for a while: let the scrapes catch up with the last steps
-                reply([("metrics", worker.snapshot())])
-                last_snapshot, dirty = time.monotonic(), False
-                continue
-            chunk = os.read(in_fd, 1 << 20)
-            if not chunk:  # the front went away
-                worker.close()
-                return
-            buffer += chunk
-            continue
-        out: list[tuple] = []
-        ended = False
-        for kind, stream_id, body in frames:
-            if kind == STOP:
-                worker.close()
-                return
-            result = worker.handle(kind, stream_id, body)
-            if result is not None:
-                out.append(result)
-                ended = ended or result[2] is not None  # finished or over: the snapshot goes with it
-        dirty = True
-        if ended or time.monotonic() - last_snapshot >= SNAPSHOT_EVERY_S:
-            # in the same reply as a stream's last events: a client that saw its verdict sees its metrics
-            out.append(("metrics", worker.snapshot()))
-            last_snapshot, dirty = time.monotonic(), False
-        if out:
-            reply(out)
-
-
-class _Worker:
-    """A worker's engine and its open streams' handlers."""
-
-    def __init__(self, config: Config, embeddings: torch.Tensor | None) -> None:
-        from canvaswatch.server.bottleneck.dense import build_dense_decoder
-        from canvaswatch.server.pipeline.engine import Engine
-        from canvaswatch.server.ops.metrics import Metrics
-        from canvaswatch.server.bottleneck.vocab import load_vocabulary
-
-        if config.dense.batch_window_ms > 0:
-            # A worker handles its messages one at a time, so a batching window would only add its
-            # wait to every dense step: nothing from another stream can arrive inside it.
-            log.info("dense_batching_off_in_worker", batch_window_ms=config.dense.batch_window_ms)
-            config = dataclasses.replace(config, dense=dataclasses.replace(config.dense, batch_window_ms=0.0))
-        vocab = load_vocabulary(config.vocab.tokenizer)
-        dense = build_dense_decoder(config.dense, vocab.size, embeddings=embeddings)
-        self.engine = Engine(config, vocab, metrics=Metrics(), dense=dense)
-        self.engine.warm_up()
-        self.handlers: dict[int, Any] = {}
-
-    def snapshot(self) -> list[Family]:
-        return snapshot(self.engine.metrics.registry)
-
-    def close(self) -> None:
-        self.engine.close()
-
-    def handle(self, kind: int, stream_id: int, body: bytes) -> tuple | None:
-        """(stream id, serialised events, status or None) for a message, an end or a cancel."""
-        from canvaswatch.server.pipeline.stream_handler import StreamHandler
-        from canvaswatch.v1 import monitor_pb2 as pb
-
-        if kind == OPEN:
-            self.handlers[stream_id] = StreamHandler(self.engine)
-            return None
-        handler = self.handlers.get(stream_id)
-        if handler is None:
-            return None  # the stream already ended here (an error) or was cancelled
-        status: tuple | None = None
-        events: list[bytes] = []
-        try:
-            if kind == MESSAGE:
-                try:
-                    message = pb.StepState.FromString(body)
-                except Exception:
-                    handler.outcome = "invalid"
-                    raise StepError(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"message[{handler.index}]: not a canvaswatch.v1.StepState") from None
-                # The stream stays open after its final message, as in-process: a message after it is an
-                # error. "finished" tells the front not to wait for a cancellation when input ends.
-                events = [event.SerializeToString() for event in handler.feed(message)]
-                if handler.finished:
-                    status = ("finished",)
-            elif kind == END:
-                handler.end()
-                status = ("ok",)
-            else:  # CANCEL: the front is gone; count it, answer nobody
-                handler.outcome = "cancelled"
-                handler.count()
-                del self.handlers[stream_id]
-                return None
-        except StepError as err:
-            log.warning("stream_rejected", request_id=handler.request_id, code=err.code.name, error=err.message)
-            status = ("abort", err.code.name, err.message)
-        except Exception as err:  # a bug: end this stream, keep the worker and its other streams
-            log.exception("stream_failed", request_id=handler.request_id)
-            handler.outcome = "error"
-            status = ("abort", "INTERNAL", f"monitor worker: {type(err).__name__}: {err}")
-        if status is not None and status[0] != "finished":
-            handler.count()
-            del self.handlers[stream_id]
-        return stream_id, events, status
-
-
-# ---------------------------------------------------------------- front side
 
 
 @dataclass
@@ -241,7 +67,7 @@ class RelayStream:
 
     def send(self, raw: bytes) -> None:
         self.in_flight += 1
-        self.worker.send(MESSAGE, self.stream_id, raw)
+        self.worker.send(Frame.MESSAGE, self.stream_id, raw)
 
     async def wait_for_room(self, limit: int = WINDOW) -> None:
         """Until fewer than `limit` messages are in flight (limit=1: all answered) or the stream is over."""
@@ -249,10 +75,10 @@ class RelayStream:
             self.room.clear()
             await self.room.wait()
 
-    def deliver(self, events: list[bytes], status: tuple | None) -> None:
+    def deliver(self, events: list[bytes], status: StreamStatus | None) -> None:
         self.in_flight -= 1
         self.room.set()
-        if status is not None and status[0] != "finished":
+        if status is not None and status.over:
             self.done = True
         self.results.put_nowait((events, status))
 
@@ -294,19 +120,19 @@ class WorkerProcess(asyncio.Protocol):
 
     def send(self, kind: int, stream_id: int, body: bytes = b"") -> None:
         if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(_REQUEST.pack(len(body), kind, stream_id) + body)
+            self._writer.write(REQUEST.pack(len(body), kind, stream_id) + body)
 
     # asyncio.Protocol, for the reply pipe
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
         at = 0
-        while len(buffer) - at >= _REPLY.size:
-            (size,) = _REPLY.unpack_from(buffer, at)
-            stop = at + _REPLY.size + size
+        while len(buffer) - at >= REPLY.size:
+            (size,) = REPLY.unpack_from(buffer, at)
+            stop = at + REPLY.size + size
             if stop > len(buffer):
                 break
-            self._on_replies(pickle.loads(buffer[at + _REPLY.size : stop]))
+            self._on_replies(pickle.loads(buffer[at + REPLY.size : stop]))
             at = stop
         del buffer[:at]
 
@@ -333,7 +159,7 @@ class WorkerProcess(asyncio.Protocol):
 
     def stop(self, timeout: float) -> None:
         self.alive = False
-        self.send(STOP, 0)
+        self.send(Frame.STOP, 0)
         if self._writer is not None:
             self._writer.close()
         self.process.join(timeout)
@@ -349,7 +175,7 @@ class MonitorWorkers:
         self.config = config
         self.log_level = log_level
         self.count = config.server.monitor_processes
-        self.embeddings = _shareable(embeddings)
+        self.embeddings = shareable(embeddings)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.workers: list[WorkerProcess] = []
         self.retired_metrics: list[list[Family]] = []
@@ -383,24 +209,24 @@ class MonitorWorkers:
     def open_stream(self) -> RelayStream:
         live = [w for w in self.workers if w.alive]
         if not live:
-            raise StepError(grpc.StatusCode.UNAVAILABLE, "no monitor worker is running; retry shortly")
+            raise StepError("workers: no monitor worker is running; retry shortly", Refusal.UNAVAILABLE)
         # Fewest open streams; ties go round the workers, so light traffic does not all land on the first.
         turn = next(self._turns)
         worker = min(live, key=lambda w: (len(w.streams), (w.index - turn) % self.count))
         stream = RelayStream(next(self._ids), worker)
         worker.streams[stream.stream_id] = stream
-        worker.send(OPEN, stream.stream_id)
+        worker.send(Frame.OPEN, stream.stream_id)
         return stream
 
     def end_input(self, stream: RelayStream) -> None:
-        stream.worker.send(END, stream.stream_id)
+        stream.worker.send(Frame.END, stream.stream_id)
 
     def release(self, stream: RelayStream) -> None:
         """The front is done with the stream; a worker still holding it is told to drop it as cancelled."""
         stream.worker.streams.pop(stream.stream_id, None)
         if not stream.done:
             stream.done = True
-            stream.worker.send(CANCEL, stream.stream_id)
+            stream.worker.send(Frame.CANCEL, stream.stream_id)
 
     def metric_snapshots(self) -> list[list[Family]]:
         """Called from the /metrics thread: reads lists that the loop only ever replaces whole."""
@@ -422,7 +248,7 @@ class MonitorWorkers:
         message = f"monitor worker {worker.index} exited (exit code {worker.process.exitcode}); retry the request"
         for stream in list(worker.streams.values()):
             stream.in_flight = 1  # deliver() counts one message back
-            stream.deliver([], ("lost", "UNAVAILABLE", message))
+            stream.deliver([], StreamStatus(StreamEnd.LOST, Refusal.UNAVAILABLE, message))
         self.retired_metrics = [*self.retired_metrics, worker.metrics]
         worker.metrics = []
         replacement = WorkerProcess(self, worker.index)
@@ -443,28 +269,3 @@ class MonitorWorkers:
         self._stopping = True
         for worker in self.workers:
             worker.stop(timeout)
-
-
-def _shareable(embeddings: torch.Tensor | None) -> torch.Tensor | None:
-    """The matrix moved to shared memory for the workers, or None: each worker then loads its own.
-
-    A GPU matrix is not shared (each worker loads it onto the device). Neither is one that does
-    not fit in /dev/shm with room to spare: a container's default 64 MB there would end in SIGBUS
-    when the pages are touched, not in an error at start.
-    """
-    if embeddings is None or embeddings.device.type != "cpu":
-        return None
-    if not fits_in_shared_memory(embeddings):
-        log.warning("embeddings_not_shared", reason="/dev/shm too small; each monitor worker loads its own copy",
-                    needed_mb=(embeddings.numel() * embeddings.element_size()) >> 20)
-        return None
-    return embeddings.share_memory_()
-
-
-def fits_in_shared_memory(tensor: torch.Tensor) -> bool:
-    """Whether /dev/shm has room for `tensor` and a quarter more."""
-    try:
-        stats = os.statvfs("/dev/shm")
-    except OSError:
-        return False
-    return stats.f_bavail * stats.f_frsize >= tensor.numel() * tensor.element_size() * 1.25

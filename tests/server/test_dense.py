@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from canvaswatch.server.bottleneck.dense import DenseDecoder, Projection, project_topk_chunked
+from canvaswatch.server.bottleneck.dense import DenseDecoder
+from canvaswatch.server.bottleneck.projection import Projection, project_topk_chunked
 from canvaswatch.server.bottleneck.embedding import EmbeddingError, load_embedding_matrix
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from canvaswatch.server.config import ConfigError, load_config
-from canvaswatch.server.bottleneck.dense import DenseDecoder, Projection
+from canvaswatch.server.bottleneck.dense import DenseDecoder
+from canvaswatch.server.bottleneck.projection import Projection
 from canvaswatch.server.bottleneck.screened import ScreenedIndex
 
 

@@ -240,7 +240,7 @@ def test_auth_and_the_stream_limit_hold_for_relayed_streams(vocab, tmp_path):
 
 
 def test_embeddings_form_is_decoded_in_a_worker_with_the_shared_matrix(vocab, tmp_path, dense, gemma_embeddings):
-    from canvaswatch.server.workers.pool import fits_in_shared_memory
+    from canvaswatch.server.workers.shared_memory import fits_in_shared_memory
 
     if not dense.embeddings.is_shared() and not fits_in_shared_memory(dense.embeddings):
         pytest.skip("/dev/shm is too small here to share the 0.7 GB matrix with a worker")
@@ -256,11 +256,9 @@ def test_embeddings_form_is_decoded_in_a_worker_with_the_shared_matrix(vocab, tm
 def test_a_stream_that_sent_its_final_never_waits_for_a_cancellation(mode, request, vocab, monkeypatch):
     # The grace that tells a cancellation from an incomplete stream must not touch finished
     # streams: with it stretched past the call's deadline, a finished stream still completes.
-    import canvaswatch.server.transport.relay as relay
-    import canvaswatch.server.transport.servicer as servicer
+    import canvaswatch.server.transport.lifecycle as lifecycle
 
-    monkeypatch.setattr(relay, "CANCEL_GRACE_S", 60.0)
-    monkeypatch.setattr(servicer, "CANCEL_GRACE_S", 60.0)
+    monkeypatch.setattr(lifecycle, "CANCEL_GRACE_S", 60.0)  # one lifecycle serves both modes
     running = request.getfixturevalue(mode)
     with running.channel() as channel:
         for seed in range(3):
@@ -286,13 +284,13 @@ def test_a_worker_turns_dense_batching_off(vocab, dense):
     # The window batches concurrent streams' steps in one process; a worker takes one message at a
     # time, so there the window would only delay every dense step.
     from canvaswatch.server.pipeline.engine import Engine
-    from canvaswatch.server.workers.pool import _Worker
+    from canvaswatch.server.workers.child import Worker
 
     config = parse_config({"dense": {"embeddings": "", "batch_window_ms": 1.0}})
     in_process = Engine(config, vocab, dense=dense)
     assert in_process.batcher is not None  # in-process, the window applies
     in_process.close()
-    worker = _Worker(config, dense.embeddings)
+    worker = Worker(config, dense.embeddings)
     try:
         assert worker.engine.batcher is None and worker.engine.dense.embeddings is not None
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from canvaswatch.monitors.base import Evidence, Flag, RequestMeta, Severity
-from canvaswatch.server.bottleneck.step_decoder import invalid
+from canvaswatch.server.errors import invalid
 from canvaswatch.server.pipeline.session import SessionVerdict
 from canvaswatch.v1 import monitor_pb2 as pb
 
