@@ -43,7 +43,8 @@ logits, with the candidates' terms replaced by their float32 ones. The rest's
 share stays approximate: the returned `log_z_error` bounds |log Z - estimate|
 (small when the candidates hold most of the mass, tenths of a nat for flat
 distributions; the measured error is far below the bound), so probabilities
-and the residual mass come with a reported error, as issue #3 allows.
+and the residual mass come with a reported error (Bottleneck.residual_error)
+instead of the full float32 pass an exact normalisation would cost.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Prometheus metrics. The names and label sets are a contract (DESIGN.md): dashboards and alert rules use them.
+"""Prometheus metrics. The names and label sets are a contract: the Grafana dashboard and the alert
+rules in deploy/ query them (tests/deploy checks that every name they use exists).
 
 Labels stay bounded: `model` comes from clients, so only the first
 MAX_MODEL_LABELS distinct values are kept and later ones are reported as
@@ -47,8 +48,8 @@ class Metrics:
             "Probability mass outside the kept top-k/top-p per position: when it grows, the bottleneck stops being a faithful view.",
             buckets=_MASS_BUCKETS, registry=r,
         )
-        # Added in 0.2 (a new name; the existing ones are unchanged): only the int8-screened CPU
-        # decoder (dense.backend = "screened") estimates the residual, and says by how much it can be off.
+        # Only the int8-screened CPU decoder (dense.backend = "screened") estimates the residual
+        # instead of computing it exactly; this says how far residual_mass may be off for it.
         self.residual_error = Histogram(
             "canvaswatch_bottleneck_residual_error",
             "Bound on the error of the estimated residual mass, per step (max over positions); "
