@@ -98,6 +98,18 @@ class DecodedStep:
     ids/probs are [L, k], most probable first, probabilities normalised over
     the full vocabulary (0 = padding); residual[L] is the mass outside the kept
     tokens (None when the client did not say, e.g. it sent only its top-k).
+
+    The sampler's own signals, validated by the sidecar, are None unless the
+    client sent them (docs/wire.md; transformers' DiffusionGemma through
+    client.diffusion_gemma.attach_bottleneck sends all of them):
+    accepted[L] marks the positions the sampler accepted (committed) this step;
+    accepted tokens are re-decided every step, so one accepted at a step and
+    later accepted with another token is a retroactive revision by definition.
+    entropy[L] is each position's entropy in nats of the distribution the sampler
+    drew from (softmax of logits / temperature), what DiffusionGemma's
+    entropy-bound sampler ranks positions by. argmax_ids[L] is the model's own
+    argmax canvas (at a block's last step, its output). canvas_ids[L] is the
+    sampled canvas: the accepted tokens where accepted is True, noise elsewhere.
     """
 
     block: int
@@ -109,6 +121,10 @@ class DecodedStep:
     canvas_ids: torch.Tensor | None = None  # [L] int64, the sampled canvas if sent
     hidden: torch.Tensor | None = None  # [L, d] the self-conditioning vectors, when sent in that form
     residual_sum: float | None = None  # sum of residual, when the decoder computed it on the way
+    accepted: np.ndarray | None = None  # [L] bool, the positions the sampler accepted this step
+    entropy: np.ndarray | None = None  # [L] float32 >= 0, nats, of the distribution the sampler drew from
+    argmax_ids: np.ndarray | None = None  # [L] int64, the model's argmax canvas
+    temperature: float | None = None  # > 0, what the logits were divided by at this step
 
     @cached_property
     def canvas_length(self) -> int:

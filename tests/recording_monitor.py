@@ -28,9 +28,17 @@ class Recorder:
             "request_id": state.request_id, "block": step.block, "step": step.step,
             "length": step.canvas_length, "vocab": step.vocab.size, "k": int(step.ids.shape[1]),
             "top1": step.top1.tolist(), "max_id": int(step.ids.max()),
+            # the sampler's signals, None when the client did not send them
+            "accepted": _listed(step.accepted), "entropy": _listed(step.entropy),
+            "argmax_ids": _listed(step.argmax_ids), "canvas_ids": _listed(step.canvas_ids),
+            "temperature": step.temperature,
         })
         return []
 
     def on_finish(self, state, final):
         RECORDED.append({"request_id": state.request_id, "final": list(final.output_ids)})
         return []
+
+
+def _listed(values):
+    return None if values is None else values.tolist()

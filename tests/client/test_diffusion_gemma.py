@@ -112,6 +112,144 @@ def test_on_device_bottleneck_sends_only_topk_and_matches_the_model(vocab, tmp_p
     assert all(r["k"] == 4 and r["length"] == CANVAS for r in steps)
 
 
+def _entropy_bound_acceptance(entropy: torch.Tensor, bound: float) -> torch.Tensor:
+    """The entropy-bound rule, written out here: the lowest-entropy positions whose summed entropy, less the largest, stays <= bound."""
+    ordered, order = torch.sort(entropy)
+    chosen = torch.cumsum(ordered, dim=0) - ordered <= bound
+    return torch.zeros_like(chosen).scatter(0, order, chosen)
+
+
+@pytest.mark.slow
+def test_sampler_signals_reach_the_sidecar_and_match_what_the_sampler_did(vocab, tmp_path, monkeypatch):
+    from canvaswatch.client.diffusion_gemma import attach_bottleneck
+
+    install_entry_point(tmp_path, monkeypatch, "recorder", "tests.recording_monitor:Recorder")
+    recording_monitor.RECORDED.clear()
+    running = start_sidecar(vocab, tmp_path, {"monitors": {"recorder": {}}})
+    model = tiny_diffusion_gemma()
+    # Random weights put every position near ln V = 12.45 nats: a bound of 30 accepts 3 positions a
+    # step (12.45 + 12.45 <= 30 < 3 x 12.45), so the mask is not trivially one position.
+    bound, t_min, t_max = 30.0, 0.4, 0.8
+    witnessed: list[dict] = []
+    try:
+        streamer = CanvasWatchStreamer(running.target, request_id="dg-signals", k=4, max_pending=1000)
+        hook = attach_bottleneck(model, streamer)
+        original = hook._original
+
+        def witness(*args, **kwargs):
+            # What the step really did, read here independently of the hook's own computation.
+            canvas, argmax, logits, finished = original(*args, **kwargs)
+            witnessed.append({"logits": logits[0].clone(), "argmax": argmax[0].tolist(), "canvas": canvas[0].tolist(),
+                              "started_from": kwargs["current_canvas"][0].tolist()})
+            return canvas, argmax, logits, finished
+
+        hook._original = witness
+        prompt = torch.tensor([[2, 9259]])
+        output = model.generate(prompt, max_new_tokens=2 * CANVAS, max_denoising_steps=STEPS, t_min=t_min, t_max=t_max,
+                                sampler_config=transformers.EntropyBoundSamplerConfig(entropy_bound=bound),
+                                streamer=streamer)
+        hook.detach()
+        [verdict] = streamer.verdicts(timeout=60)
+        streamer.close()
+    finally:
+        running.thread.stop()
+
+    steps = [r for r in recording_monitor.RECORDED if r["request_id"] == "dg-signals" and "final" not in r]
+    assert verdict.steps_seen == len(steps) == len(witnessed) == 2 * STEPS and verdict.steps_dropped == 0
+    for index, (seen, did) in enumerate(zip(steps, witnessed)):
+        # the sampler's entropy: Categorical(logits).entropy() of the logits it scored (float32 in this
+        # model, so the returned self-conditioning logits are those same logits), float16 on the wire
+        entropy = torch.distributions.Categorical(logits=did["logits"]).entropy()
+        torch.testing.assert_close(torch.tensor(seen["entropy"]), entropy, rtol=0, atol=4e-3)
+        # the accepted mask is the entropy-bound rule applied to those entropies
+        expected = _entropy_bound_acceptance(entropy, bound)
+        assert seen["accepted"] == expected.tolist() and sum(seen["accepted"]) == 3, index
+        # the argmax canvas is the step's argmax; the sampled canvas is the one the next step starts from
+        assert seen["argmax_ids"] == did["argmax"] == did["logits"].argmax(-1).tolist()
+        assert seen["canvas_ids"] == did["canvas"]
+        if seen["step"] + 1 < STEPS:
+            assert did["canvas"] == witnessed[index + 1]["started_from"]
+        # temperature: the linear schedule over the steps remaining (STEPS at step 0)
+        remaining = STEPS - seen["step"]
+        assert seen["temperature"] == pytest.approx(t_min + (t_max - t_min) * remaining / STEPS, rel=1e-6)
+    # At each block's last step the argmax canvas is the block's output.
+    generated = output.sequences[0, prompt.shape[1]:].tolist()
+    last = [r for r in steps if r["step"] == STEPS - 1]
+    assert [r["block"] for r in last] == [0, 1]
+    assert last[0]["argmax_ids"] + last[1]["argmax_ids"] == generated
+
+
+class _Sampler:
+    """Just what the hook reads of transformers' EntropyBoundSampler: accept_canvas and accepted_token_mask."""
+
+    accepted_token_mask = None
+
+    def accept_canvas(self, current_canvas, denoiser_canvas, logits, cur_step):
+        self.accepted_token_mask = torch.ones_like(current_canvas, dtype=torch.bool)
+        return denoiser_canvas
+
+
+class _Loop(torch.nn.Module):
+    """A denoising step shaped like transformers' _denoising_step; row 1 stops after the first step."""
+
+    def _denoising_step(self, *, current_canvas, finished_denoising, sampler, logits_processor, cur_step, scores):
+        sampler.accept_canvas(current_canvas, current_canvas + 1, scores, cur_step)
+        finished_denoising |= torch.tensor([False, True])  # in place, as generate() does
+        return current_canvas + 1, current_canvas + 2, scores.float(), finished_denoising
+
+
+class _Collect(CanvasWatchStreamer):
+    """Builds each row's message at once instead of opening streams."""
+
+    def __init__(self) -> None:
+        super().__init__("127.0.0.1:1")
+        self.messages: list = []
+
+    def _emit(self, batch, canvas_length, build) -> None:
+        self.messages.append([build(row, self.block, self.step) for row in range(batch)])
+        self.step += 1
+
+
+def test_rows_whose_denoising_stopped_send_no_acceptance_and_keep_their_entropy():
+    from canvaswatch.client.diffusion_gemma import attach_bottleneck
+    from canvaswatch.client.tensors import decode_array
+
+    streamer = _Collect()
+    loop = _Loop()
+    hook = attach_bottleneck(loop, streamer, k=2)
+    finished = torch.zeros(2, dtype=torch.bool)
+    canvas = torch.zeros(2, 3, dtype=torch.long)
+    generator = torch.Generator().manual_seed(0)
+    for remaining in (2, 1):
+        scores = torch.randn(2, 3, 50, generator=generator) * remaining
+        loop._denoising_step(current_canvas=canvas, finished_denoising=finished, sampler=_Sampler(),
+                             logits_processor=[], cur_step=remaining, scores=scores)
+    hook.detach()
+    first, second = ([decode_array(m.accepted, "a").tolist() for m in rows] for rows in streamer.messages)
+    assert first == [[1, 1, 1], [1, 1, 1]]
+    assert second == [[1, 1, 1], [0, 0, 0]]  # row 1 had finished: generate() keeps its canvas
+    entropies = [[decode_array(m.entropy, "e").tolist() for m in rows] for rows in streamer.messages]
+    assert entropies[1][1] == entropies[0][1] and entropies[1][0] != entropies[0][0]
+    assert all(m.temperature == 1.0 for rows in streamer.messages for m in rows)  # no temperature processor
+
+
+def test_without_the_hook_no_sampler_signals_are_sent(vocab, tmp_path, monkeypatch):
+    install_entry_point(tmp_path, monkeypatch, "recorder", "tests.recording_monitor:Recorder")
+    recording_monitor.RECORDED.clear()
+    running = start_sidecar(vocab, tmp_path, {"monitors": {"recorder": {}}})
+    model = tiny_diffusion_gemma()
+    try:
+        streamer = CanvasWatchStreamer(running.target, request_id="dg-plain", k=2, max_pending=1000)
+        model.generate(torch.tensor([[2, 9259]]), max_new_tokens=CANVAS, max_denoising_steps=2, streamer=streamer)
+        [verdict] = streamer.verdicts(timeout=60)
+        streamer.close()
+    finally:
+        running.thread.stop()
+    steps = [r for r in recording_monitor.RECORDED if r["request_id"] == "dg-plain" and "final" not in r]
+    assert verdict.steps_seen == len(steps) == 2
+    assert all(r[key] is None for r in steps for key in ("accepted", "entropy", "argmax_ids", "canvas_ids", "temperature"))
+
+
 def test_enforced_bottleneck_is_what_the_decoder_conditions_on():
     from canvaswatch.client.diffusion_gemma import attach_bottleneck
 

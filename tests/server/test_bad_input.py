@@ -48,6 +48,21 @@ def _final() -> pb.StepState:
     return pb.StepState(final=True, output_ids=[3000])
 
 
+def _with_signal(field: str, value: torch.Tensor | pb.Tensor | float) -> pb.StepState:
+    """A good first step carrying one sampler signal (StepState fields 24-27)."""
+    message = _good(info=True)
+    if field == "temperature":
+        message.temperature = value
+    else:
+        getattr(message, field).CopyFrom(value if isinstance(value, pb.Tensor) else encode_tensor(value))
+    return message
+
+
+_MASK = torch.tensor([0, 1, 0, 0, 1, 0, 0, 0], dtype=torch.uint8)
+_ENTROPY = torch.full((L,), 2.5, dtype=torch.float16)
+_ARGMAX = torch.full((L,), 3000, dtype=torch.int32)
+
+
 CASES = {
     "missing info": ([_good(), _final()], "INVALID_ARGUMENT", "message[0].info: required"),
     "empty request id": ([topk_step(_ids(), _probs(), info=pb.RequestInfo(canvas_length=L)), _final()],
@@ -89,6 +104,48 @@ CASES = {
                                      "INVALID_ARGUMENT", "message[0].logits.shape: vocabulary of 1000, but the sidecar's is 262144"),
     "output ids outside the vocabulary": ([_good(info=True), pb.StepState(final=True, output_ids=[-1])],
                                           "INVALID_ARGUMENT", "message[1].output_ids"),
+    "accepted mask of the wrong length": ([_with_signal("accepted", _MASK[:-1]), _final()], "INVALID_ARGUMENT",
+                                          "message[0].accepted.shape: 7 positions, but info.canvas_length is 8"),
+    "accepted mask as [L, 1]": ([_with_signal("accepted", _MASK[:, None]), _final()], "INVALID_ARGUMENT",
+                                "message[0].accepted.shape: expected 1 dimensions, got shape [8, 1]"),
+    "accepted mask as floats": ([_with_signal("accepted", _MASK.float()), _final()], "INVALID_ARGUMENT",
+                                "message[0].accepted.dtype: expected UINT8, INT32 or INT64, got FLOAT32"),
+    "accepted mask of 2": ([_with_signal("accepted", _MASK * 2), _final()], "INVALID_ARGUMENT",
+                           "message[0].accepted: value 2 at position 1; the mask holds 0 or 1"),
+    "accepted bytes disagree with shape": (
+        [_with_signal("accepted", pb.Tensor(dtype=pb.UINT8, shape=[L], data=bytes(L - 1))), _final()],
+        "INVALID_ARGUMENT", "message[0].accepted.data: shape [8] of UINT8 needs 8 bytes, got 7"),
+    "entropy with NaN": ([_with_signal("entropy", _ENTROPY.index_fill(0, torch.tensor([6]), float("nan"))), _final()],
+                         "INVALID_ARGUMENT", "message[0].entropy: non-finite entropy at position 6"),
+    "entropy with Inf": ([_with_signal("entropy", _ENTROPY.index_fill(0, torch.tensor([2]), float("inf"))), _final()],
+                         "INVALID_ARGUMENT", "message[0].entropy: non-finite entropy at position 2"),
+    "negative entropy": ([_with_signal("entropy", _ENTROPY.index_fill(0, torch.tensor([3]), -0.5)), _final()],
+                         "INVALID_ARGUMENT", "message[0].entropy: negative entropy -0.5 at position 3"),
+    "entropy as integers": ([_with_signal("entropy", torch.ones(L, dtype=torch.int32)), _final()], "INVALID_ARGUMENT",
+                            "message[0].entropy.dtype: expected FLOAT16, FLOAT32 or BFLOAT16, got INT32"),
+    "entropy of the wrong length": ([_with_signal("entropy", torch.ones(L + 3)), _final()], "INVALID_ARGUMENT",
+                                    "message[0].entropy.shape: 11 positions, but info.canvas_length is 8"),
+    "entropy of an unknown dtype": ([_with_signal("entropy", pb.Tensor(dtype=42, shape=[L], data=bytes(2 * L))), _final()],
+                                    "INVALID_ARGUMENT", "message[0].entropy.dtype: unsupported dtype 42"),
+    "argmax ids outside the vocabulary": (
+        [_with_signal("argmax_ids", _ARGMAX.index_fill(0, torch.tensor([5]), 300_000)), _final()], "INVALID_ARGUMENT",
+        "message[0].argmax_ids: token id 300000 at position 5 is outside the vocabulary [0, 262144)"),
+    "negative argmax id": ([_with_signal("argmax_ids", _ARGMAX.index_fill(0, torch.tensor([0]), -1)), _final()],
+                           "INVALID_ARGUMENT", "message[0].argmax_ids: token id -1 at position 0 is outside the vocabulary"),
+    "argmax ids as floats": ([_with_signal("argmax_ids", _ARGMAX.float()), _final()], "INVALID_ARGUMENT",
+                             "message[0].argmax_ids.dtype: expected INT32 or INT64, got FLOAT32"),
+    "argmax ids of the wrong length": ([_with_signal("argmax_ids", _ARGMAX[:4]), _final()], "INVALID_ARGUMENT",
+                                       "message[0].argmax_ids.shape: 4 positions, but info.canvas_length is 8"),
+    "zero temperature": ([_with_signal("temperature", 0.0), _final()], "INVALID_ARGUMENT",
+                         "message[0].temperature: must be finite and > 0, got 0"),
+    "negative temperature": ([_with_signal("temperature", -0.8), _final()], "INVALID_ARGUMENT",
+                             "message[0].temperature: must be finite and > 0, got -0.8"),
+    "NaN temperature": ([_with_signal("temperature", float("nan")), _final()], "INVALID_ARGUMENT",
+                        "message[0].temperature: must be finite and > 0, got nan"),
+    "infinite temperature": ([_with_signal("temperature", float("inf")), _final()], "INVALID_ARGUMENT",
+                             "message[0].temperature: must be finite and > 0, got inf"),
+    "bad signal on a later step": ([_good(info=True), (lambda m: (m.entropy.CopyFrom(encode_tensor(-_ENTROPY)), m)[1])(_good(step=1)),
+                                    _final()], "INVALID_ARGUMENT", "message[1].entropy: negative entropy -2.5 at position 0"),
 }
 
 
