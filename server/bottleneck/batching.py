@@ -13,11 +13,13 @@ import torch
 
 from canvaswatch.client.token_bottleneck import Bottleneck
 from canvaswatch.monitors.batching import WindowBatcher
-from canvaswatch.server.bottleneck.dense import DenseDecoder
+from canvaswatch.server.bottleneck.contract import Decoder
 
 
 class DenseBatcher:
-    def __init__(self, decoder: DenseDecoder, window_s: float, max_rows: int = 8192) -> None:
+    """A contract.Decoder that batches decode_embeddings calls in front of another decoder."""
+
+    def __init__(self, decoder: Decoder, window_s: float, max_rows: int = 8192) -> None:
         self.decoder = decoder
         self._batcher: WindowBatcher[torch.Tensor, Bottleneck] = WindowBatcher(
             self._launch, window_s=window_s, max_weight=max_rows, weight=lambda hidden: int(hidden.shape[0]),
@@ -32,14 +34,21 @@ class DenseBatcher:
     def requests(self) -> int:
         return self._batcher.items
 
-    # DenseDecoder's interface, so the step decoder can use either
     @property
     def embeddings(self) -> torch.Tensor | None:
         return self.decoder.embeddings
 
     @property
+    def vocab_size(self) -> int:
+        return self.decoder.vocab_size
+
+    @property
     def hidden_size(self) -> int | None:
         return self.decoder.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
 
     def decode_logits(self, logits: torch.Tensor) -> Bottleneck:
         return self.decoder.decode_logits(logits)

@@ -16,6 +16,9 @@ Implementations:
   rest is rescored exactly. Same top-k ids and logits as a float64 brute
   force; the normalisation is an estimate whose error bound travels with the
   result (Bottleneck.residual_error).
+
+Every backend returns `Candidates` and the bottleneck is made from them in one place
+(contract.Candidates.to_bottleneck); DenseDecoder implements contract.Decoder.
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ import time
 import structlog
 import torch
 
-from canvaswatch.client.token_bottleneck import Bottleneck, from_candidates
+from canvaswatch.client.token_bottleneck import Bottleneck
+from canvaswatch.server.bottleneck.contract import Candidates
 from canvaswatch.server.bottleneck.projection import DEFAULT_CHUNK, Projection, chunked_topk, project_topk_chunked  # noqa: F401 (re-exported)
 
 log = structlog.get_logger(__name__)
 
 class DenseDecoder:
+    """The contract.Decoder over one embedding matrix (or none: logits only), on the backend chosen."""
+
     def __init__(self, embeddings: torch.Tensor | None, vocab_size: int, *, k: int = 8, top_p: float | None = None,
                  projection: Projection = Projection(), chunk: int = DEFAULT_CHUNK, backend: str = "auto") -> None:
         if embeddings is not None and embeddings.shape[0] != vocab_size:
@@ -65,8 +71,8 @@ class DenseDecoder:
         """[..., V] logits (already projected) to the bottleneck, chunked over V."""
         if logits.shape[-1] != self.vocab_size:
             raise ValueError(f"logits have a vocabulary of {logits.shape[-1]}, expected {self.vocab_size}")
-        values, ids, log_z = chunked_topk(lambda a, b: logits[..., a:b].float(), self.vocab_size, self.k, self.chunk)
-        return from_candidates(values, ids, log_z, self.top_p)
+        found = chunked_topk(lambda a, b: logits[..., a:b].float(), self.vocab_size, self.k, self.chunk)
+        return found.to_bottleneck(self.top_p)
 
     def decode_embeddings(self, hidden: torch.Tensor) -> Bottleneck:
         """[..., d] self-conditioning vectors to the bottleneck over the full vocabulary."""
@@ -76,20 +82,16 @@ class DenseDecoder:
             raise ValueError(f"hidden size {hidden.shape[-1]}, but the embedding matrix has d = {self.embeddings.shape[1]}")
         lead = hidden.shape[:-1]
         flat = hidden.reshape(-1, hidden.shape[-1]).to(device=self.embeddings.device, dtype=self.embeddings.dtype)
+        found: Candidates
         if self.backend == "triton":
             from canvaswatch.server.bottleneck.fused_triton import fused_topk
 
-            fused = fused_topk(flat, self.embeddings, self.k, self.projection)
-            if self.top_p is None:
-                kept = Bottleneck(ids=fused.ids, probs=fused.probs, residual=fused.residual)
-            else:
-                kept = from_candidates(fused.values, fused.ids, fused.log_z, self.top_p)
+            found = fused_topk(flat, self.embeddings, self.k, self.projection)
         elif self.screen is not None:
             found = self.screen.topk(flat, self.k, self.projection)
-            kept = from_candidates(found.values, found.ids, found.log_z, self.top_p, found.log_z_error)
         else:
-            values, ids, log_z = project_topk_chunked(flat, self.embeddings, self.k, self.projection, self.chunk)
-            kept = from_candidates(values, ids, log_z, self.top_p)
+            found = project_topk_chunked(flat, self.embeddings, self.k, self.projection, self.chunk)
+        kept = found.to_bottleneck(self.top_p)
         error = None if kept.residual_error is None else kept.residual_error.reshape(lead)
         return Bottleneck(ids=kept.ids.reshape(*lead, -1), probs=kept.probs.reshape(*lead, -1),
                           residual=kept.residual.reshape(lead), top_p=kept.top_p, residual_error=error)

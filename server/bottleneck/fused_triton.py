@@ -25,12 +25,12 @@ embedding rows; with SUB = 16 and K = 8 that is ~an eighth of E for L = 256.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from canvaswatch.server.bottleneck.contract import Candidates
 from canvaswatch.server.bottleneck.projection import Projection, project_topk_chunked
 
 SUB = 16  # columns summarised by one stored maximum (16 measured best of 16/32/64 on an H100)
@@ -167,18 +167,13 @@ def _splits(rows: int, vocab: int, device: torch.device) -> int:
     return max(1, min(vocab // 2048, -(-4 * sms // row_blocks)))
 
 
-@dataclass(frozen=True)
-class FusedResult:
-    values: torch.Tensor  # [L, k] float32 logits, sorted
-    ids: torch.Tensor  # [L, k] int32
-    probs: torch.Tensor  # [L, k] float32, over the full vocabulary
-    residual: torch.Tensor  # [L]
-    log_z: torch.Tensor  # [L]
-
-
 def fused_topk(hidden: torch.Tensor, embeddings: torch.Tensor, k: int,
-               projection: Projection = Projection()) -> FusedResult:
-    """Exact top-k of softcap(scale * H Eᵀ) with full-vocabulary probabilities, for H [L, d] on CUDA."""
+               projection: Projection = Projection()) -> Candidates:
+    """Exact top-k of softcap(scale * H Eᵀ) with full-vocabulary probabilities, for H [L, d] on CUDA.
+
+    values float32 logits, sorted; ids int32; probs [L, k] float32 and residual [L], normalised
+    over the full vocabulary in the kernel; log_z [L].
+    """
     L, D = hidden.shape
     V = embeddings.shape[0]
     k = min(k, V)
@@ -188,9 +183,11 @@ def fused_topk(hidden: torch.Tensor, embeddings: torch.Tensor, k: int,
     group = min(32, triton.next_power_of_2(n_sub))
     if triton.next_power_of_2(n_sub) // group < k_blocks:
         # A vocabulary this small has fewer groups than blocks to pick: the chunked path is exact and cheap.
-        values, ids, log_z = project_topk_chunked(hidden, embeddings, k, projection)
+        chunked = project_topk_chunked(hidden, embeddings, k, projection)
+        values, ids, log_z = chunked.values, chunked.ids, chunked.log_z
         probs = torch.exp(values - log_z.unsqueeze(-1))
-        return FusedResult(values, ids.to(torch.int32), probs, (1 - probs.sum(-1)).clamp_min(0), log_z)
+        return Candidates(values, ids.to(torch.int32), log_z, probs=probs,
+                          residual=(1 - probs.sum(-1)).clamp_min(0))
     splits = _splits(L, V, hidden.device)
     cols_per_split = -(-V // splits // 256) * 256
     splits = -(-V // cols_per_split)
@@ -222,4 +219,4 @@ def fused_topk(hidden: torch.Tensor, embeddings: torch.Tensor, k: int,
         GROUP=group,
         num_warps=8,
     )
-    return FusedResult(values, ids, probs, residual, log_z)
+    return Candidates(values, ids, log_z, probs=probs, residual=residual)

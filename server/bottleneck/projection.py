@@ -3,14 +3,17 @@
 logits = softcap(scale * H Eᵀ) (Gemma-family final logit soft-capping when `softcap` > 0). The
 chunked pass keeps a running logsumexp and a running top-k over chunks of V, so its memory is
 O(L x chunk), never O(L x V); the screened and fused backends fall back to it and are tested
-against it.
+against it. Results are `Candidates` (contract.py), like every backend's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from canvaswatch.server.bottleneck.contract import Candidates
 
 DEFAULT_CHUNK = 32768
 
@@ -30,8 +33,8 @@ class Projection:
 
 
 def project_topk_chunked(hidden: torch.Tensor, embeddings: torch.Tensor, k: int, projection: Projection,
-                         chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(top-k logits sorted, their ids, logsumexp) of softcap(scale * H Eᵀ) without materialising [L, V]."""
+                         chunk: int = DEFAULT_CHUNK) -> Candidates:
+    """Top-k logits (sorted), their ids and the logsumexp of softcap(scale * H Eᵀ), never materialising [L, V]."""
     if embeddings.dtype == torch.float32:
         def block(start: int, stop: int) -> torch.Tensor:
             return projection.apply(hidden.float() @ embeddings[start:stop].T)
@@ -44,7 +47,8 @@ def project_topk_chunked(hidden: torch.Tensor, embeddings: torch.Tensor, k: int,
     return chunked_topk(block, embeddings.shape[0], k, chunk)
 
 
-def chunked_topk(block, vocab_size: int, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def chunked_topk(block: Callable[[int, int], torch.Tensor], vocab_size: int, k: int, chunk: int) -> Candidates:
+    """Top-k and logsumexp over V of the logits `block(start, stop)` returns for columns [start, stop)."""
     k = min(k, vocab_size)
     best_values = best_ids = log_z = None
     for start in range(0, vocab_size, chunk):
@@ -58,4 +62,4 @@ def chunked_topk(block, vocab_size: int, k: int, chunk: int) -> tuple[torch.Tens
             values, ids = torch.cat([best_values, values], -1), torch.cat([best_ids, ids], -1)
         best_values, order = torch.topk(values, min(k, values.shape[-1]), dim=-1)
         best_ids = torch.gather(ids, -1, order)
-    return best_values, best_ids, log_z
+    return Candidates(best_values, best_ids, log_z)

@@ -49,23 +49,13 @@ instead of the full float32 pass an exact normalisation would cost.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from canvaswatch.server.bottleneck.contract import Candidates
 from canvaswatch.server.bottleneck.projection import Projection
 
 _U32 = 2.0**-24  # unit roundoff of float32
 _BLOCK = 64  # columns per block maximum in the chunk filter
-
-
-@dataclass(frozen=True)
-class ScreenedTopK:
-    values: torch.Tensor  # [L, k] exact logits (float64 brute force), sorted
-    ids: torch.Tensor  # [L, k] int64
-    log_z: torch.Tensor | None  # [L] estimate of the logsumexp over V
-    log_z_error: torch.Tensor | None  # [L] bound on |log Z - log_z|
-    rescored: torch.Tensor  # [L] tokens the int8 bound could not exclude, per position (scored in float32)
 
 
 class ScreenedIndex:
@@ -124,8 +114,13 @@ class ScreenedIndex:
         return (rows - self.mean).float() @ rotation32
 
     def topk(self, hidden: torch.Tensor, k: int, projection: Projection = Projection(), *,
-             with_log_z: bool = True) -> ScreenedTopK:
-        """Exact top-k logits of softcap(scale * H E^T) for H [L, d] (projection.scale must be > 0)."""
+             with_log_z: bool = True) -> Candidates:
+        """Exact top-k logits of softcap(scale * H E^T) for H [L, d] (projection.scale must be > 0).
+
+        values: float64, as a float64 brute force gives them; ids int64; log_z an estimate with
+        its error bound (both None without `with_log_z`); rescored: per position, the tokens the
+        int8 bound could not exclude (scored in float32).
+        """
         if projection.scale <= 0:
             raise ValueError("the screen needs a positive logit scale (a negative one reverses the ranking)")
         h = hidden.double()
@@ -193,14 +188,14 @@ class ScreenedIndex:
         exact = projection.apply(_dot_rows(h, self.embeddings, rows[narrow], ids[narrow]))
         values, top_ids = _top_exact(exact, ids[narrow], rows[narrow], k, h.shape[0])
         if not with_log_z:
-            return ScreenedTopK(values, top_ids, None, None, rescored)
+            return Candidates(values, top_ids, None, None, rescored=rescored)
         approx = projection.apply(offset[rows] + approx_score)
         # The candidates' terms from their float32 scores (softcap is 1-Lipschitz, so the bound scales
         # with the logit scale only); + 1e-4: the float32 rounding of approximate logits in chunk sums.
         log_z, error = _combine_log_z(torch.stack(chunk_log_z, dim=1), approx, projection.apply(scored),
                                       projection.scale * bound, rows, projection.scale * delta + 1e-4,
                                       h.shape[0], chunk)
-        return ScreenedTopK(values, top_ids, log_z, error, rescored)
+        return Candidates(values, top_ids, log_z, error, rescored=rescored)
 
 
     def _score_in_float32(self, hidden: torch.Tensor, rows: torch.Tensor,

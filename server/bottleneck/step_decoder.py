@@ -21,7 +21,7 @@ from canvaswatch.client.tensors import TensorFormatError, decode_array, decode_t
 from canvaswatch.monitors.base import DecodedStep, Vocabulary
 from canvaswatch.monitors.compiled import kernel
 from canvaswatch.server.errors import Refusal, StepError, invalid
-from canvaswatch.server.bottleneck.dense import DenseDecoder
+from canvaswatch.server.bottleneck.contract import Decoder
 from canvaswatch.server.bottleneck.sampler_signals import read_sampler_fields
 from canvaswatch.server.ops.metrics import Metrics
 from canvaswatch.v1 import monitor_pb2 as pb
@@ -70,7 +70,7 @@ def _check_topk(ids, probs, vocab_size, max_sum, ids_out, probs_out, residual, r
 
 
 class StepDecoder:
-    def __init__(self, vocab: Vocabulary, metrics: Metrics, dense: DenseDecoder) -> None:
+    def __init__(self, vocab: Vocabulary, metrics: Metrics, dense: Decoder) -> None:
         self.vocab = vocab
         self.metrics = metrics
         self.dense = dense

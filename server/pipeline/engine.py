@@ -23,8 +23,9 @@ from canvaswatch.server.config import Config
 from canvaswatch.server.pipeline.wire import request_meta
 from canvaswatch.server.bottleneck.step_decoder import StepDecoder
 from canvaswatch.server.errors import invalid
-from canvaswatch.server.bottleneck.dense import DenseDecoder, build_dense_decoder
 from canvaswatch.server.bottleneck.batching import DenseBatcher
+from canvaswatch.server.bottleneck.contract import Decoder
+from canvaswatch.server.bottleneck.dense import build_dense_decoder
 from canvaswatch.server.ops.metrics import Metrics
 from canvaswatch.server.ops.report import RequestHistory, ReportWriter
 from canvaswatch.server.pipeline.session import Session, SessionSettings, SessionVerdict
@@ -35,7 +36,7 @@ log = structlog.get_logger(__name__)
 
 class Engine:
     def __init__(self, config: Config, vocab: Vocabulary, metrics: Metrics | None = None,
-                 monitors: list[Monitor] | None = None, dense: DenseDecoder | None = None) -> None:
+                 monitors: list[Monitor] | None = None, dense: Decoder | None = None) -> None:
         self.config = config
         self.vocab = vocab
         self.metrics = metrics or Metrics()
@@ -43,7 +44,7 @@ class Engine:
         link_phrase_matchers(self.monitors)
         self.audit = AuditLog(config.logging.audit_log or None, include_content=config.logging.log_content)
         self.reports = ReportWriter(config.logging.report_dir) if config.logging.report_dir else None
-        self.dense = dense if dense is not None else build_dense_decoder(config.dense, vocab.size)
+        self.dense: Decoder = dense if dense is not None else build_dense_decoder(config.dense, vocab.size)
         self.batcher = None
         if config.dense.batch_window_ms > 0 and self.dense.embeddings is not None:
             self.batcher = DenseBatcher(self.dense, config.dense.batch_window_ms / 1000.0)
