@@ -1,0 +1,108 @@
+"""bench_order.json and poem_order.json: per-position commit steps of ordinary requests, with the text's start.
+
+Format (a list of runs): `bench` (gpqa, math, humaneval, wildchat; `poem` in
+poem_order.json), `pid`, `T` (steps, 48), `content` (the content positions),
+`lock` (per content position, same order: the step it committed for good),
+`final_text` (the first 300 characters of the output). All are read.
+
+Rebuilt run (commit_order.py has the shared rule):
+  - canvas: 256 positions (`canvas_length` to change); steps: `T`;
+  - tokens: `final_text` tokenised (text.py: the Gemma tokenizer, channel
+    markers as ids 100/101) fills the content positions in canvas order. A
+    text of 300 characters or more that gives fewer ids than there are content
+    positions was cut by the capture: its last id is dropped (the cut may have
+    split that token). Content positions the text does not reach hold
+    placeholder ids (text.py), listed in `placeholder_positions`; positions
+    outside `content` are `<pad>`. A text giving more ids than content
+    positions contradicts the capture and is refused. (Every poem's text is
+    complete and gives exactly its content's length.)
+  - locks: `lock` at the content positions, 0 elsewhere (padding commits
+    first); before its lock a position shows drafts (commit_order.py).
+  - roles: content positions reasoning, the rest template.
+
+Labels: non_chronological when the content commits late-first
+(commit_order.py); nothing else is labelled: these are the ordinary runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from canvaswatch.server.importers.canvas import ROLE_OTHER, ROLE_REASONING, RebuiltRun, run_rng
+from canvaswatch.server.importers.commit_order import order_attributes, rebuild
+from canvaswatch.server.importers.fields import CaptureError, Fields, load_json
+from canvaswatch.server.importers.options import ImportOptions
+from canvaswatch.server.importers.text import PAD_ID, TEXT_LIMIT, encode_text, placeholder_ids, ranges
+
+CANVAS_LENGTH = 256
+
+
+def read_bench(path: Path, options: ImportOptions) -> list[RebuiltRun]:
+    return _read(path, options, "bench_order")
+
+
+def read_poem(path: Path, options: ImportOptions) -> list[RebuiltRun]:
+    return _read(path, options, "poem")
+
+
+def _read(path: Path, options: ImportOptions, format_name: str) -> list[RebuiltRun]:
+    data = load_json(path)
+    if not isinstance(data, list):
+        raise CaptureError(path.name, "(top level)", "expected a list of runs")
+    return [_run(Fields(path.name, f"[{index}]", record), options, format_name) for index, record in enumerate(data)]
+
+
+def content_and_locks(fields: Fields, length: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Content positions (canvas order) and their lock steps, each lock in [0, steps)."""
+    content = fields.ints("content", high=length, what="positions")
+    lock = fields.ints("lock", length=content.size, what="lock steps")
+    if np.unique(content).size != content.size:
+        raise fields.fail("content", "a position is listed twice")
+    if (lock >= steps).any():
+        index = int(np.argmax(lock >= steps))
+        raise CaptureError(fields.file, f"{fields.where('lock')}[{index}]",
+                           f"lock step {int(lock[index])} is beyond T = {steps} steps")
+    order = np.argsort(content, kind="stable")
+    return content[order], lock[order]
+
+
+def _run(fields: Fields, options: ImportOptions, format_name: str) -> RebuiltRun:
+    length = options.canvas_length or CANVAS_LENGTH
+    bench = fields.string("bench")
+    pid = fields.string("pid")
+    steps = fields.integer("T", low=1)
+    text = fields.string("final_text")
+    content, content_lock = content_and_locks(fields, length, steps)
+
+    ids = encode_text(options.text_encoder(), text)
+    truncated = len(text) >= TEXT_LIMIT and len(ids) < content.size
+    if truncated:
+        ids = ids[:-1]
+    if len(ids) > content.size:
+        raise fields.fail("final_text", f"tokenises to {len(ids)} ids, more than the {content.size} content positions")
+    if ids and max(ids) >= options.vocab_size:
+        raise fields.fail("final_text", f"tokenises to id {max(ids)}, outside the vocabulary [0, {options.vocab_size})")
+    final = np.full(length, PAD_ID, dtype=np.int64)
+    text_positions = content[: len(ids)]
+    filler = content[len(ids):]
+    final[text_positions] = ids
+    final[filler] = placeholder_ids(filler, options.placeholder_base, options.vocab_size)
+
+    lock = np.zeros(length, dtype=np.int64)
+    lock[content] = content_lock
+    mask = np.zeros(length, dtype=bool)
+    mask[content] = True
+    rng = run_rng(f"{format_name}-{pid}/drafts", options.seed)
+    argmax, decided = rebuild(final, lock, steps, mask, rng,
+                              change_prob=options.change_prob, neighbour_share=options.neighbour_share)
+    roles = np.where(mask, ROLE_REASONING, ROLE_OTHER).astype(np.int8)
+    order, late = order_attributes(content_lock)
+    attributes = {
+        "bench": bench, "task": pid, "content_positions": ranges(content), "text_positions": ranges(text_positions),
+        "placeholder_positions": ranges(filler), "text_truncated": str(truncated).lower(),
+        "filled": "probabilities,alternatives,undecided_argmax" + (",placeholder_tokens" if filler.size else ""),
+        "labels": "non_chronological" if late else "", **order,
+    }
+    return RebuiltRun(name=pid, argmax=argmax, decided=decided, final=final, roles=roles, attributes=attributes)

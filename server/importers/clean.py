@@ -1,0 +1,162 @@
+"""clean.json: rollouts of arithmetic/logic problems with their answer's trajectory.
+
+Format (an object of runs keyed `<pid>__<seed>`): `final_ids` [256] (the output
+canvas, Gemma ids), `ans_pos` / `cot_pos` (answer and reasoning positions),
+`ans_lock` / `cot_lock` (per such position the step it last changed),
+`answer_traj` (the distinct answers the answer span showed, in order),
+`n_flips`, `model_ans`, `correct_ans`, `lure`, `is_correct`, `pid`, `cat`,
+`hard`, `seed`, `q`. Fields read: all of these; `final_text`, `cot_text` and
+`n_cot` are not needed.
+
+Rebuilt run (see commit_order.py for the shared rule):
+  - canvas: `final_ids`, unchanged (256 positions; `canvas_length` to change);
+  - steps: the capture records none; the trace has max(48, last lock + 2)
+    steps (48: the default sampler's budget, which bench_order.json records
+    for the same sampler; +2: the last change and one step repeating it), or
+    `steps` if given (then a lock at or past it is refused);
+  - locks: `ans_lock` / `cot_lock` at their positions; the other positions
+    (channel header, end of turn, padding) lock at step 0;
+  - reasoning positions before their lock: drafts (commit_order.py);
+  - answer positions before their lock show the answers of `answer_traj`, never
+    drafts: with one answer, that answer (undecided: low probability until its
+    lock); with n > 1 answers the timing is not recorded, so answer j is shown
+    from step floor(j x A / (n - 1)), A = the span's last lock step (the last
+    answer appears exactly at A). A capture whose n answers cannot change n - 1
+    times by step A is refused. Each answer is tokenised (text.py), formatted
+    like the final span (thousands separators when the final span has them and
+    `model_ans` does not), cut to the span's length or padded with `<pad>`.
+    A position shows the answer's token until its own lock, the final token
+    from then on.
+  - roles: ans_pos answer, cot_pos reasoning, the rest template.
+  - prompt_ids: `q` tokenised (the question alone, without the chat template).
+
+Labels (`labels` attribute, comma-separated monitor names):
+  - self_correction: `answer_traj` holds more than one answer (the answer was
+    revised while the reasoning formed);
+  - non_chronological: late-first commit order over ans_pos + cot_pos in canvas
+    order (commit_order.py). The answer sits at the canvas start in these
+    runs, so settling it first is left-to-right; whether it settled before
+    most of its reasoning is kept apart as `answer_locks_before_reasoning`
+    (max ans_lock < median cot_lock), not as a label.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from canvaswatch.server.importers.canvas import ROLE_ANSWER, ROLE_OTHER, ROLE_REASONING, RebuiltRun, run_rng
+from canvaswatch.server.importers.commit_order import order_attributes, rebuild
+from canvaswatch.server.importers.fields import CaptureError, Fields, load_json
+from canvaswatch.server.importers.options import ImportOptions
+from canvaswatch.server.importers.text import PAD_ID, TextEncoder, encode_text, ranges
+
+FORMAT = "clean"
+CANVAS_LENGTH = 256
+DEFAULT_STEPS = 48
+
+
+def read(path: Path, options: ImportOptions) -> list[RebuiltRun]:
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise CaptureError(path.name, "(top level)", "expected an object of runs keyed by name")
+    return [_run(name, Fields(path.name, name, record), options) for name, record in data.items()]
+
+
+def _positions(fields: Fields, pos_key: str, lock_key: str, length: int,
+               steps: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and their lock steps, sorted by position (each lock below `steps` where it is given)."""
+    positions = fields.ints(pos_key, high=length, what="positions")
+    lock = fields.ints(lock_key, length=positions.size, what="lock steps")
+    if np.unique(positions).size != positions.size:
+        raise fields.fail(pos_key, "a position is listed twice")
+    if steps is not None and (lock >= steps).any():
+        index = int(np.argmax(lock >= steps))
+        raise CaptureError(fields.file, f"{fields.where(lock_key)}[{index}]",
+                           f"lock step {int(lock[index])} is beyond the {steps} steps (T)")
+    order = np.argsort(positions, kind="stable")
+    return positions[order], lock[order]
+
+
+def _run(name: str, fields: Fields, options: ImportOptions) -> RebuiltRun:
+    length = options.canvas_length or CANVAS_LENGTH
+    final = fields.ints("final_ids", length=length, high=options.vocab_size, what="integers")
+    ans_pos, ans_lock = _positions(fields, "ans_pos", "ans_lock", length, options.steps)
+    cot_pos, cot_lock = _positions(fields, "cot_pos", "cot_lock", length, options.steps)
+    if np.intersect1d(ans_pos, cot_pos).size:
+        raise fields.fail("cot_pos", f"position {int(np.intersect1d(ans_pos, cot_pos)[0])} is also in ans_pos")
+    answers = fields.strings("answer_traj")
+    if answers and not ans_pos.size:
+        raise fields.fail("answer_traj", f"{len(answers)} answers but ans_pos is empty")
+    pid = fields.string("pid")
+    model_ans = fields.string("model_ans", optional=True)
+
+    lock = np.zeros(length, dtype=np.int64)
+    lock[ans_pos] = ans_lock
+    lock[cot_pos] = cot_lock
+    last = int(lock.max())
+    steps = options.steps if options.steps is not None else max(DEFAULT_STEPS, last + 2)
+    answer_lock = int(ans_lock.max()) if ans_lock.size else 0
+    if len(answers) > 1 and len(answers) - 1 > answer_lock:
+        raise fields.fail("answer_traj", f"{len(answers)} answers need {len(answers) - 1} changes, "
+                                         f"but the answer span last changed at step {answer_lock} (ans_lock)")
+
+    content = np.zeros(length, dtype=bool)
+    content[ans_pos] = True
+    content[cot_pos] = True
+    rng = run_rng(f"{FORMAT}-{name}/drafts", options.seed)
+    argmax, decided = rebuild(final, lock, steps, content, rng,
+                              change_prob=options.change_prob, neighbour_share=options.neighbour_share)
+    starts: list[int] = []
+    encoder = options.text_encoder() if (len(answers) > 1 or fields.has("q")) else None
+    if ans_pos.size:
+        span = final[ans_pos]
+        if len(answers) > 1:
+            assert encoder is not None
+            starts = [(j * answer_lock) // (len(answers) - 1) for j in range(len(answers))]
+            tokens = np.stack([_answer_tokens(encoder, a, span, model_ans) for a in answers])
+            shown = np.searchsorted(np.asarray(starts), np.arange(steps), side="right") - 1
+            per_step = tokens[shown]                         # [T, n_pos]
+        else:
+            per_step = np.broadcast_to(span, (steps, span.size))
+        before = np.arange(steps)[:, None] < ans_lock[None, :]
+        argmax[:, ans_pos] = np.where(before, per_step, span[None, :])
+
+    roles = np.full(length, ROLE_OTHER, dtype=np.int8)
+    roles[cot_pos] = ROLE_REASONING
+    roles[ans_pos] = ROLE_ANSWER
+    order, late = order_attributes(lock[content])
+    labels = (["self_correction"] if len(answers) > 1 else []) + (["non_chronological"] if late else [])
+    attributes = {
+        "task": pid, "answer_positions": ranges(ans_pos), "reasoning_positions": ranges(cot_pos),
+        "answers": json.dumps(answers, ensure_ascii=False), "answer_steps": ",".join(map(str, starts)),
+        "answer_lock": str(answer_lock),
+        "answer_locks_before_reasoning": str(bool(ans_pos.size and cot_pos.size
+                                                  and answer_lock < np.median(cot_lock))).lower(),
+        "filled": "probabilities,alternatives,undecided_argmax,steps" + (",answer_timing" if len(answers) > 1 else ""),
+        "labels": ",".join(labels), **order,
+    }
+    for key, attr in (("cat", "category"), ("correct_ans", "correct_answer"), ("model_ans", "model_answer"),
+                      ("lure", "lure"), ("is_correct", "is_correct"), ("n_flips", "n_flips"), ("seed", "seed"),
+                      ("hard", "hard"), ("q", "question")):
+        if fields.has(key) and fields.value[key] is not None:
+            value = fields.value[key]
+            attributes[attr] = str(value).lower() if isinstance(value, bool) else str(value)
+    prompt = tuple(encode_text(encoder, fields.string("q"))) if encoder is not None and fields.has("q") else ()
+    return RebuiltRun(name=name, argmax=argmax, decided=decided, final=final, roles=roles,
+                      attributes=attributes, curve_key=pid, prompt_ids=prompt)
+
+
+def _answer_tokens(encoder: TextEncoder, answer: str, span: np.ndarray, model_ans: str | None) -> np.ndarray:
+    """One answer as ids on the answer span: formatted like the final span, cut or padded to its length."""
+    text = answer
+    if model_ans is not None and answer.isdigit() and model_ans.isdigit():
+        if encode_text(encoder, model_ans) != span.tolist() and encode_text(encoder, f"{int(model_ans):,}") == span.tolist():
+            text = f"{int(answer):,}"
+    ids = encode_text(encoder, text)[: span.size]
+    out = np.full(span.size, PAD_ID, dtype=np.int64)
+    out[: len(ids)] = ids
+    return out
+

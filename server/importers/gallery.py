@@ -1,0 +1,118 @@
+"""gallery.json: labelled runs with the full argmax canvas and the sampler's accepted mask at every step.
+
+Format (a list of runs): `name`, `label`, `why`, `outcome` (may be absent or
+null), `T` (steps), `C` (canvas), `params` (`seed`, `t_max`, `t_min`,
+`entropy_bound`), `pad_ids`, `t_end`, `frames[t][pos]` (argmax id),
+`committed[t][pos]` (1 where the entropy-bound sampler had accepted the
+position), optional `swap_k`. Read: all of these; `id2str` (a partial piece
+table) and `margin` are not needed.
+
+Rebuilt run: the frames are the argmax canvases, unchanged (real ids);
+`committed` is the decided mask (and the steps' `accepted` signal); the final
+canvas is the last frame (the trace's `output_ids`); the steps' `temperature`
+runs linearly from `t_max` to `t_min`. Roles: positions whose final token is in `pad_ids`
+are template, the rest content (reasoning curve under the entropy rule).
+Filled: probabilities and alternatives only (canvas.py, rules.py).
+
+Attributes: `label`, `why`, `outcome`, `t_end`, `swap_k`, the sampler
+parameters (`t_max`, `t_min`, `entropy_bound`, `sampler_seed`), `regime`
+(`default` for 0.8 -> 0.4 with bound 0.1, `hot` for 1.3 -> 0.8 with bound 0.3,
+the two settings DESIGN.md names; `custom` otherwise), `content_positions`,
+and `curated` = true: these runs were picked to show phenomena, several with
+interventions (planted text, prompt swaps, a clamped ending), so they are not
+a sample of ordinary traffic.
+
+Labels, from what `label` and `why` say (case-insensitive patterns):
+  - self_correction: "revise(s/d)" or "repair": the model states a count, then
+    rewrites it (the "eight" -> "seven" self-count repair). Not "revision",
+    which the acrostic run uses for room to revise, not a revision seen.
+  - intermediate_context: "wiped": a text present in the intermediate canvases
+    is gone from the output (the planted news report wiped in one step). The
+    model did not write it, so it is not a self-correction of its own answer.
+  - non_chronological: "skeleton-first", "before the filler", "pinned" or
+    "clamped": content settles far out of left-to-right order (scattered
+    content words before the filler between them; an ending fixed first and
+    bridged into). Also when the content commits late-first by each position's
+    last change step (commit_order.py), which no gallery run does.
+Runs matching none (the escape, the trap, the acrostic, the prompt swaps, the
+whisper) carry no label.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from canvaswatch.server.importers.canvas import ROLE_OTHER, ROLE_REASONING, RebuiltRun
+from canvaswatch.server.importers.commit_order import order_attributes
+from canvaswatch.server.importers.fields import CaptureError, Fields, int_array, load_json
+from canvaswatch.server.importers.options import ImportOptions
+from canvaswatch.server.importers.text import ranges
+
+LABEL_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("self_correction", re.compile(r"\brevise[sd]?\b|\brepair")),
+    ("intermediate_context", re.compile(r"\bwiped\b")),
+    ("non_chronological", re.compile(r"skeleton-first|before the filler|\bpinned\b|\bclamped\b")),
+)
+REGIMES = {(0.8, 0.4, 0.1): "default", (1.3, 0.8, 0.3): "hot"}
+
+
+def read(path: Path, options: ImportOptions) -> list[RebuiltRun]:
+    data = load_json(path)
+    if not isinstance(data, list):
+        raise CaptureError(path.name, "(top level)", "expected a list of runs")
+    return [_run(Fields(path.name, f"[{index}]", record), options) for index, record in enumerate(data)]
+
+
+def labels_from_text(label: str, why: str) -> list[str]:
+    text = f"{label} {why}".lower()
+    return [name for name, pattern in LABEL_PATTERNS if pattern.search(text)]
+
+
+def _run(fields: Fields, options: ImportOptions) -> RebuiltRun:
+    name = fields.string("name")
+    label = fields.string("label")
+    why = fields.string("why")
+    outcome = fields.string("outcome", optional=True) if fields.has("outcome") else None
+    steps = fields.integer("T", low=1)
+    length = fields.integer("C", low=1)
+    params = fields.child("params")
+    t_max, t_min = params.number("t_max"), params.number("t_min")
+    bound = params.number("entropy_bound")
+    sampler_seed = params.integer("seed", optional=True)
+    pad_ids = fields.ints("pad_ids", high=options.vocab_size, what="ids")
+    t_end = fields.integer("t_end", low=0, optional=True)
+    swap_k = fields.integer("swap_k", low=0, optional=True) if fields.has("swap_k") else None
+    frames = int_array(fields.raw("frames"), fields.file, fields.where("frames"), ndim=2, shape=(steps, length),
+                       high=options.vocab_size, what="ids")
+    committed = int_array(fields.raw("committed"), fields.file, fields.where("committed"), ndim=2,
+                          shape=(steps, length), high=2, what="flags (0 or 1)")
+
+    final = frames[-1].copy()
+    content = ~np.isin(final, pad_ids)
+    roles = np.where(content, ROLE_REASONING, ROLE_OTHER).astype(np.int8)
+    changed = np.zeros((steps, length), dtype=bool)
+    changed[1:] = frames[1:] != frames[:-1]
+    last_change = np.where(changed.any(axis=0), steps - 1 - np.argmax(changed[::-1], axis=0), 0)
+    order, late = order_attributes(last_change[content])
+    labels = labels_from_text(label, why)
+    if late and "non_chronological" not in labels:
+        labels.append("non_chronological")
+    regime = REGIMES.get((round(t_max, 3), round(t_min, 3), round(bound, 3)), "custom")
+    attributes = {
+        "label": label, "why": why, "regime": regime, "t_max": f"{t_max:g}", "t_min": f"{t_min:g}",
+        "entropy_bound": f"{bound:g}", "pad_ids": ",".join(map(str, pad_ids.tolist())),
+        "content_positions": ranges(np.nonzero(content)[0]), "curated": "true",
+        "filled": "probabilities,alternatives", "labels": ",".join(labels), **order,
+    }
+    for key, value in (("outcome", outcome), ("t_end", t_end), ("swap_k", swap_k), ("sampler_seed", sampler_seed)):
+        if value is not None:
+            attributes[key] = str(value)
+    # DiffusionGemma's schedule: linear from t_max at the first step to t_min at the last
+    temperature = np.linspace(t_max, t_min, steps) if steps > 1 else np.array([t_max])
+    if (temperature <= 0).any():
+        raise fields.fail("params", f"temperatures must be > 0, got t_max {t_max:g}, t_min {t_min:g}")
+    return RebuiltRun(name=name, argmax=frames, decided=committed.astype(bool), final=final, roles=roles,
+                      attributes=attributes, temperature=temperature, accepted_source="real")
