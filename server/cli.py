@@ -1,4 +1,4 @@
-"""The `canvaswatch` command: serve, demo, check, replay."""
+"""The `canvaswatch` command: serve, demo, check, replay, simulate, inspect, eval, import."""
 
 from __future__ import annotations
 
@@ -66,6 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("-o", "--output", required=True, help="report.html (several traces: report-<n>.html)")
     inspect.add_argument("--config")
 
+    imported = sub.add_parser("import", help="turn a real DiffusionGemma capture into a .cwtrace file (docs/importers.md)")
+    imported.add_argument("format", help="gallery, clean, bench_order, films or poem")
+    imported.add_argument("path", help="the capture: gallery.json, clean.json, bench_order.json, films_order.json, "
+                                       "poem_order.json")
+    imported.add_argument("-o", "--output", required=True, help="the .cwtrace file to write")
+    imported.add_argument("--rule", default="committed", choices=("committed", "entropy"),
+                          help="how probabilities are filled in (default: committed)")
+    imported.add_argument("--k", type=int, default=4, help="top-k width (default: 4)")
+    imported.add_argument("--curves", help="anim_curves.json for --rule entropy (default: beside PATH)")
+    imported.add_argument("--seed", type=int, default=0, help="seed of the fill rules' random streams")
+    imported.add_argument("--no-signals", action="store_true",
+                          help="leave out the sampler signals (accepted, entropy, argmax_ids, temperature)")
+
     evaluate = sub.add_parser("eval", help="precision, recall, FPR and AUROC of each monitor on labelled traces")
     evaluate.add_argument("traces", help=".cwtrace file whose traces carry a 'labels' attribute")
     evaluate.add_argument("--config")
@@ -75,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {
             "serve": _serve, "demo": _demo, "check": _check, "replay": _replay, "simulate": _simulate,
-            "eval": _eval, "inspect": _inspect,
+            "eval": _eval, "inspect": _inspect, "import": _import,
         }[args.command](args)
     except ConfigError as err:
         print(f"canvaswatch: configuration error: {err}", file=sys.stderr)
@@ -231,6 +244,29 @@ def _simulate(args: argparse.Namespace) -> int:
         ]
     count = write_traces(Path(args.output), traces)
     print(f"wrote {count} SIMULATED traces to {args.output}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from canvaswatch.client.trace import write_traces
+    from canvaswatch.server.importers import CaptureError, import_capture
+
+    configure_logging("warning")
+    try:
+        traces = import_capture(args.format, Path(args.path), rule=args.rule, k=args.k,
+                                curves=Path(args.curves) if args.curves else None, seed=args.seed,
+                                signals=not args.no_signals)
+    except (CaptureError, ValueError) as err:  # malformed capture or bad argument: one line, nothing written
+        print(f"canvaswatch: import: {err}", file=sys.stderr)
+        return 2
+    count = write_traces(Path(args.output), traces)
+    labels = Counter(label for t in traces for label in t.info.attributes["labels"].split(",") if label)
+    unlabelled = sum(1 for t in traces if not t.info.attributes["labels"])
+    summary = ", ".join(f"{name} {n}" for name, n in sorted(labels.items())) or "none"
+    print(f"wrote {count} traces from {Path(args.path).name} (rule {args.rule}, k {args.k}) to {args.output}; "
+          f"labels: {summary}; unlabelled {unlabelled}")
     return 0
 
 

@@ -396,6 +396,52 @@ def test_unreadable_files_and_bad_arguments(tmp_path):
         import_capture("gallery", bad, colour=1)
 
 
+def test_import_command_writes_the_traces(tmp_path, capsys):
+    from canvaswatch.server.cli import main
+
+    path = write(tmp_path, "films_order.json", [films_run(), films_run(lock=[5, 5, 4, 4, 3, 2, 1, 0, 0, 0])])
+    curves(tmp_path)
+    out = tmp_path / "films.cwtrace"
+    assert main(["import", "films", str(path), "-o", str(out), "--rule", "entropy", "--k", "3"]) == 0
+    traces = list(read_traces(out))
+    assert len(traces) == 2 and traces[1].info.attributes["labels"] == "non_chronological"
+    assert traces[0].info.attributes["rule"] == "entropy" and topk(traces[0])[0].shape[-1] == 3
+    assert "wrote 2 traces from films_order.json" in capsys.readouterr().out
+
+
+def _late_lock():
+    run = films_run()
+    run["lock"][0] = 8
+    return [run]
+
+
+@pytest.mark.parametrize("data, argv, message", [
+    (_late_lock(), ["{capture}"], "films_order.json: [0].lock[0]: lock step 8 is beyond T"),
+    ({"not": "a list"}, ["{capture}"], "films_order.json: (top level): expected a list"),
+    ([films_run()], ["{absent}"], "absent.json: (file): cannot read"),
+    ([films_run()], ["{capture}", "--k", "0"], "k must be a positive integer"),
+    ([films_run()], ["{capture}", "--rule", "entropy", "--curves", "{absent}"], "absent.json: (file)"),
+])
+def test_import_command_refuses_bad_input_in_one_line_with_exit_2(tmp_path, capsys, data, argv, message):
+    from canvaswatch.server.cli import main
+
+    capture = write(tmp_path, "films_order.json", data)
+    out = tmp_path / "out.cwtrace"
+    argv = [a.format(capture=capture, absent=tmp_path / "absent.json") for a in argv]
+    assert main(["import", "films", *argv, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("canvaswatch: import: " + message) and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_import_command_names_the_formats(tmp_path, capsys):
+    from canvaswatch.server.cli import main
+
+    assert main(["import", "poems", str(tmp_path / "x.json"), "-o", str(tmp_path / "x.cwtrace")]) == 2
+    assert capsys.readouterr().err.strip() == ("canvaswatch: import: unknown capture format 'poems'; "
+                                               "one of gallery, clean, bench_order, films, poem")
+
+
 def test_ranges_are_compact_and_round_trip():
     assert ranges([12, 13, 14, 15, 20]) == "12-15,20" and ranges([]) == ""
     assert parse_ranges("0-2,5,7-8") == [0, 1, 2, 5, 7, 8]
