@@ -21,7 +21,9 @@ Rebuilt run (commit_order.py has the shared rule):
   - roles: content positions reasoning, the rest template.
 
 Labels: non_chronological when the content commits late-first
-(commit_order.py); nothing else is labelled: these are the ordinary runs.
+(commit_order.py), and `labelled` = non_chronological: these are ordinary
+runs, so for every other monitor they count toward its flag rate on
+unlabelled requests (server/evaluation/evaluate.py).
 """
 
 from __future__ import annotations
@@ -103,6 +105,6 @@ def _run(fields: Fields, options: ImportOptions, format_name: str) -> RebuiltRun
         "bench": bench, "task": pid, "content_positions": ranges(content), "text_positions": ranges(text_positions),
         "placeholder_positions": ranges(filler), "text_truncated": str(truncated).lower(),
         "filled": "probabilities,alternatives,undecided_argmax" + (",placeholder_tokens" if filler.size else ""),
-        "labels": "non_chronological" if late else "", **order,
+        "labels": "non_chronological" if late else "", "labelled": "non_chronological", **order,
     }
     return RebuiltRun(name=pid, argmax=argmax, decided=decided, final=final, roles=roles, attributes=attributes)

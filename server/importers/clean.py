@@ -38,6 +38,11 @@ Labels (`labels` attribute, comma-separated monitor names):
     runs, so settling it first is left-to-right; whether it settled before
     most of its reasoning is kept apart as `answer_locks_before_reasoning`
     (max ans_lock < median cot_lock), not as a label.
+Scope (server/evaluation/evaluate.py): `labelled` = self_correction and
+non_chronological (every other monitor counts these runs only toward its flag
+rate on unlabelled requests), `label_positions.self_correction` = the answer
+positions (a revision flagged in the reasoning is not the answer's). A run
+without answer positions is labelled for non_chronological only.
 """
 
 from __future__ import annotations
@@ -136,8 +141,11 @@ def _run(name: str, fields: Fields, options: ImportOptions) -> RebuiltRun:
         "answer_locks_before_reasoning": str(bool(ans_pos.size and cot_pos.size
                                                   and answer_lock < np.median(cot_lock))).lower(),
         "filled": "probabilities,alternatives,undecided_argmax,steps" + (",answer_timing" if len(answers) > 1 else ""),
-        "labels": ",".join(labels), **order,
+        "labels": ",".join(labels),
+        "labelled": "self_correction,non_chronological" if ans_pos.size else "non_chronological", **order,
     }
+    if ans_pos.size:  # a self_correction flag speaks for the answer only when its evidence touches the answer
+        attributes["label_positions.self_correction"] = ranges(ans_pos)
     for key, attr in (("cat", "category"), ("correct_ans", "correct_answer"), ("model_ans", "model_answer"),
                       ("lure", "lure"), ("is_correct", "is_correct"), ("n_flips", "n_flips"), ("seed", "seed"),
                       ("hard", "hard"), ("q", "question")):

@@ -15,7 +15,8 @@ Rebuilt run (commit_order.py has the shared rule):
     positions' placeholders).
   - roles: content positions reasoning.
 
-Labels: non_chronological when the content commits late-first (commit_order.py).
+Labels: non_chronological when the content commits late-first (commit_order.py);
+`labelled` = non_chronological (other monitors: flag rate on unlabelled requests).
 The request id is `real-films-<index>-<task>-d<depth>-s<seed>`.
 """
 
@@ -70,7 +71,7 @@ def _run(fields: Fields, index: int, options: ImportOptions) -> RebuiltRun:
     attributes = {
         "task": task, "content_positions": ranges(content), "placeholder_positions": ranges(content),
         "filled": "probabilities,alternatives,undecided_argmax,placeholder_tokens",
-        "labels": "non_chronological" if late else "", **order,
+        "labels": "non_chronological" if late else "", "labelled": "non_chronological", **order,
     }
     for key, value in (("depth", depth), ("seed", seed), ("ok", ok)):
         if value is not None:

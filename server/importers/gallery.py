@@ -35,7 +35,11 @@ Labels, from what `label` and `why` say (case-insensitive patterns):
     bridged into). Also when the content commits late-first by each position's
     last change step (commit_order.py), which no gallery run does.
 Runs matching none (the escape, the trap, the acrostic, the prompt swaps, the
-whisper) carry no label.
+whisper) carry no label. `labelled` = the run's own labels: a `why` says what a
+run shows, not what it lacks (the acrostic's revisions, the swaps' vanished
+news state), so no gallery run is a negative for any monitor; for every
+monitor it is not labelled for, it counts toward the flag rate on unlabelled
+requests (server/evaluation/evaluate.py).
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ def _run(fields: Fields, options: ImportOptions) -> RebuiltRun:
         "label": label, "why": why, "regime": regime, "t_max": f"{t_max:g}", "t_min": f"{t_min:g}",
         "entropy_bound": f"{bound:g}", "pad_ids": ",".join(map(str, pad_ids.tolist())),
         "content_positions": ranges(np.nonzero(content)[0]), "curated": "true",
-        "filled": "probabilities,alternatives", "labels": ",".join(labels), **order,
+        "filled": "probabilities,alternatives", "labels": ",".join(labels), "labelled": ",".join(labels), **order,
     }
     for key, value in (("outcome", outcome), ("t_end", t_end), ("swap_k", swap_k), ("sampler_seed", sampler_seed)):
         if value is not None:

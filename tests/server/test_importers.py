@@ -120,7 +120,8 @@ def test_gallery_frames_pass_through_with_the_committed_mask(tmp_path):
     first = traces[0].info.attributes
     assert first["labels"] == "self_correction" and first["source"] == "real:gallery.json"
     assert first["rule"] == "committed" and first["regime"] == "default" and first["curated"] == "true"
-    assert traces[1].info.attributes["labels"] == ""
+    assert first["labelled"] == "self_correction"
+    assert traces[1].info.attributes["labels"] == "" == traces[1].info.attributes["labelled"]
     assert traces[0].steps[0].info.request_id == traces[0].info.request_id == "real-gallery-count_fix"
 
 
@@ -177,6 +178,7 @@ def test_clean_rebuilds_commit_order_and_answer_trajectory(tmp_path):
     assert (answer[:3] == 1000 + ord("3")).all() and (answer[3:] == final[0]).all()
     a = revised.info.attributes
     assert a["labels"] == "self_correction" and a["answers"] == '["3", "5"]' and a["answer_steps"] == "0,3"
+    assert a["labelled"] == "self_correction,non_chronological" and a["label_positions.self_correction"] == "0"
     assert a["answer_positions"] == "0" and a["reasoning_positions"] == "2-10" and a["model_answer"] == "5"
     assert "answer_timing" in a["filled"] and a["source"] == "real:clean.json"
     assert list(revised.info.prompt_ids) == CharEncoder().encode("How many?")
@@ -216,6 +218,7 @@ def test_order_records_put_the_text_then_placeholders_then_padding(tmp_path, fmt
     a = whole.info.attributes
     assert a["text_positions"] == f"0-{n - 1}" and a["placeholder_positions"] == f"{n}-39"
     assert a["bench"] == bench and a["labels"] == "" and a["late_first"] == "false"
+    assert a["labelled"] == "non_chronological"
     # 300 characters: the capture cut the text, so its last (possibly split) token is dropped
     cut_output = np.array(cut.steps[-1].output_ids)
     assert (cut_output[:299] == 1000 + ord("x")).all() and cut_output[299] == PLACEHOLDER_BASE + 299
@@ -442,9 +445,13 @@ def test_import_command_names_the_formats(tmp_path, capsys):
                                                "one of gallery, clean, bench_order, films, poem")
 
 
-def test_ranges_are_compact_and_round_trip():
+def test_ranges_are_compact_and_read_back_by_eval():
+    from canvaswatch.server.evaluation.evaluate import parse_positions
+
     assert ranges([12, 13, 14, 15, 20]) == "12-15,20" and ranges([]) == ""
     assert parse_ranges("0-2,5,7-8") == [0, 1, 2, 5, 7, 8]
+    positions = [0, 1, 2, 5, 7, 8, 30]
+    assert parse_positions(ranges(positions)) == set(positions)
 
 
 # ---------------------------------------------------------------- (b) the real captures
