@@ -30,10 +30,14 @@ from canvaswatch.monitors.compiled import kernel
 
 @dataclass(frozen=True)
 class TokenSmearingParams:
-    min_share: float = 0.15
+    # On the real model a token split between neighbours for a few steps is ordinary early
+    # indecision: with 0.15 / 2 steps this monitor flagged 94-100% of ordinary real requests
+    # (bench_order, poems, clean.json, imported by either probability rule); 0.25 / 6 steps
+    # flags 0-6% of them and still every simulated smearing case (BENCHMARKS.md, real data).
+    min_share: float = 0.25
     max_prob: float = 0.8
     max_distance: int = 1
-    min_steps: int = 2
+    min_steps: int = 6
     ignore_ids: list[int] = field(default_factory=lambda: [0, 1])
     severity: str = "info"
 

@@ -25,10 +25,24 @@ def test_token_split_over_neighbours_for_two_steps_is_flagged(vocab):
     top1 = list(BASE)
     top1[4] = word
     smeared = (top1, [0.9] * 4 + [0.45] + [0.9] * 7, {5: [(word, 0.35)]})
-    [flag] = _steps(TokenSmearingMonitor(TokenSmearingParams()), [smeared, smeared, smeared], vocab)
+    [flag] = _steps(TokenSmearingMonitor(TokenSmearingParams(min_steps=2)), [smeared, smeared, smeared], vocab)
     assert flag.evidence[0].positions == (4, 5)
     assert "' carbon'" in flag.evidence[0].snippet
     assert 0.79 < flag.score < 0.81
+
+
+def test_by_default_only_a_persistent_split_is_smearing(vocab):
+    # Real requests split tokens between neighbours for a few early steps as a matter of course;
+    # the defaults flag a split that lasts min_steps (6) steps, not one that resolves sooner.
+    word = vocab.encode(" carbon")[0]
+    top1 = list(BASE)
+    top1[4] = word
+    smeared = (top1, [0.9] * 4 + [0.45] + [0.9] * 7, {5: [(word, 0.35)]})
+    resolved = (top1, 0.95, {})
+    monitor = TokenSmearingMonitor(TokenSmearingParams())
+    assert _steps(monitor, [smeared] * 5 + [resolved], vocab) == []
+    [flag] = _steps(monitor, [smeared] * 6, vocab)
+    assert flag.evidence[0].positions == (4, 5)
 
 
 def test_one_step_coincidence_and_confident_repetition_are_not_smearing(vocab):
