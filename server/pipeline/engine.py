@@ -29,6 +29,11 @@ from canvaswatch.server.bottleneck.dense import build_dense_decoder
 from canvaswatch.server.ops.metrics import Metrics
 from canvaswatch.server.ops.report import RequestHistory, ReportWriter
 from canvaswatch.server.pipeline.session import Session, SessionSettings, SessionVerdict
+from canvaswatch.server.pipeline.sinks.audit import AuditSink
+from canvaswatch.server.pipeline.sinks.base import Sink
+from canvaswatch.server.pipeline.sinks.log import LogSink
+from canvaswatch.server.pipeline.sinks.metrics import MetricsSink
+from canvaswatch.server.pipeline.sinks.report import ReportSink
 from canvaswatch.v1 import monitor_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -42,8 +47,8 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.monitors = monitors if monitors is not None else config.build_monitors()
         link_phrase_matchers(self.monitors)
-        self.audit = AuditLog(config.logging.audit_log or None, include_content=config.logging.log_content)
         self.reports = ReportWriter(config.logging.report_dir) if config.logging.report_dir else None
+        self.sinks = self._build_sinks(config)
         self.dense: Decoder = dense if dense is not None else build_dense_decoder(config.dense, vocab.size)
         self.batcher = None
         if config.dense.batch_window_ms > 0 and self.dense.embeddings is not None:
@@ -52,8 +57,18 @@ class Engine:
         self.settings = SessionSettings(
             policy=config.server.monitor_policy,
             budget_s=config.server.monitor_budget_ms / 1000.0,
-            log_content=config.logging.log_content,
         )
+
+    def _build_sinks(self, config: Config) -> list[Sink]:
+        """Where flags and verdicts go, in this order. Every session shares this list: a sink
+        appended to `engine.sinks` gets the flags and verdicts raised from then on."""
+        sinks: list[Sink] = [MetricsSink(self.metrics)]
+        if config.logging.audit_log:
+            sinks.append(AuditSink(AuditLog(config.logging.audit_log, include_content=config.logging.log_content)))
+        if self.reports is not None:
+            sinks.append(ReportSink(self.reports, self.vocab))
+        sinks.append(LogSink(log_content=config.logging.log_content))
+        return sinks
 
     def warm_up(self) -> None:
         """Run the top-k path once on a synthetic request, off the books, before serving.
@@ -85,7 +100,7 @@ class Engine:
         report = self.reports.path_for(meta.request_id) if self.reports is not None else None
         history = RequestHistory(meta) if keep_history or report is not None else None
         return Session(meta=meta, monitors=self.monitors, settings=self.settings, metrics=self.metrics,
-                       audit=self.audit, history=history, report_path=report)
+                       sinks=self.sinks, history=history, report_path=report)
 
     def step(self, session: Session, message: pb.StepState, where: str) -> list[Flag]:
         """Validate, decode and monitor one message (final ones included, for their state)."""
@@ -109,16 +124,7 @@ class Engine:
         output = tuple(message.output_ids)
         if any(not 0 <= token < self.vocab.size for token in output):
             raise invalid(f"{where}.output_ids: id outside the vocabulary [0, {self.vocab.size})")
-        flags, verdict = session.finish(output, self.vocab.decode(output))
-        if session.history is not None:
-            session.history.output_ids = output
-            if session.report_path is not None and verdict.flags:
-                session.history.flags = list(verdict.flags)
-                self.reports.write(session.history, self.vocab, session.report_path)
-        log.info("request_finished", request_id=verdict.request_id, flags=len(verdict.flags),
-                 max_severity=verdict.max_severity.name if verdict.max_severity else "none",
-                 steps_seen=verdict.steps_seen, steps_dropped=verdict.steps_dropped)
-        return flags, verdict
+        return session.finish(output, self.vocab.decode(output))
 
     def history_of(self, trace: pb.Trace) -> RequestHistory:
         """Check a trace and keep what a report shows: every step's top-1, the flags, the output."""
@@ -165,7 +171,8 @@ class Engine:
             close = getattr(monitor, "close", None)  # optional: monitors that own threads or files
             if callable(close):
                 close()
-        self.audit.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def _params_of(monitor: Monitor) -> dict[str, str]:

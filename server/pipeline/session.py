@@ -7,6 +7,9 @@ switched off for the rest of the request, and the request goes on. Under
 fail_closed a failure also adds a CRITICAL flag, so the verdict cannot look
 clean when a monitor did not run. A call over the time budget is counted as an
 overrun (it is not killed: Python threads cannot be, safely).
+
+Flags and the verdict go to the engine's sinks (canvaswatch.server.pipeline.sinks: metrics,
+audit log, report, log), in list order; the session itself only keeps them.
 """
 
 from __future__ import annotations
@@ -18,28 +21,18 @@ from typing import Any, Callable
 import structlog
 
 from canvaswatch.monitors.base import DecodedStep, FinalCanvas, Flag, Monitor, RequestMeta, Severity
-from canvaswatch.server.ops.audit import AuditLog
 from canvaswatch.server.errors import invalid
 from canvaswatch.server.ops.metrics import Metrics
+from canvaswatch.server.pipeline.sinks.base import RequestRecord, Sink
+from canvaswatch.server.pipeline.verdict import SessionVerdict
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class SessionVerdict:
-    request_id: str
-    flags: tuple[Flag, ...]
-    max_severity: Severity | None
-    steps_seen: int
-    steps_dropped: int
-    monitor_errors: tuple[str, ...]
 
 
 @dataclass
 class SessionSettings:
     policy: str = "fail_open"
     budget_s: float = 0.05
-    log_content: bool = False
 
 
 @dataclass
@@ -48,7 +41,7 @@ class Session:
     monitors: list[Monitor]
     settings: SessionSettings
     metrics: Metrics
-    audit: AuditLog
+    sinks: list[Sink]
     model_label: str = ""
     states: dict[str, Any] = field(default_factory=dict)
     flags: list[Flag] = field(default_factory=list)
@@ -62,6 +55,7 @@ class Session:
 
     def __post_init__(self) -> None:
         self.model_label = self.metrics.model_label(self.meta.model)
+        self.record = RequestRecord(self.meta, self.model_label, self.history, self.report_path)
         self._steps_counter = self.metrics.steps.labels(self.model_label)
         for monitor in self.monitors:
             self._guard(monitor, "start", lambda m=monitor: self.states.__setitem__(m.name, m.start(self.meta)))
@@ -112,7 +106,12 @@ class Session:
             result = self._guard(monitor, "on_finish", lambda m=monitor: m.on_finish(self.states[m.name], final))
             raised.extend(result or [])
         new = self._record(raised)
-        return new, self.verdict()
+        if self.history is not None:
+            self.history.output_ids = output_ids
+        verdict = self.verdict()
+        for sink in self.sinks:
+            sink.on_verdict(self.record, verdict)
+        return new, verdict
 
     def verdict(self) -> SessionVerdict:
         return SessionVerdict(
@@ -127,13 +126,8 @@ class Session:
     def _record(self, raised: list[Flag]) -> list[Flag]:
         for flag in raised:
             self.flags.append(flag)
-            self.metrics.flags.labels(flag.monitor, flag.severity.name, self.model_label).inc()
-            self.audit.record(self.meta, flag, report=str(self.report_path) if self.report_path else None)
-            log.info(
-                "flag_raised", request_id=self.meta.request_id, monitor=flag.monitor,
-                severity=flag.severity.name, reason=flag.reason,
-                **({"snippets": [e.snippet for e in flag.evidence]} if self.settings.log_content else {}),
-            )
+            for sink in self.sinks:
+                sink.on_flag(self.record, flag)
         return raised
 
     def _guard(self, monitor: Monitor, phase: str, call: Callable[[], Any]) -> Any:
