@@ -17,7 +17,7 @@ Filled: probabilities and alternatives only (canvas.py, rules.py).
 Attributes: `label`, `why`, `outcome`, `t_end`, `swap_k`, the sampler
 parameters (`t_max`, `t_min`, `entropy_bound`, `sampler_seed`), `regime`
 (`default` for 0.8 -> 0.4 with bound 0.1, `hot` for 1.3 -> 0.8 with bound 0.3,
-the two settings DESIGN.md names; `custom` otherwise), `content_positions`,
+the real model's default and hot samplers; `custom` otherwise), `content_positions`,
 and `curated` = true: these runs were picked to show phenomena, several with
 interventions (planted text, prompt swaps, a clamped ending), so they are not
 a sample of ordinary traffic.
