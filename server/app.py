@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from canvaswatch.monitors.base import Vocabulary
 from canvaswatch.server.transport.auth import BearerTokenInterceptor
-from canvaswatch.server.config import Config
+from canvaswatch.server.config import Config, ServerSection
 from canvaswatch.server.bottleneck.dense import DenseDecoder
 from canvaswatch.server.pipeline.engine import Engine
 from canvaswatch.server.ops.metrics import Metrics
@@ -21,6 +21,7 @@ from canvaswatch.server.ops.merged_metrics import merged_registry
 from canvaswatch.server.workers.pool import MonitorWorkers
 from canvaswatch.server.transport.relay import RelayWatch, relay_handler
 from canvaswatch.server.transport.status import SERVICE_NAME
+from canvaswatch.server.transport.lifecycle import StreamLimits, StreamSlots
 from canvaswatch.server.transport.servicer import CanvasMonitorServicer
 from canvaswatch.server.bottleneck.vocab import load_vocabulary
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
@@ -48,13 +49,11 @@ class Sidecar:
 
     async def start(self) -> int:
         s = self.config.server
-        options = [
-            ("grpc.max_receive_message_length", s.max_message_bytes),
-            ("grpc.max_send_message_length", s.max_message_bytes),
-        ]
         interceptors = [BearerTokenInterceptor(s.auth_tokens)] if s.auth_tokens else []
-        server = grpc.aio.server(options=options, interceptors=interceptors)
-        servicer = CanvasMonitorServicer(self.engine, self.executor, s.max_streams)
+        server = grpc.aio.server(options=server_options(s), interceptors=interceptors)
+        metrics = self.engine.metrics
+        slots = StreamSlots(StreamLimits.of(s), metrics.active_streams, metrics.streams_refused, s.auth_tokens)
+        servicer = CanvasMonitorServicer(self.engine, self.executor, slots)
         exposed = self.engine.metrics.registry
         if self.workers is None:
             pb_grpc.add_CanvasMonitorServicer_to_server(servicer, server)
@@ -113,6 +112,23 @@ class Sidecar:
     def _stop_workers(self) -> None:
         if self.workers is not None:
             self.workers.stop()
+
+
+def server_options(s: ServerSection) -> list[tuple[str, int]]:
+    """grpc.aio server options: message size, keepalive policy (docs/operations.md)."""
+    return [
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.max_send_message_length", s.max_message_bytes),
+        # The server pings a connection quiet for keepalive_time_s and closes it when the ping goes
+        # unanswered: a client that vanished without a FIN (a dead pod, a cut network) frees its streams.
+        ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # A client may ping no more often than min_ping_interval_s; after two such pings (strikes) the
+        # connection is closed with GOAWAY too_many_pings, so pings cannot be used to keep the loop busy.
+        ("grpc.http2.min_ping_interval_without_data_ms", int(s.min_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
 
 
 class SidecarThread:

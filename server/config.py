@@ -6,6 +6,13 @@
     host = "127.0.0.1"
     max_message_bytes = 150994944  # 144 MiB: one 256 x 262,144 float16 logits step fits
     max_streams = 256
+    max_streams_per_peer = 0       # > 0: streams one client address may hold open (0 = only max_streams)
+    max_streams_per_token = 0      # > 0, with auth_tokens: streams one bearer token may hold open
+    first_message_timeout_s = 30.0 # a stream that sends nothing this long ends with DEADLINE_EXCEEDED
+    idle_timeout_s = 120.0         # ... and one silent this long between two messages
+    keepalive_time_s = 60.0        # the server pings a connection quiet this long ...
+    keepalive_timeout_s = 20.0     # ... and drops it if the ping is not answered within this
+    min_ping_interval_s = 10.0     # client pings more often than this end the connection (too_many_pings)
     monitor_policy = "fail_open"   # or "fail_closed": a failed monitor makes the verdict CRITICAL
     monitor_budget_ms = 50.0       # per monitor per step; overruns are counted, not killed
     auth_tokens = []               # if set, calls need "authorization: Bearer <token>"
@@ -71,6 +78,16 @@ class ServerSection:
     metrics_port: int = 9464
     max_message_bytes: int = 144 * 1024 * 1024
     max_streams: int = 256
+    # Starvation (docs/operations.md): stream deadlines bound how long a silent stream holds its slot;
+    # the per-peer and per-token limits bound how many slots one client can hold. A sidecar serves one
+    # inference server in the usual deployment, so the per-peer limit is off unless asked for.
+    max_streams_per_peer: int = 0
+    max_streams_per_token: int = 0
+    first_message_timeout_s: float = 30.0
+    idle_timeout_s: float = 120.0
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    min_ping_interval_s: float = 10.0
     monitor_policy: str = "fail_open"
     monitor_budget_ms: float = 50.0
     auth_tokens: list[str] = field(default_factory=list)
@@ -93,6 +110,17 @@ class ServerSection:
             raise ValueError(f"monitor_processes: must be in [0, 256] (0: monitors in the gRPC process), got {self.monitor_processes}")
         if self.monitor_budget_ms <= 0:
             raise ValueError(f"monitor_budget_ms: must be > 0, got {self.monitor_budget_ms}")
+        for key in ("max_streams_per_peer", "max_streams_per_token"):
+            if not 0 <= getattr(self, key) <= self.max_streams:
+                raise ValueError(f"{key}: must be in [0, max_streams = {self.max_streams}] (0: no limit of its own), "
+                                 f"got {getattr(self, key)}")
+        if self.max_streams_per_token and not self.auth_tokens:
+            raise ValueError("max_streams_per_token: needs auth_tokens (a token is what identifies a client)")
+        for key in ("first_message_timeout_s", "idle_timeout_s", "keepalive_time_s", "keepalive_timeout_s",
+                    "min_ping_interval_s"):
+            value = getattr(self, key)
+            if not 0 < value <= 86400:  # NaN fails this too
+                raise ValueError(f"{key}: must be in (0, 86400] seconds, got {value}")
 
 
 @dataclass(frozen=True)

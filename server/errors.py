@@ -16,6 +16,8 @@ class Refusal(enum.Enum):
     INVALID = "invalid"  # the client sent something malformed or out of order
     UNSUPPORTED = "unsupported"  # well-formed, but this sidecar is not configured for it
     UNAVAILABLE = "unavailable"  # nothing wrong with the input; retry later
+    EXHAUSTED = "exhausted"  # over a configured bound (a size, a count, a per-client stream limit)
+    DEADLINE = "deadline"  # the client was silent longer than the stream's deadline allows
     INTERNAL = "internal"  # the sidecar failed (a monitor worker died mid-request, say)
 
 

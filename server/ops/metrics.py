@@ -42,6 +42,12 @@ class Metrics:
         self.monitor_errors = Counter(
             "canvaswatch_monitor_errors", "Monitor failures by kind (exception, overrun).", ["monitor", "kind"], registry=r
         )
+        self.streams_refused = Counter(
+            "canvaswatch_streams_refused",
+            "Watch streams the server refused or ended on its own: limits (server_limit, peer_limit, token_limit), "
+            "deadlines (first_message_timeout, idle_timeout), shutdown (draining, drain_deadline).",
+            ["reason"], registry=r,
+        )
         self.active_streams = Gauge("canvaswatch_active_streams", "Watch streams open now.", registry=r)
         self.residual_mass = Histogram(
             "canvaswatch_bottleneck_residual_mass",

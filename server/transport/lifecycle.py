@@ -4,18 +4,28 @@ Whoever does the work, a Watch call holds a stream slot for its whole life; a re
 aborts the call with the status its `Refusal` maps to; a call that ends without its final
 message waits the cancellation grace before it is called incomplete; and a cancellation is
 recorded as such.
+
+No client can starve another (docs/operations.md): a slot is refused beyond server.max_streams,
+beyond server.max_streams_per_peer for one client address and beyond server.max_streams_per_token
+for one bearer token; and a stream that is silent past server.first_message_timeout_s (before its
+first message) or server.idle_timeout_s (between two) ends with DEADLINE_EXCEEDED, so silent
+streams hold their slots for a bounded time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-from typing import AsyncIterator, Callable
+import hmac
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 import structlog
 
-from canvaswatch.server.errors import StepError
+from canvaswatch.server.config import ServerSection
+from canvaswatch.server.errors import Refusal, StepError
 from canvaswatch.server.transport.status import grpc_status
 
 log = structlog.get_logger(__name__)
@@ -27,26 +37,124 @@ log = structlog.get_logger(__name__)
 CANCEL_GRACE_S = 0.25
 
 
-class StreamSlots:
-    """server.max_streams and the active-streams gauge, shared by whichever servicer takes Watch."""
+@dataclass(frozen=True)
+class StreamLimits:
+    """The [server] keys that bound how many streams a client holds and how long a silent one lives."""
 
-    def __init__(self, limit: int, gauge) -> None:
-        self.limit = limit
+    total: int = 256
+    per_peer: int = 0  # 0: no limit of its own
+    per_token: int = 0
+    first_message_s: float = 30.0
+    idle_s: float = 120.0
+
+    @classmethod
+    def of(cls, server: ServerSection) -> "StreamLimits":
+        return cls(server.max_streams, server.max_streams_per_peer, server.max_streams_per_token,
+                   server.first_message_timeout_s, server.idle_timeout_s)
+
+
+class StreamSlots:
+    """The stream limits and the active-streams gauge, shared by whichever servicer takes Watch.
+
+    Only the event loop touches the counts, so they need no lock.
+    """
+
+    def __init__(self, limits: StreamLimits, gauge: Any, refused: Any, tokens: list[str] | None = None) -> None:
+        self.limits = limits
         self.gauge = gauge  # canvaswatch_active_streams
+        self.refused = refused  # canvaswatch_streams_refused, by reason
+        self._tokens = [token.encode() for token in tokens or ()]
         self.active = 0
+        self.by_peer: collections.Counter[str] = collections.Counter()
+        self.by_token: collections.Counter[int] = collections.Counter()
+        self.draining = False  # set at shutdown: new streams are refused with UNAVAILABLE
+        self.idle = asyncio.Event()  # set whenever no stream is open (the drain waits on it)
+        self.idle.set()
 
     @contextlib.asynccontextmanager
     async def held(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """One slot for the body; a full server aborts the call with RESOURCE_EXHAUSTED instead."""
-        if self.active >= self.limit:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.active} streams open; limit is {self.limit}")
+        """One slot for the body; a call over a limit is aborted (RESOURCE_EXHAUSTED naming the key) instead."""
+        limits = self.limits
+        peer = peer_address(context.peer())
+        token = self._token_of(context) if limits.per_token else None
+        if self.draining:
+            await self._refuse(context, "draining", grpc.StatusCode.UNAVAILABLE,
+                               "server: shutting down, no new streams; retry on another replica")
+        if self.active >= limits.total:
+            await self._refuse(context, "server_limit", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"server.max_streams: {self.active} streams open; limit is {limits.total}")
+        if limits.per_peer and self.by_peer[peer] >= limits.per_peer:
+            await self._refuse(context, "peer_limit", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"server.max_streams_per_peer: {self.by_peer[peer]} streams open from {peer}; "
+                               f"limit is {limits.per_peer}")
+        if token is not None and self.by_token[token] >= limits.per_token:
+            await self._refuse(context, "token_limit", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"server.max_streams_per_token: {self.by_token[token]} streams open with this "
+                               f"token; limit is {limits.per_token}")
         self.active += 1
+        self.by_peer[peer] += 1
+        if token is not None:
+            self.by_token[token] += 1
+        self.idle.clear()
         self.gauge.inc()
         try:
             yield
         finally:
             self.active -= 1
+            _release(self.by_peer, peer)
+            if token is not None:
+                _release(self.by_token, token)
+            if not self.active:
+                self.idle.set()
             self.gauge.dec()
+
+    async def receive(self, read: Awaitable[Any], index: int) -> Any:
+        """What `read` gives (the stream's message[index]); a DEADLINE refusal if the client is silent past
+        the first-message or the idle deadline (the read is then cancelled: the stream is over)."""
+        if isinstance(read, asyncio.Future) and read.done():  # read ahead: often here already, no timer needed
+            return read.result()
+        first = index == 0
+        timeout = self.limits.first_message_s if first else self.limits.idle_s
+        try:
+            async with asyncio.timeout(timeout):
+                return await read
+        except TimeoutError:
+            pass
+        self.refused.labels("first_message_timeout" if first else "idle_timeout").inc()
+        if first:
+            raise StepError(f"stream: no message within server.first_message_timeout_s = {timeout:g} s", Refusal.DEADLINE)
+        raise StepError(f"message[{index}]: none within server.idle_timeout_s = {timeout:g} s of message[{index - 1}]",
+                        Refusal.DEADLINE)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, reason: str, code: grpc.StatusCode, message: str) -> None:
+        self.refused.labels(reason).inc()
+        log.warning("stream_refused", reason=reason, peer=context.peer(), error=message)
+        await context.abort(code, message)
+
+    def _token_of(self, context: grpc.aio.ServicerContext) -> int:
+        """The index of the caller's bearer token (the interceptor already let it in); -1 if none matches."""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and value.startswith("Bearer "):
+                offered = value[len("Bearer "):].encode()
+                for index, known in enumerate(self._tokens):
+                    if hmac.compare_digest(offered, known):
+                        return index
+        return -1
+
+
+def peer_address(peer: str) -> str:
+    """A client's address without its port ("ipv4:127.0.0.1:5000" -> "ipv4:127.0.0.1"): a client that opens
+    more connections gets new ports, not a new address."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        return f"{kind}:{rest.rsplit(':', 1)[0]}"
+    return peer
+
+
+def _release(counts: collections.Counter, key: Any) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]  # the counter never keeps clients that have gone
 
 
 @contextlib.asynccontextmanager

@@ -17,6 +17,7 @@ from typing import AsyncIterator
 import grpc
 import structlog
 
+from canvaswatch.server.errors import StepError
 from canvaswatch.server.ops.metrics import Metrics
 from canvaswatch.server.pipeline.stream_handler import Outcome
 from canvaswatch.server.transport.lifecycle import StreamSlots, await_cancellation, watch_call
@@ -64,8 +65,15 @@ class RelayWatch:
                 self.workers.release(stream)  # cancels it in the worker unless it already ended there
 
     async def _pump(self, request_iterator: AsyncIterator[bytes], stream: RelayStream) -> None:
+        iterator = request_iterator.__aiter__()
+        index = 0
         try:
-            async for raw in request_iterator:
+            while True:
+                try:
+                    raw = await self.slots.receive(iterator.__anext__(), index)
+                except StopAsyncIteration:
+                    break
+                index += 1
                 await stream.wait_for_room()
                 if stream.done:
                     return
@@ -74,6 +82,10 @@ class RelayWatch:
             await stream.wait_for_room(limit=1)
             if not stream.done:
                 stream.results.put_nowait(([], StreamStatus(StreamEnd.INPUT_ENDED)))  # Watch decides: half-close or cancellation
+        except StepError as err:  # silent past a deadline: the worker ends the stream as a half-close would
+            if not stream.done:
+                self.workers.end_input(stream)
+                stream.results.put_nowait(([], StreamStatus.refused(err)))
         except asyncio.CancelledError:
             raise
         except Exception as err:  # the call is ending (cancelled, too large a message); Watch sees it too

@@ -19,7 +19,7 @@ from typing import AsyncIterator
 import grpc
 import structlog
 
-from canvaswatch.server.errors import StepError
+from canvaswatch.server.errors import Refusal, StepError
 from canvaswatch.server.pipeline.engine import Engine
 from canvaswatch.server.pipeline.stream_handler import Outcome, StreamHandler, is_heavy
 from canvaswatch.server.pipeline.wire import verdict_to_pb
@@ -32,10 +32,10 @@ log = structlog.get_logger(__name__)
 
 
 class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
-    def __init__(self, engine: Engine, executor: ThreadPoolExecutor, max_streams: int) -> None:
+    def __init__(self, engine: Engine, executor: ThreadPoolExecutor, slots: StreamSlots) -> None:
         self.engine = engine
         self.executor = executor
-        self.slots = StreamSlots(max_streams, engine.metrics.active_streams)
+        self.slots = slots
 
     async def Watch(self, request_iterator: AsyncIterator[pb.StepState], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.MonitorEvent]:
         handler = StreamHandler(self.engine)
@@ -46,14 +46,19 @@ class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
 
         async with watch_call(self.slots, context, request_id=lambda: handler.request_id,
                               on_cancel=cancelled, on_end=handler.count):
-            async with contextlib.aclosing(_read_ahead(request_iterator)) as messages:
-                async for message in messages:
-                    if is_heavy(message):
-                        events = await loop.run_in_executor(self.executor, handler.feed, message)
-                    else:
-                        events = handler.feed(message)
-                    for event in events:
-                        yield event
+            async with contextlib.aclosing(_read_ahead(request_iterator, self.slots)) as messages:
+                try:
+                    async for message in messages:
+                        if is_heavy(message):
+                            events = await loop.run_in_executor(self.executor, handler.feed, message)
+                        else:
+                            events = handler.feed(message)
+                        for event in events:
+                            yield event
+                except StepError as err:
+                    if err.refusal is Refusal.DEADLINE and not handler.finished:
+                        handler.outcome = Outcome.INCOMPLETE  # the client went silent before its final message
+                    raise
             await await_cancellation(handler.finished)
             handler.end()
 
@@ -69,22 +74,24 @@ class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
         return self.engine.list_monitors()
 
 
-async def _read_ahead(messages: AsyncIterator[pb.StepState]) -> AsyncIterator[pb.StepState]:
+async def _read_ahead(messages: AsyncIterator[pb.StepState], slots: StreamSlots | None = None) -> AsyncIterator[pb.StepState]:
     """The stream's messages in order, the read of the next one already under way while this one is handled.
 
     A top-k step is handled on the loop without yielding, so a read asked for after it would wait
     its whole trip through gRPC's completion queue and the poller thread with the loop idle; asked
     for before, that wait overlaps the monitors (1 stream at L = 1,024: 0.48 -> 0.53x the echo,
-    BENCHMARKS.md).
+    BENCHMARKS.md). With `slots`, a client silent past the stream deadlines ends the stream (StepError).
     """
     iterator = messages.__aiter__()
     pending = asyncio.ensure_future(iterator.__anext__())
+    index = 0
     try:
         while True:
             try:
-                message = await pending
+                message = await (slots.receive(pending, index) if slots is not None else pending)
             except StopAsyncIteration:
                 return
+            index += 1
             pending = asyncio.ensure_future(iterator.__anext__())
             await asyncio.sleep(0)  # one loop turn: the read is submitted before the handler takes the loop
             yield message

@@ -14,6 +14,8 @@ _STATUS = {
     Refusal.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     Refusal.UNSUPPORTED: grpc.StatusCode.UNIMPLEMENTED,
     Refusal.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Refusal.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Refusal.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
     Refusal.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
