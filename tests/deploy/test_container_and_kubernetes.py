@@ -38,8 +38,9 @@ def test_dockerfile_is_multistage_non_root_with_a_grpc_health_check_and_ci_insta
     assert "canvaswatch.server.ops.healthcheck" in re.search(r"HEALTHCHECK[^\n]*\n[^\n]*", text).group(0)
     image_installs = re.findall(r"pip install --no-cache-dir (\S+)", text)
     ci_installs = [i for i in re.findall(r"pip install -q (\S+)", (ROOT / ".ci" / "run").read_text()) if i != "--upgrade"]
-    # same order: torch from its pinned wheel first, then the project (CI installs it editable, with test extras)
-    assert image_installs == ["torch==2.13.0", "."]
+    # same order: torch from its pinned wheel first, then the project with the sidecar's extra (CI installs
+    # it editable, with test extras too)
+    assert image_installs == ["torch==2.13.0", '".[server]"']
     assert ci_installs[:2] == ["torch==2.13.0", "-e"]
     # baked in: the default engine loads the vocabulary and matrix (no network at start-up) and its
     # warm-up compiles the kernels into a cache the non-root user can read at run time
