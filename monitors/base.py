@@ -1,10 +1,48 @@
-"""The monitor contract: what a monitor sees and what it returns.
+"""The monitor contract: what a monitor is, what it sees, what it returns, and the rules it keeps.
 
-A monitor sees decoded steps (tensors plus a vocabulary to read them), never
-protobuf, and returns `Flag` values. The server owns transport, decoding,
-isolation (exceptions and time budgets) and metrics; a monitor owns only its
-definition of a phenomenon and its per-request state, which must stay bounded
-by canvas size, not by the number of steps.
+A monitor is a class with a `name`, a `Params` dataclass of its TOML parameters and three
+calls per request. Subclass `Monitor` and write `on_step`; the rest has defaults:
+
+    state = monitor.start(request)           # RequestMeta -> this request's state (default None)
+    flags = monitor.on_step(state, step)     # each denoising step that reaches the sidecar
+    flags = monitor.on_finish(state, final)  # once, with the final output (default [])
+    monitor.close()                          # once, when the server shuts down (default: nothing)
+
+`step` is a `DecodedStep`: its docstring lists the members a monitor reads (NumPy arrays of
+the kept top-k tokens, block and step, new_block, the residual, the vocabulary, the sampler's
+signals). Return `Flag`s, made with `self.flag(severity, reason, *evidence, **attributes)`.
+A class that is not a `Monitor` subclass but has the same members (`MonitorProtocol`) is
+accepted too. The server owns transport, decoding, isolation and metrics; a monitor owns its
+definition of a phenomenon and its per-request state.
+
+The rules (canvaswatch.monitors.testing.check_monitor checks each one):
+
+1. One instance serves every request, several at once: per-request state lives in what
+   start() returns, never on self.
+2. State is bounded by the canvas length L: memory per request may grow with L (and with
+   the monitor's parameters), not with the number of steps or blocks.
+3. Positional state starts over at a new block (`step.new_block`): position i of the next
+   block holds other text than position i of this one.
+4. Each call fits the per-call budget (server.monitor_budget_ms, 50 ms by default). An
+   overrun is counted and logged, not interrupted, and it delays the whole stream: work on
+   whole arrays, never loop in Python over the vocabulary, and put slow work (a model) on
+   a thread of its own.
+5. The first exception switches the monitor off for the rest of that request (counted,
+   logged, and under monitor_policy = "fail_closed" a CRITICAL flag). Expect what real
+   streams hold: steps missing (the client dropped them), optional members that are None,
+   a request that ends with no step at all.
+6. Before serving, the server runs every monitor once on a synthetic warm-up request
+   (request_id "warm-up", L = 16, k = 4, two steps, empty output) so that compiled code
+   and tables are ready before the first real request; its flags are discarded. Build
+   what the monitor needs in its constructor or on first use, not per request.
+7. No decoded text in a flag's `reason` or `attributes`: they reach logs, the audit log
+   and dashboards, which the config does not treat as content. Canvas text goes in
+   `Evidence.snippet`, kept only where logging.log_content allows.
+8. A flag names its monitor (`self.flag` does), has a non-empty reason and a score in
+   [0, 1] (higher = surer; `canvaswatch eval` ranks by it), and its evidence points at
+   positions of the canvas.
+9. A step's arrays are shared by every monitor and the server: read them, never write
+   into them.
 """
 
 from __future__ import annotations
@@ -66,7 +104,7 @@ class RequestMeta:
     tenant: str
     prompt_ids: tuple[int, ...]
     canvas_length: int
-    total_steps: int
+    total_steps: int  # denoising steps per block, 0 when the client did not say
     attributes: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -93,11 +131,28 @@ class Vocabulary(Protocol):
 
 @dataclass(frozen=True, eq=False)
 class DecodedStep:
-    """One denoising step through the token bottleneck.
+    """One denoising step through the token bottleneck, as every monitor sees it.
 
-    ids/probs are [L, k], most probable first, probabilities normalised over
-    the full vocabulary (0 = padding); residual[L] is the mass outside the kept
-    tokens (None when the client did not say, e.g. it sent only its top-k).
+    What a monitor reads (L = canvas length, k = tokens kept per position; arrays are NumPy):
+
+      block, step       the canvas index in the request (blocks run left to right) and the
+                        denoising step in it; steps increase within a block but may skip
+                        numbers (steps the client dropped)
+      new_block         True on the first step the request shows of a block
+      ids_np, probs_np  [L, k] int64 / float32: per position the kept tokens, most probable
+                        first, with their probability over the full vocabulary (0 = an
+                        empty slot); ids_np[:, 0] is the top-1 canvas
+      residual          [L] float32 or None: the mass outside the kept tokens;
+                        residual_mean is its mean over the canvas (None when unknown)
+      canvas_length     L
+      vocab             the Vocabulary: piece(id), decode(ids), encode(text)
+      text              the top-1 canvas as text; span_text(start, stop) for positions
+                        start..stop-1 only (build text only when it is needed: it costs
+                        more than reading the arrays)
+      hidden            the self-conditioning vectors [L, d] when the step came in the
+                        `embeddings` form, else None; a torch tensor, left on the device
+                        and in the dtype it was decoded in, since copying [L, d] to the
+                        host every step would cost more than most monitors
 
     The sampler's own signals, validated by the sidecar, are None unless the
     client sent them (docs/wire.md; transformers' DiffusionGemma through
@@ -110,6 +165,15 @@ class DecodedStep:
     entropy-bound sampler ranks positions by. argmax_ids[L] is the model's own
     argmax canvas (at a block's last step, its output). canvas_ids[L] is the
     sampled canvas: the accepted tokens where accepted is True, noise elsewhere.
+    temperature is what the logits were divided by at this step.
+
+    Everything else here serves the server and the built-in phrase matcher (`ids` and
+    `probs` are the torch tensors ids_np and probs_np are views of, `top1`/`top1_prob`
+    their first column, `residual_sum`, `text_lower`, `char_offsets`, `memo`,
+    `alternatives`) and is not part of what a monitor may rely on.
+
+    The constructor takes the per-position arrays as NumPy or as CPU torch tensors;
+    residual, canvas_ids and the sampler's arrays are kept as NumPy.
     """
 
     block: int
@@ -117,14 +181,28 @@ class DecodedStep:
     ids: torch.Tensor  # [L, k] int64
     probs: torch.Tensor  # [L, k] float32
     vocab: Vocabulary
-    residual: torch.Tensor | None = None  # [L] float32
-    canvas_ids: torch.Tensor | None = None  # [L] int64, the sampled canvas if sent
+    residual: np.ndarray | None = None  # [L] float32
+    canvas_ids: np.ndarray | None = None  # [L] int64, the sampled canvas if sent
     hidden: torch.Tensor | None = None  # [L, d] the self-conditioning vectors, when sent in that form
     residual_sum: float | None = None  # sum of residual, when the decoder computed it on the way
     accepted: np.ndarray | None = None  # [L] bool, the positions the sampler accepted this step
     entropy: np.ndarray | None = None  # [L] float32 >= 0, nats, of the distribution the sampler drew from
     argmax_ids: np.ndarray | None = None  # [L] int64, the model's argmax canvas
     temperature: float | None = None  # > 0, what the logits were divided by at this step
+    new_block: bool = False  # set by the server, which knows the request's previous step
+
+    def __post_init__(self) -> None:
+        # Monitors read NumPy; [L, k] arrays also stay torch because the decoder and the
+        # dense path hand them over as torch tensors.
+        for name in ("ids", "probs"):
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray):
+                self.__dict__[f"{name}_np"] = value  # primes the cached view
+                object.__setattr__(self, name, torch.from_numpy(value))
+        for name in ("residual", "canvas_ids", "accepted", "entropy", "argmax_ids"):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                object.__setattr__(self, name, value.numpy(force=value.device.type != "cpu"))
 
     @cached_property
     def canvas_length(self) -> int:
@@ -146,7 +224,7 @@ class DecodedStep:
             return None
         if self.residual_sum is not None:
             return self.residual_sum / max(self.canvas_length, 1)
-        values = self.residual.numpy()
+        values = self.residual
         # add.reduce, not .mean(): the same float64 sum without ~5 us of ndarray.mean's dispatch
         return float(np.add.reduce(values, dtype=np.float64)) / max(values.size, 1)
 
@@ -188,13 +266,14 @@ class DecodedStep:
         return {}
 
     def span_text(self, start: int, stop: int) -> str:
+        """The top-1 text of positions start..stop-1 (clipped to the canvas)."""
         start, stop = max(0, start), min(self.canvas_length, stop)
-        return self.vocab.decode(self.top1[start:stop].tolist())
+        return self.vocab.decode(self.ids_np[start:stop, 0].tolist())
 
     def alternatives(self, position: int) -> list[tuple[str, float]]:
         """The kept tokens at one position as (piece, prob), padding left out."""
-        ids = self.ids[position].tolist()
-        probs = self.probs[position].tolist()
+        ids = self.ids_np[position].tolist()
+        probs = self.probs_np[position].tolist()
         return [(self.vocab.piece(i), p) for i, p in zip(ids, probs) if p > 0]
 
 
@@ -208,13 +287,65 @@ class FinalCanvas:
     steps_dropped: int
 
 
-class Monitor(Protocol):
-    """A pluggable monitor. One instance serves every request; state lives in what start() returns.
+@dataclass(frozen=True)
+class NoParams:
+    """The parameters of a monitor that takes none: its TOML table may only say `enabled`."""
 
-    Implementations also provide `Params`, a dataclass of their TOML parameters
-    (validated by the registry), a `description`, a constructor taking
-    `params: Params`, and optionally `close()`, called once on shutdown. on_step must cost time proportional to canvas size and
-    use tensor operations rather than Python loops over positions.
+
+class Monitor:
+    """The base of a monitor: subclass it, set `name`, write `on_step`, override what else you need.
+
+    name         the key of its TOML table [monitors.<name>], of its flags and of its metrics
+    description  one line for ListMonitors; by default the first paragraph of the class docstring
+    Params       a frozen dataclass of the TOML parameters, every field with a default;
+                 __post_init__ raises ValueError("<field>: what is wrong") for a bad value
+    params       the Params instance this monitor was built with (the default: Params())
+
+    The server builds one instance per engine and calls close() on it once, at shutdown.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "description" not in cls.__dict__ and cls.__doc__:
+            cls.description = first_paragraph(cls.__doc__)
+
+    def __init__(self, params: Any = None) -> None:
+        self.params = self.Params() if params is None else params
+
+    def start(self, request: RequestMeta) -> Any:
+        """This request's state (bounded by its canvas length); None when the monitor keeps none."""
+        return None
+
+    def on_step(self, state: Any, step: DecodedStep) -> list[Flag]:
+        raise NotImplementedError(f"{type(self).__name__} does not define on_step")
+
+    def on_finish(self, state: Any, final: FinalCanvas) -> list[Flag]:
+        return []
+
+    def close(self) -> None:
+        """Release what the constructor took (threads, files, models)."""
+
+    def flag(self, severity: Severity | str, reason: str, *evidence: Evidence, score: float = 1.0,
+             **attributes: object) -> Flag:
+        """A Flag of this monitor. Attribute values become strings (booleans as true/false)."""
+        return Flag(
+            monitor=self.name,
+            severity=severity if isinstance(severity, Severity) else Severity.parse(severity),
+            reason=reason,
+            score=score,
+            evidence=evidence,
+            attributes={key: _attribute(value) for key, value in attributes.items()},
+        )
+
+
+class MonitorProtocol(Protocol):
+    """What the server needs of a monitor; `Monitor` subclasses have it, other classes may too.
+
+    Such a class also needs a constructor taking its `params` and may define `close()`.
     """
 
     name: ClassVar[str]
@@ -226,6 +357,24 @@ class Monitor(Protocol):
     def on_step(self, state: Any, step: DecodedStep) -> list[Flag]: ...
 
     def on_finish(self, state: Any, final: FinalCanvas) -> list[Flag]: ...
+
+
+def first_paragraph(doc: str | None) -> str:
+    """A docstring's first paragraph on one line ("" for none)."""
+    if not doc:
+        return ""
+    lines = []
+    for line in doc.strip().splitlines():
+        if not line.strip():
+            break
+        lines.append(line.strip())
+    return " ".join(lines)
+
+
+def _attribute(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def lower_keeping_length(text: str) -> str:

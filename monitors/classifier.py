@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
+from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, Monitor, RequestMeta, Severity
 from canvaswatch.monitors.batching import WindowBatcher
 
 
@@ -119,16 +119,15 @@ class _BatchRunner:
         return torch.softmax(self.model(**encoded).logits.float(), dim=-1).tolist()
 
 
-class ClassifierMonitor:
+class ClassifierMonitor(Monitor):
+    """A transformers sequence classifier over intermediate and final canvas text, batched across streams
+    in its own thread; flags labels over a threshold, and labels seen only in intermediate canvases."""
+
     name: ClassVar[str] = "classifier"
-    description: ClassVar[str] = (
-        "A transformers sequence classifier over intermediate and final canvas text, batched across streams "
-        "in its own thread; flags labels over a threshold, and labels seen only in intermediate canvases."
-    )
     Params: ClassVar[type] = ClassifierParams
 
     def __init__(self, params: ClassifierParams) -> None:
-        self.params = params
+        super().__init__(params)
         self.severity = Severity.parse(params.severity)
         self.runner = _BatchRunner(params)
         unknown = [label for label in params.flag_labels if label not in self.runner.labels]
@@ -140,7 +139,7 @@ class ClassifierMonitor:
         return ClassifierState()
 
     def close(self) -> None:
-        """Stop the model thread (the engine calls this on shutdown)."""
+        """Stop the model thread."""
         self.runner.close()
 
     def on_step(self, state: ClassifierState, step: DecodedStep) -> list[Flag]:
@@ -161,20 +160,18 @@ class ClassifierMonitor:
         on_output = {label for label in self.flag_labels if scores[label] >= self.params.threshold}
         for label in self.flag_labels:
             if label in on_output:
-                flags.append(Flag(
-                    monitor=self.name, severity=self.severity,
-                    reason=f"classifier label {label!r} scored {scores[label]:.2f} on the final output",
-                    score=scores[label], evidence=(Evidence(0, final.steps_seen, (), final.text[:200]),),
-                    attributes={"label": label, "phase": "output", "skipped_steps": str(state.skipped_steps)},
+                flags.append(self.flag(
+                    self.severity, f"classifier label {label!r} scored {scores[label]:.2f} on the final output",
+                    Evidence(0, final.steps_seen, (), final.text[:200]), score=scores[label],
+                    label=label, phase="output", skipped_steps=state.skipped_steps,
                 ))
             elif label in state.fired:
                 block, step, score, text = state.fired[label]
-                flags.append(Flag(
-                    monitor=self.name, severity=self.severity,
-                    reason=(f"classifier label {label!r} fired on an intermediate canvas (block {block} step {step}) "
-                            f"but not on the final output ({scores[label]:.2f})"),
-                    score=score, evidence=(Evidence(block, step, (), text[:200]),),
-                    attributes={"label": label, "phase": "intermediate_only", "skipped_steps": str(state.skipped_steps)},
+                flags.append(self.flag(
+                    self.severity, f"classifier label {label!r} fired on an intermediate canvas (block {block} step {step}) "
+                                   f"but not on the final output ({scores[label]:.2f})",
+                    Evidence(block, step, (), text[:200]), score=score,
+                    label=label, phase="intermediate_only", skipped_steps=state.skipped_steps,
                 ))
         return flags
 
@@ -190,12 +187,11 @@ class ClassifierMonitor:
             for label in self.flag_labels:
                 if scores[label] >= self.params.threshold and label not in state.fired:
                     state.fired[label] = (pending.block, pending.step, scores[label], pending.text)
-                    flags.append(Flag(
-                        monitor=self.name, severity=self.severity,
-                        reason=f"classifier label {label!r} scored {scores[label]:.2f} on the canvas at block "
-                               f"{pending.block} step {pending.step}",
-                        score=scores[label], evidence=(Evidence(pending.block, pending.step, (), pending.text[:200]),),
-                        attributes={"label": label, "phase": "intermediate"},
+                    flags.append(self.flag(
+                        self.severity, f"classifier label {label!r} scored {scores[label]:.2f} on the canvas at block "
+                                       f"{pending.block} step {pending.step}",
+                        Evidence(pending.block, pending.step, (), pending.text[:200]), score=scores[label],
+                        label=label, phase="intermediate",
                     ))
         state.pending = still
         return flags

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from canvaswatch.monitors.base import DecodedStep, FinalCanvas, Flag, RequestMeta, Severity
+from canvaswatch.monitors.base import DecodedStep, FinalCanvas, Flag, Monitor, RequestMeta, Severity
 from canvaswatch.monitors.lexicon import LexiconMonitor, LexiconParams, LexiconState
 from canvaswatch.monitors.phrases import PhraseView, WatchesPhrases
 
@@ -51,15 +51,14 @@ class IntermediateContextParams:
             raise ValueError(f"min_steps: must be >= 1, got {self.min_steps}")
 
 
-class IntermediateContextMonitor(WatchesPhrases):
+class IntermediateContextMonitor(WatchesPhrases, Monitor):
+    """Watched content present in intermediate canvases (top-1 or top-k) but absent from the final output."""
+
     name: ClassVar[str] = "intermediate_context"
-    description: ClassVar[str] = (
-        "Watched content present in intermediate canvases (top-1 or top-k) but absent from the final output."
-    )
     Params: ClassVar[type] = IntermediateContextParams
 
     def __init__(self, params: IntermediateContextParams) -> None:
-        self.params = params
+        super().__init__(params)
         self.severity = Severity.parse(params.severity)
         self._matcher = LexiconMonitor(LexiconParams(
             patterns=params.patterns, regex=params.regex, case_sensitive=params.case_sensitive,
@@ -91,14 +90,11 @@ class IntermediateContextMonitor(WatchesPhrases):
             steps = int(attributes.get("steps_present", "0"))
             if steps < self.params.min_steps:
                 continue
-            flags.append(Flag(
-                monitor=self.name,
-                severity=self.severity,
-                reason=(f"{attributes['pattern']!r} was in intermediate canvases from block {attributes['first_block']} "
-                        f"step {attributes['first_step']} to block {attributes['last_block']} step {attributes['last_step']} "
-                        f"({steps} steps) and is absent from the final output"),
-                score=min(1.0, 0.5 + steps / 20),
-                evidence=seen.evidence,
-                attributes=attributes,
+            flags.append(self.flag(
+                self.severity,
+                f"{attributes['pattern']!r} was in intermediate canvases from block {attributes['first_block']} "
+                f"step {attributes['first_step']} to block {attributes['last_block']} step {attributes['last_step']} "
+                f"({steps} steps) and is absent from the final output",
+                *seen.evidence, score=min(1.0, 0.5 + steps / 20), **attributes,
             ))
         return flags

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
+from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, Monitor, RequestMeta, Severity
 from canvaswatch.monitors.phrases import PhraseSpec, Sighting, WatchesPhrases, literal_regex
 
 # Shipped so that the default configuration watches something useful with no
@@ -88,16 +88,15 @@ class LexiconState:
     seen: dict[int, _Seen] = field(default_factory=dict)
 
 
-class LexiconMonitor(WatchesPhrases):
+class LexiconMonitor(WatchesPhrases, Monitor):
+    """Watched phrases (literal or regex) in every intermediate canvas's top-1 text and in its
+    top-k alternatives; says when each first appeared and whether it survived to the output."""
+
     name: ClassVar[str] = "lexicon"
-    description: ClassVar[str] = (
-        "Watched phrases (literal or regex) in every intermediate canvas's top-1 text and in its "
-        "top-k alternatives; says when each first appeared and whether it survived to the output."
-    )
     Params: ClassVar[type] = LexiconParams
 
     def __init__(self, params: LexiconParams) -> None:
-        self.params = params
+        super().__init__(params)
         self.labels: list[str] = list(params.patterns) + list(params.regex)
         self.phrase_spec = PhraseSpec(tuple(params.patterns), tuple(params.regex), params.case_sensitive,
                                       params.min_alt_prob)
@@ -143,33 +142,16 @@ class LexiconMonitor(WatchesPhrases):
                 )
                 evidence = (Evidence(first.block, first.step, first.positions, first.snippet),)
             where = "survived into the output" if in_output else "was in intermediate canvases only, gone from the output"
-            flags.append(
-                Flag(
-                    monitor=self.name,
-                    severity=self.output_severity if in_output else self.severity,
-                    reason=f"pattern {self.labels[index]!r} {where}",
-                    score=1.0,
-                    evidence=evidence,
-                    attributes=attributes,
-                )
-            )
+            flags.append(self.flag(self.output_severity if in_output else self.severity,
+                                   f"pattern {self.labels[index]!r} {where}", *evidence, **attributes))
         return flags
 
     def _appearance_flag(self, index: int, sighting: Sighting) -> Flag:
-        return Flag(
-            monitor=self.name,
-            severity=self.severity,
-            reason=(
-                f"pattern {self.labels[index]!r} appeared at block {sighting.block} step {sighting.step} "
-                f"({'top-1 text' if sighting.via == 'top1' else 'top-k alternatives'})"
-            ),
-            score=1.0,
-            evidence=(Evidence(sighting.block, sighting.step, sighting.positions, sighting.snippet),),
-            attributes={
-                "pattern": self.labels[index],
-                "first_block": str(sighting.block),
-                "first_step": str(sighting.step),
-                "seen_via": sighting.via,
-                "survived_to_output": "unknown",
-            },
+        return self.flag(
+            self.severity,
+            f"pattern {self.labels[index]!r} appeared at block {sighting.block} step {sighting.step} "
+            f"({'top-1 text' if sighting.via == 'top1' else 'top-k alternatives'})",
+            Evidence(sighting.block, sighting.step, sighting.positions, sighting.snippet),
+            pattern=self.labels[index], first_block=sighting.block, first_step=sighting.step, seen_via=sighting.via,
+            survived_to_output="unknown",
         )

@@ -28,7 +28,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
+from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, Monitor, RequestMeta, Severity
 from canvaswatch.monitors.canvas_ops import isin, spearman
 from canvaswatch.monitors.compiled import kernel
 
@@ -62,16 +62,15 @@ class NonChronologicalState:
     commit: np.ndarray | None = None  # [L] commit step, -1 while not confident
 
 
-class NonChronologicalMonitor:
+class NonChronologicalMonitor(Monitor):
+    """Positions commit far from left to right (low rank correlation), or the last part of a
+    block (an answer) commits steps before the text that leads to it."""
+
     name: ClassVar[str] = "non_chronological"
-    description: ClassVar[str] = (
-        "Positions commit far from left to right (low rank correlation), or the last part of a "
-        "block (an answer) commits steps before the text that leads to it."
-    )
     Params: ClassVar[type] = NonChronologicalParams
 
     def __init__(self, params: NonChronologicalParams) -> None:
-        self.params = params
+        super().__init__(params)
         self.severity = Severity.parse(params.severity)
         self._ignore = torch.tensor(params.ignore_ids, dtype=torch.long)
 
@@ -99,7 +98,7 @@ class NonChronologicalMonitor:
     def _judge(self, state: NonChronologicalState) -> list[Flag]:
         p, last = self.params, state.last
         commit = torch.from_numpy(state.commit)
-        positions = ((commit >= 0) & ~isin(last.top1, self._ignore)).nonzero().flatten()
+        positions = ((commit >= 0) & ~isin(torch.from_numpy(last.ids_np[:, 0]), self._ignore)).nonzero().flatten()
         if positions.numel() < p.min_positions:
             return []
         commits = commit[positions]
@@ -111,15 +110,13 @@ class NonChronologicalMonitor:
             return []
         late_positions = positions[split:].tolist()
         snippet = last.span_text(late_positions[0], late_positions[-1] + 1) if late_positions else ""
-        return [Flag(
-            monitor=self.name,
-            severity=self.severity,
-            reason=(f"block {state.block}: commit order far from left to right (rho {rho:.2f}); "
-                    f"the last {len(late_positions)} positions committed {lead:.0f} steps before the rest"),
+        return [self.flag(
+            self.severity,
+            f"block {state.block}: commit order far from left to right (rho {rho:.2f}); "
+            f"the last {len(late_positions)} positions committed {lead:.0f} steps before the rest",
+            Evidence(state.block, int(late.min()) if late.numel() else last.step, tuple(late_positions), snippet),
             score=(1.0 - rho) / 2.0,
-            evidence=(Evidence(state.block, int(late.min()) if late.numel() else last.step, tuple(late_positions), snippet),),
-            attributes={"rank_correlation": f"{rho:.3f}", "lead_steps": f"{lead:.1f}",
-                        "committed_positions": str(positions.numel())},
+            rank_correlation=f"{rho:.3f}", lead_steps=f"{lead:.1f}", committed_positions=positions.numel(),
         )]
 
 

@@ -6,7 +6,7 @@ states H [L, d], the probe's score is sigmoid(H · direction + bias) per
 position (or of the mean vector when `pooled = true`). A label fires when a
 score reaches its threshold; each label is flagged once per request, at the
 first step it fires, with the positions that fired and their text. Steps sent
-in other forms carry no vectors and are skipped (counted in the flag).
+in other forms carry no vectors and are skipped.
 
 Cost: one [L, d] x [d, labels] product per step; state: the labels fired.
 """
@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
+from canvaswatch.monitors.base import DecodedStep, Evidence, Flag, Monitor, RequestMeta, Severity
 from canvaswatch.monitors.canvas_ops import contiguous_spans
 
 
@@ -40,15 +40,16 @@ class ProbeState:
     skipped_steps: int = 0
 
 
-class ProbeMonitor:
+class ProbeMonitor(Monitor):
+    """Linear probes (direction, bias, threshold per label) over the self-conditioning vectors."""
+
     name: ClassVar[str] = "probe"
-    description: ClassVar[str] = "Linear probes (direction, bias, threshold per label) over the self-conditioning vectors."
     Params: ClassVar[type] = ProbeParams
 
     def __init__(self, params: ProbeParams) -> None:
         from safetensors.torch import load_file
 
-        self.params = params
+        super().__init__(params)
         self.severity = Severity.parse(params.severity)
         try:
             tensors = load_file(params.path)
@@ -87,13 +88,9 @@ class ProbeMonitor:
             spans = contiguous_spans(positions)
             evidence = tuple(Evidence(step.block, step.step, tuple(span), step.span_text(span[0], span[-1] + 1))
                              for span in spans[:8])
-            flags.append(Flag(
-                monitor=self.name, severity=self.severity,
-                reason=f"probe {label!r} fired at block {step.block} step {step.step} on {len(positions)} position(s)",
-                score=float(scores[:, column].max()), evidence=evidence,
-                attributes={"label": label, "positions": str(len(positions)), "pooled": str(self.params.pooled).lower()},
+            flags.append(self.flag(
+                self.severity, f"probe {label!r} fired at block {step.block} step {step.step} on {len(positions)} position(s)",
+                *evidence, score=float(scores[:, column].max()),
+                label=label, positions=len(positions), pooled=self.params.pooled,
             ))
         return flags
-
-    def on_finish(self, state: ProbeState, final: FinalCanvas) -> list[Flag]:
-        return []

@@ -16,7 +16,7 @@ import typing
 from importlib.metadata import entry_points
 from typing import Any, Mapping
 
-from canvaswatch.monitors.base import Monitor
+from canvaswatch.monitors.base import Monitor, MonitorProtocol
 from canvaswatch.monitors.classifier import ClassifierMonitor
 from canvaswatch.monitors.intermediate_context import IntermediateContextMonitor
 from canvaswatch.monitors.lexicon import LexiconMonitor
@@ -61,7 +61,7 @@ def resolve(name: str, key: str) -> type:
     return cls
 
 
-def build(name: str, table: Mapping[str, Any], key: str) -> Monitor:
+def build(name: str, table: Mapping[str, Any], key: str) -> MonitorProtocol:
     """Instantiate monitor `name` from its TOML table (key is e.g. 'monitors.lexicon')."""
     cls = resolve(name, key)
     params = parse_params(cls.Params, table, key)
@@ -91,6 +91,20 @@ def instantiate(cls: type, params: Any, key: str) -> Any:
         return cls(params)
     except ValueError as err:
         raise MonitorConfigError(f"{key}.{err}") from None
+
+
+def contract_problem(cls: Any) -> str | None:
+    """What keeps `cls` from being built and run as a monitor, or None."""
+    for attribute in ("name", "Params", "start", "on_step", "on_finish"):
+        if not hasattr(cls, attribute):
+            return f"lacks {attribute!r} of the Monitor contract"
+    if not isinstance(cls.name, str) or not cls.name:
+        return "sets no `name`"
+    if not (isinstance(cls.Params, type) and dataclasses.is_dataclass(cls.Params)):
+        return "has a `Params` that is not a dataclass"
+    if isinstance(cls, type) and issubclass(cls, Monitor) and cls.on_step is Monitor.on_step:
+        return "does not define on_step"
+    return None
 
 
 def describe_params(params: Any) -> dict[str, str]:
@@ -127,9 +141,9 @@ class _LazyPlugin:
             cls = self.point.load()
         except Exception as err:  # a plugin's import error must name the plugin, not crash opaquely
             raise MonitorConfigError(f"{key}: cannot load plugin {self.point.value!r}: {err}") from err
-        for attribute in ("name", "Params", "start", "on_step", "on_finish"):
-            if not hasattr(cls, attribute):
-                raise MonitorConfigError(f"{key}: plugin {self.point.value!r} lacks {attribute!r} of the Monitor contract")
+        problem = contract_problem(cls)
+        if problem is not None:
+            raise MonitorConfigError(f"{key}: plugin {self.point.value!r} {problem}")
         return cls
 
     @property

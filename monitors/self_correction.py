@@ -31,7 +31,7 @@ import numpy as np
 
 from canvaswatch.monitors.canvas_ops import contiguous_spans
 from canvaswatch.monitors.compiled import kernel
-from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
+from canvaswatch.monitors.base import DecodedStep, Evidence, Flag, Monitor, RequestMeta, Severity
 
 
 @dataclass(frozen=True)
@@ -69,16 +69,15 @@ class SelfCorrectionState:
     flipped_since: np.ndarray | None = None  # [L]
 
 
-class SelfCorrectionMonitor:
+class SelfCorrectionMonitor(Monitor):
+    """Retroactive self-correction: a position that held one token stably with high probability
+    for several steps later flips to another."""
+
     name: ClassVar[str] = "self_correction"
-    description: ClassVar[str] = (
-        "Retroactive self-correction: a position that held one token stably with high probability "
-        "for several steps later flips to another."
-    )
     Params: ClassVar[type] = SelfCorrectionParams
 
     def __init__(self, params: SelfCorrectionParams) -> None:
-        self.params = params
+        super().__init__(params)
         self.severity = Severity.parse(params.severity)
 
     def start(self, request: RequestMeta) -> SelfCorrectionState:
@@ -93,9 +92,6 @@ class SelfCorrectionMonitor:
                          state.settled, state.settled_token, state.settled_step, state.changed_step,
                          state.flipped, state.flipped_from, state.flipped_since)
         return [self._flag(state, step)] if flips else []
-
-    def on_finish(self, state: SelfCorrectionState, final: FinalCanvas) -> list[Flag]:
-        return []
 
     def _reset(self, state: SelfCorrectionState, block: int, top1: np.ndarray) -> None:
         state.block = block
@@ -126,15 +122,9 @@ class SelfCorrectionMonitor:
         recent = (state.changed_step >= step.step - self.params.context_window) & ~flipped
         elsewhere = int(recent.sum())
         score = 0.5 + 0.5 * min(1.0, elsewhere / 4)
-        return Flag(
-            monitor=self.name,
-            severity=self.severity,
-            reason=f"block {step.block} step {step.step}: settled tokens flipped at " + "; ".join(changes),
-            score=score,
-            evidence=tuple(evidence),
-            attributes={"flipped_positions": str(len(positions)), "held_steps": str(held),
-                        "changes_elsewhere": str(elsewhere)},
-        )
+        return self.flag(self.severity, f"block {step.block} step {step.step}: settled tokens flipped at " + "; ".join(changes),
+                         *evidence, score=score, flipped_positions=len(positions), held_steps=held,
+                         changes_elsewhere=elsewhere)
 
 
 def _span_name(span: list[int]) -> str:

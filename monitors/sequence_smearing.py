@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
+from canvaswatch.monitors.base import DecodedStep, Evidence, Flag, Monitor, RequestMeta, Severity
 from canvaswatch.monitors.canvas_ops import OffsetRuns, sorted_members
 from canvaswatch.monitors.compiled import kernel
 
@@ -46,13 +46,14 @@ class SequenceSmearingParams:
         Severity.parse(self.severity)
 
 
-class SequenceSmearingMonitor:
+class SequenceSmearingMonitor(Monitor):
+    """A multi-token phrase present at two or more shifted offsets of one canvas at once."""
+
     name: ClassVar[str] = "sequence_smearing"
-    description: ClassVar[str] = "A multi-token phrase present at two or more shifted offsets of one canvas at once."
     Params: ClassVar[type] = SequenceSmearingParams
 
     def __init__(self, params: SequenceSmearingParams) -> None:
-        self.params = params
+        super().__init__(params)
         self.severity = Severity.parse(params.severity)
         self._ignore = sorted_members(params.ignore_ids)
 
@@ -70,9 +71,6 @@ class SequenceSmearingMonitor:
         return [self._flag(step, np.nonzero(row)[0].tolist(), index + 1, (prob[: -index - 1] + prob[index + 1 :]) / 2)
                 for index, row in enumerate(state.fire) if row.any()]
 
-    def on_finish(self, state: OffsetRuns, final: FinalCanvas) -> list[Flag]:
-        return []
-
     def _flag(self, step: DecodedStep, starts: list[int], shift: int, both: np.ndarray) -> Flag:
         m = self.params.min_length
         evidence = []
@@ -81,16 +79,12 @@ class SequenceSmearingMonitor:
             evidence.append(Evidence(step.block, step.step, tuple(sorted(set(positions))),
                                      f"{step.span_text(start, start + m)!r} at +0 and +{shift}"))
         confidence = float(both[starts[0] : starts[0] + m].mean())
-        return Flag(
-            monitor=self.name,
-            severity=self.severity,
-            reason=f"block {step.block} step {step.step}: a {m}-token phrase stands at two offsets {shift} apart "
-                   f"({len(starts)} place(s))",
-            score=max(0.0, 1.0 - confidence),
-            evidence=tuple(evidence),
-            attributes={"shift": str(shift), "places": str(len(starts))},
+        return self.flag(
+            self.severity,
+            f"block {step.block} step {step.step}: a {m}-token phrase stands at two offsets {shift} apart "
+            f"({len(starts)} place(s))",
+            *evidence, score=max(0.0, 1.0 - confidence), shift=shift, places=len(starts),
         )
-
 
 
 @kernel

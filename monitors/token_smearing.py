@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
+from canvaswatch.monitors.base import DecodedStep, Evidence, Flag, Monitor, RequestMeta, Severity
 from canvaswatch.monitors.canvas_ops import OffsetRuns, sorted_members
 from canvaswatch.monitors.compiled import kernel
 
@@ -49,15 +49,14 @@ class TokenSmearingParams:
         Severity.parse(self.severity)
 
 
-class TokenSmearingMonitor:
+class TokenSmearingMonitor(Monitor):
+    """One token holding split probability at adjacent positions at once while its place is undecided."""
+
     name: ClassVar[str] = "token_smearing"
-    description: ClassVar[str] = (
-        "One token holding split probability at adjacent positions at once while its place is undecided."
-    )
     Params: ClassVar[type] = TokenSmearingParams
 
     def __init__(self, params: TokenSmearingParams) -> None:
-        self.params = params
+        super().__init__(params)
         self.severity = Severity.parse(params.severity)
         self._ignore = sorted_members(params.ignore_ids)
 
@@ -76,9 +75,6 @@ class TokenSmearingMonitor:
         return [self._flag(step, slots[index], np.nonzero(row)[0].tolist(), index + 1)
                 for index, row in enumerate(state.fire) if row.any()]
 
-    def on_finish(self, state: OffsetRuns, final: FinalCanvas) -> list[Flag]:
-        return []
-
     def _flag(self, step: DecodedStep, slots: np.ndarray, starts: list[int], offset: int) -> Flag:
         evidence, mass = [], 0.0
         for start in starts:
@@ -88,14 +84,11 @@ class TokenSmearingMonitor:
             mass = max(mass, sum(shares))
             evidence.append(Evidence(step.block, step.step, (start, start + offset),
                                      f"{step.vocab.piece(token)!r} at {shares[0]:.2f} / {shares[1]:.2f}"))
-        return Flag(
-            monitor=self.name,
-            severity=self.severity,
-            reason=f"block {step.block} step {step.step}: a token split across positions {offset} apart at "
-                   f"{len(starts)} place(s), undecided for {self.params.min_steps}+ steps",
-            score=min(1.0, mass),
-            evidence=tuple(evidence),
-            attributes={"pairs": str(len(starts)), "distance": str(offset)},
+        return self.flag(
+            self.severity,
+            f"block {step.block} step {step.step}: a token split across positions {offset} apart at "
+            f"{len(starts)} place(s), undecided for {self.params.min_steps}+ steps",
+            *evidence, score=min(1.0, mass), pairs=len(starts), distance=offset,
         )
 
 

@@ -20,7 +20,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, RequestMeta, Severity
+from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, Monitor, RequestMeta, Severity
 
 
 @dataclass(frozen=True)
@@ -49,16 +49,15 @@ class TransparencyState:
     worst_residual: tuple[float, int] = (0.0, -1)
 
 
-class TransparencyMonitor:
+class TransparencyMonitor(Monitor):
+    """Residual probability mass outside the kept tokens, and the longest run of denoising steps no monitor
+    saw (opaque-depth multiplier, 1 = every step seen)."""
+
     name: ClassVar[str] = "transparency"
-    description: ClassVar[str] = (
-        "Residual probability mass outside the kept tokens, and the longest run of denoising steps no monitor "
-        "saw (opaque-depth multiplier, 1 = every step seen)."
-    )
     Params: ClassVar[type] = TransparencyParams
 
     def __init__(self, params: TransparencyParams) -> None:
-        self.params = params
+        super().__init__(params)
         self.severity = Severity.parse(params.severity)
 
     def start(self, request: RequestMeta) -> TransparencyState:
@@ -83,21 +82,17 @@ class TransparencyMonitor:
         depth = 1 + state.longest_gap
         if depth > self.params.max_opaque_depth:
             block, step = state.gap_at
-            flags.append(Flag(
-                monitor=self.name, severity=self.severity,
-                reason=f"opaque depth {depth}x: {depth - 1} consecutive denoising steps never reached the monitors",
-                score=min(1.0, depth / (2 * self.params.max_opaque_depth)),
-                evidence=(Evidence(block, step),),
-                attributes={"opaque_depth": str(depth), "steps_dropped": str(final.steps_dropped)},
+            flags.append(self.flag(
+                self.severity, f"opaque depth {depth}x: {depth - 1} consecutive denoising steps never reached the monitors",
+                Evidence(block, step), score=min(1.0, depth / (2 * self.params.max_opaque_depth)),
+                opaque_depth=depth, steps_dropped=final.steps_dropped,
             ))
         residual, block = state.worst_residual
         if residual > self.params.max_residual:
-            flags.append(Flag(
-                monitor=self.name, severity=self.severity,
-                reason=f"block {block}: {residual:.2f} of the probability mass lies outside the kept tokens "
-                       f"in its last steps; the bottleneck view is not faithful",
-                score=residual, evidence=(Evidence(block, 0),),
-                attributes={"residual_mass": f"{residual:.3f}"},
+            flags.append(self.flag(
+                self.severity, f"block {block}: {residual:.2f} of the probability mass lies outside the kept tokens "
+                               f"in its last steps; the bottleneck view is not faithful",
+                Evidence(block, 0), score=residual, residual_mass=f"{residual:.3f}",
             ))
         return flags
 

@@ -89,7 +89,8 @@ class Engine:
                 state = monitor.start(meta)
                 for number in range(2):
                     message.step = number
-                    monitor.on_step(state, decoder.decode(message, length, "warm-up"))
+                    step = decoder.decode(message, length, "warm-up")
+                    monitor.on_step(state, dataclasses.replace(step, new_block=True) if number == 0 else step)
                 monitor.on_finish(state, FinalCanvas(output_ids=(), text="", steps_seen=2, steps_dropped=0))
             except Exception as err:  # noqa: BLE001 - warm-up must never stop a start-up
                 log.debug("warm_up_skipped", monitor=monitor.name, error=f"{type(err).__name__}: {err}")
@@ -118,6 +119,9 @@ class Engine:
         session.note_dropped(message.client_dropped_steps)
         if decoded is None:
             return []
+        if previous is None or previous[0] != decoded.block:
+            # Only the session knows the request's previous step; once per block, so the copy costs nothing.
+            decoded = dataclasses.replace(decoded, new_block=True)
         return session.on_step(decoded)
 
     def finish(self, session: Session, message: pb.StepState, where: str) -> tuple[list[Flag], SessionVerdict]:
