@@ -13,6 +13,7 @@ Cost: one [L, d] x [d, labels] product per step; state: the labels fired.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -31,6 +32,8 @@ class ProbeParams:
     def __post_init__(self) -> None:
         if not self.path:
             raise ValueError("path: a safetensors file of probes is required")
+        if not os.path.isfile(self.path):
+            raise ValueError(f"path: no such file {self.path!r}")
         Severity.parse(self.severity)
 
 

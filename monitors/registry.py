@@ -3,9 +3,14 @@
 A third-party monitor is a package that declares, in its pyproject,
     [project.entry-points."canvaswatch.monitors"]
     my_monitor = "my_pkg.module:MyMonitor"
-where MyMonitor follows canvaswatch.monitors.base.Monitor. Parameters from the
-TOML table [monitors.<name>] are checked against the monitor's `Params`
-dataclass here, so a typo fails at start-up with the key named.
+where MyMonitor subclasses canvaswatch.monitors.base.Monitor (or has the members of
+MonitorProtocol). Parameters from the
+TOML table [monitors.<name>] are checked against the monitor's `Params` dataclass
+here, so a typo fails at start-up with the key named.
+
+Checking a configuration (`validate`) parses parameters and builds nothing: a monitor's
+constructor may load a model or start a thread, so the engine builds each monitor once
+(`build`) and closes it once.
 """
 
 from __future__ import annotations
@@ -59,6 +64,11 @@ def resolve(name: str, key: str) -> type:
     if isinstance(cls, _LazyPlugin):
         cls = cls.load(key)
     return cls
+
+
+def validate(name: str, table: Mapping[str, Any], key: str) -> Any:
+    """The checked Params of monitor `name` from its TOML table, without building the monitor."""
+    return parse_params(resolve(name, key).Params, table, key)
 
 
 def build(name: str, table: Mapping[str, Any], key: str) -> MonitorProtocol:

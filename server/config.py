@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from canvaswatch.monitors import registry
-from canvaswatch.monitors.base import Monitor
+from canvaswatch.monitors.base import MonitorProtocol
 from canvaswatch.server.bottleneck.embedding import DEFAULT_EMBEDDINGS
 from canvaswatch.server.bottleneck.vocab import DEFAULT_TOKENIZER
 
@@ -187,13 +187,30 @@ class Config:
     logging: LoggingSection = field(default_factory=LoggingSection)
     monitors: tuple[MonitorSpec, ...] = tuple(MonitorSpec(name, {}) for name in DEFAULT_MONITORS)
 
-    def build_monitors(self) -> list[Monitor]:
-        """Instantiate the enabled monitors; raises ConfigError naming the key on any problem."""
+    def check_monitors(self) -> None:
+        """Check every enabled monitor's name and parameters, building none; raises ConfigError naming the key."""
+        for spec in self.monitors:
+            try:
+                registry.validate(spec.name, spec.table, f"monitors.{spec.name}")
+            except registry.MonitorConfigError as err:
+                raise ConfigError(str(err)) from None
+
+    def build_monitors(self) -> list[MonitorProtocol]:
+        """Instantiate the enabled monitors, as an engine does once; raises ConfigError naming the key.
+
+        Constructors may load models or start threads: whoever builds monitors closes them.
+        What only a constructor can find wrong (an unreadable model, a probe file missing
+        a label's tensors) is reported here, with the key, when the engine is built.
+        """
         built = []
         for spec in self.monitors:
             try:
                 built.append(registry.build(spec.name, spec.table, f"monitors.{spec.name}"))
             except registry.MonitorConfigError as err:
+                for monitor in built:
+                    close = getattr(monitor, "close", None)
+                    if callable(close):
+                        close()
                 raise ConfigError(str(err)) from None
         return built
 
@@ -219,7 +236,7 @@ def load_config(path: str | Path | None) -> Config:
 
 def default_config() -> Config:
     config = Config()
-    config.build_monitors()  # the defaults must always validate
+    config.check_monitors()  # the defaults must always validate
     return config
 
 
@@ -245,7 +262,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
                 specs.append(MonitorSpec(name, dict(table)))
         specs = tuple(specs)
     config = Config(monitors=specs, **sections)
-    config.build_monitors()
+    config.check_monitors()
     return config
 
 

@@ -45,7 +45,9 @@ class Engine:
         self.config = config
         self.vocab = vocab
         self.metrics = metrics or Metrics()
+        # Built once per engine and closed once in close(): a constructor may load a model or start a thread.
         self.monitors = monitors if monitors is not None else config.build_monitors()
+        self._monitors_closed = False
         link_phrase_matchers(self.monitors)
         self.reports = ReportWriter(config.logging.report_dir) if config.logging.report_dir else None
         self.sinks = self._build_sinks(config)
@@ -171,10 +173,12 @@ class Engine:
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
-        for monitor in self.monitors:
-            close = getattr(monitor, "close", None)  # optional: monitors that own threads or files
-            if callable(close):
-                close()
+        if not self._monitors_closed:  # each monitor is closed once, however often the engine is
+            self._monitors_closed = True
+            for monitor in self.monitors:
+                close = getattr(monitor, "close", None)  # optional: monitors that own threads or files
+                if callable(close):
+                    close()
         for sink in self.sinks:
             sink.close()
 
