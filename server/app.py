@@ -22,9 +22,8 @@ from canvaswatch.server.workers.pool import MonitorWorkers
 from canvaswatch.server.transport.relay import RelayWatch, relay_handler
 from canvaswatch.server.transport.status import SERVICE_NAME
 from canvaswatch.server.transport.lifecycle import StreamLimits, StreamSlots
-from canvaswatch.server.transport.servicer import CanvasMonitorServicer
+from canvaswatch.server.transport.servicer import CanvasMonitorServicer, service_handler
 from canvaswatch.server.bottleneck.vocab import load_vocabulary
-from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +55,7 @@ class Sidecar:
         servicer = CanvasMonitorServicer(self.engine, self.executor, slots)
         exposed = self.engine.metrics.registry
         if self.workers is None:
-            pb_grpc.add_CanvasMonitorServicer_to_server(servicer, server)
+            server.add_generic_rpc_handlers((service_handler(servicer),))
         else:
             await self.workers.start()
             server.add_generic_rpc_handlers((relay_handler(RelayWatch(self.workers, self.engine.metrics, servicer.slots), servicer),))

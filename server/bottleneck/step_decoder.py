@@ -28,6 +28,11 @@ from canvaswatch.v1 import monitor_pb2 as pb
 
 # Probabilities are floats sent by clients in up to bf16; this much slack over 1 is rounding, more is a bug.
 PROB_SUM_SLACK = 1e-2
+# The dense forms' magnitude rule (docs/wire.md). Real models' logits stay within a few hundred (Gemma
+# soft-caps at 30) and their final hidden states within a few thousand; values near float32's 3.4e38 make
+# the softmax and the projection overflow to inf and NaN. 1e5 is far from both.
+MAX_ABS_LOGIT = 1e5
+MAX_ABS_HIDDEN = 1e5
 
 
 _SORTED, _UNSORTED, _INVALID = 0, 1, 2
@@ -125,6 +130,8 @@ class StepDecoder:
         """ids [L, k] int64, probs [L, k] float32 (owned, writable), residual [L] float32 and its sum."""
         if not topk.HasField("ids") or not topk.HasField("probs"):
             raise invalid(f"{where}.topk: both ids and probs are required")
+        if not 0.0 <= topk.top_p <= 1.0:  # NaN fails this too
+            raise invalid(f"{where}.topk.top_p: must be in [0, 1] (0: plain top-k), got {topk.top_p:g}")
         # Straight from the message's bytes (NumPy views); the diagnosis of a bad state runs only on failure.
         i = decode_array(topk.ids, "ids", ndim=2)
         p = decode_array(topk.probs, "probs", ndim=2)
@@ -176,8 +183,18 @@ class StepDecoder:
         logits = self._dense_rows(logits_msg, "logits", length, where)
         if logits.shape[1] != self.vocab.size:
             raise invalid(f"{where}.logits.shape: vocabulary of {logits.shape[1]}, but the sidecar's is {self.vocab.size}")
-        if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
-            raise invalid(f"{where}.logits: NaN or +inf present")
+        # One pass over [L, V]: a row's max is NaN if it holds a NaN, +inf if it holds one, -inf if every
+        # logit is -inf (a fully masked position: nothing to sample), and above the bound if one is.
+        row_max = logits.amax(dim=1)
+        bad = ~((row_max > -float("inf")) & (row_max <= MAX_ABS_LOGIT))
+        if bool(bad.any()):
+            position = int(bad.nonzero()[0])
+            value = float(row_max[position])
+            if value != value or value == float("inf"):
+                raise invalid(f"{where}.logits: NaN or +inf at position {position}")
+            if value == -float("inf"):
+                raise invalid(f"{where}.logits: every logit is -inf at position {position}; a position needs a finite logit")
+            raise invalid(f"{where}.logits: logit {value:g} at position {position} is above {MAX_ABS_LOGIT:g}")
         kept = self.dense.decode_logits(logits)
         return kept.ids.long(), kept.probs, kept.residual
 
@@ -190,6 +207,9 @@ class StepDecoder:
         if not bool(torch.isfinite(hidden).all()):
             position = int((~torch.isfinite(hidden)).any(dim=1).nonzero()[0])
             raise invalid(f"{where}.embeddings: NaN or Inf at position {position}")
+        if bool((hidden.abs() > MAX_ABS_HIDDEN).any()):
+            position = int((hidden.abs() > MAX_ABS_HIDDEN).any(dim=1).nonzero()[0])
+            raise invalid(f"{where}.embeddings: a value above {MAX_ABS_HIDDEN:g} in magnitude at position {position}")
         kept = self.dense.decode_embeddings(hidden)
         if kept.residual_error is not None:
             self.metrics.residual_error.observe(float(kept.residual_error.max()))

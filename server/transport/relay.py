@@ -21,8 +21,7 @@ from canvaswatch.server.errors import StepError
 from canvaswatch.server.ops.metrics import Metrics
 from canvaswatch.server.pipeline.stream_handler import Outcome
 from canvaswatch.server.transport.lifecycle import StreamSlots, await_cancellation, watch_call
-from canvaswatch.server.transport.servicer import CanvasMonitorServicer
-from canvaswatch.server.transport.status import SERVICE_NAME
+from canvaswatch.server.transport.servicer import CanvasMonitorServicer, service_handler
 from canvaswatch.server.workers.pool import MonitorWorkers, RelayStream
 from canvaswatch.server.workers.protocol import StreamEnd, StreamStatus
 from canvaswatch.v1 import monitor_pb2 as pb
@@ -94,11 +93,4 @@ class RelayWatch:
 
 def relay_handler(relay: RelayWatch, servicer: CanvasMonitorServicer) -> grpc.GenericRpcHandler:
     """The CanvasMonitor service with Watch relayed as bytes and the other methods in-process."""
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-        "Watch": grpc.stream_stream_rpc_method_handler(relay.Watch),
-        "Check": grpc.unary_unary_rpc_method_handler(
-            servicer.Check, request_deserializer=pb.Trace.FromString, response_serializer=pb.Verdict.SerializeToString),
-        "ListMonitors": grpc.unary_unary_rpc_method_handler(
-            servicer.ListMonitors, request_deserializer=pb.ListMonitorsRequest.FromString,
-            response_serializer=pb.ListMonitorsResponse.SerializeToString),
-    })
+    return service_handler(servicer, relayed_watch=relay.Watch)

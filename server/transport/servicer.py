@@ -24,7 +24,8 @@ from canvaswatch.server.pipeline.engine import Engine
 from canvaswatch.server.pipeline.stream_handler import Outcome, StreamHandler, is_heavy
 from canvaswatch.server.pipeline.wire import verdict_to_pb
 from canvaswatch.server.transport.lifecycle import StreamSlots, await_cancellation, watch_call
-from canvaswatch.server.transport.status import grpc_status
+from canvaswatch.server.transport.messages import Undecodable, tolerant
+from canvaswatch.server.transport.status import SERVICE_NAME, grpc_status
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 
@@ -49,6 +50,9 @@ class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
             async with contextlib.aclosing(_read_ahead(request_iterator, self.slots)) as messages:
                 try:
                     async for message in messages:
+                        if isinstance(message, Undecodable):
+                            handler.outcome = Outcome.INVALID
+                            raise message.refusal(f"message[{handler.index}]")
                         if is_heavy(message):
                             events = await loop.run_in_executor(self.executor, handler.feed, message)
                         else:
@@ -65,13 +69,36 @@ class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
     async def Check(self, request: pb.Trace, context: grpc.aio.ServicerContext) -> pb.Verdict:
         loop = asyncio.get_running_loop()
         try:
+            if isinstance(request, Undecodable):
+                raise request.refusal("request")
             verdict = await loop.run_in_executor(self.executor, self.engine.check_trace, request)
         except StepError as err:
             await context.abort(grpc_status(err.refusal), err.message)
         return verdict_to_pb(verdict)
 
     async def ListMonitors(self, request: pb.ListMonitorsRequest, context: grpc.aio.ServicerContext) -> pb.ListMonitorsResponse:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.refusal("request").message)
         return self.engine.list_monitors()
+
+
+def service_handler(servicer: CanvasMonitorServicer, relayed_watch=None) -> grpc.GenericRpcHandler:
+    """The CanvasMonitor service, its requests parsed by us (transport/messages.py) so that bytes which are
+    not the message get INVALID_ARGUMENT, not UNKNOWN. `relayed_watch`: a Watch on raw bytes (monitor
+    worker processes parse them) instead of the in-process one."""
+    if relayed_watch is None:
+        watch = grpc.stream_stream_rpc_method_handler(servicer.Watch, request_deserializer=tolerant(pb.StepState),
+                                                      response_serializer=pb.MonitorEvent.SerializeToString)
+    else:
+        watch = grpc.stream_stream_rpc_method_handler(relayed_watch)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "Watch": watch,
+        "Check": grpc.unary_unary_rpc_method_handler(
+            servicer.Check, request_deserializer=tolerant(pb.Trace), response_serializer=pb.Verdict.SerializeToString),
+        "ListMonitors": grpc.unary_unary_rpc_method_handler(
+            servicer.ListMonitors, request_deserializer=tolerant(pb.ListMonitorsRequest),
+            response_serializer=pb.ListMonitorsResponse.SerializeToString),
+    })
 
 
 async def _read_ahead(messages: AsyncIterator[pb.StepState], slots: StreamSlots | None = None) -> AsyncIterator[pb.StepState]:

@@ -20,9 +20,10 @@ import structlog
 import torch
 
 from canvaswatch.server.config import Config
-from canvaswatch.server.errors import Refusal, StepError, invalid
+from canvaswatch.server.errors import Refusal, StepError
 from canvaswatch.server.ops.merged_metrics import Family, snapshot
 from canvaswatch.server.pipeline.stream_handler import Outcome, StreamHandler
+from canvaswatch.server.transport.messages import Undecodable
 from canvaswatch.server.workers.protocol import REPLY, Frame, StreamEnd, StreamStatus, take_requests, write_all
 from canvaswatch.v1 import monitor_pb2 as pb
 
@@ -131,7 +132,7 @@ class Worker:
                     message = pb.StepState.FromString(body)
                 except Exception:
                     handler.outcome = Outcome.INVALID
-                    raise invalid(f"message[{handler.index}]: not a canvaswatch.v1.StepState") from None
+                    raise Undecodable(pb.StepState.DESCRIPTOR.full_name, len(body)).refusal(f"message[{handler.index}]") from None
                 # The stream stays open after its final message, as in-process: a message after it is an
                 # error. "finished" tells the front not to wait for a cancellation when input ends.
                 events = [event.SerializeToString() for event in handler.feed(message)]

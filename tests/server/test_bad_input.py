@@ -144,6 +144,21 @@ CASES = {
                         "message[0].temperature: must be finite and > 0, got nan"),
     "infinite temperature": ([_with_signal("temperature", float("inf")), _final()], "INVALID_ARGUMENT",
                              "message[0].temperature: must be finite and > 0, got inf"),
+    "logits all -inf at a position": (
+        [pb.StepState(info=info_for("bad", 4), logits=encode_tensor(torch.zeros(4, 262144).index_fill_(0, torch.tensor([2]), float("-inf")))), _final()],
+        "INVALID_ARGUMENT", "message[0].logits: every logit is -inf at position 2; a position needs a finite logit"),
+    "logits of 3e38": ([pb.StepState(info=info_for("bad", 4), logits=encode_tensor(torch.full((4, 262144), 3e38))), _final()],
+                       "INVALID_ARGUMENT", "message[0].logits: logit 3e+38 at position 0 is above 100000"),
+    "logits with +inf": (
+        [pb.StepState(info=info_for("bad", 4), logits=encode_tensor(torch.zeros(4, 262144).index_fill_(0, torch.tensor([3]), float("inf")))), _final()],
+        "INVALID_ARGUMENT", "message[0].logits: NaN or +inf at position 3"),
+    "embeddings of 1e30": (
+        [pb.StepState(info=info_for("bad", L), embeddings=encode_tensor(torch.full((L, 640), 1e30))), _final()],
+        "INVALID_ARGUMENT", "message[0].embeddings: a value above 100000 in magnitude at position 0"),
+    "NaN top_p": ([(lambda m: (setattr(m.topk, "top_p", float("nan")), m)[1])(_good(info=True)), _final()],
+                  "INVALID_ARGUMENT", "message[0].topk.top_p: must be in [0, 1] (0: plain top-k), got nan"),
+    "top_p above one": ([(lambda m: (setattr(m.topk, "top_p", 1.5), m)[1])(_good(info=True)), _final()],
+                        "INVALID_ARGUMENT", "message[0].topk.top_p: must be in [0, 1] (0: plain top-k), got 1.5"),
     "bad signal on a later step": ([_good(info=True), (lambda m: (m.entropy.CopyFrom(encode_tensor(-_ENTROPY)), m)[1])(_good(step=1)),
                                     _final()], "INVALID_ARGUMENT", "message[1].entropy: negative entropy -2.5 at position 0"),
 }
@@ -228,3 +243,52 @@ def test_bad_config_is_refused_at_startup_naming_the_key(raw, message):
     with pytest.raises(ConfigError) as caught:
         parse_config(raw)
     assert message in str(caught.value)
+
+
+# Bytes that are not the message: truncated, a wrong wire type for a known field, random.
+_NOT_PROTOBUF = {
+    "truncated": _good(info=True).SerializeToString()[:-7],
+    "wrong wire type": b"\x0a\x05\x08\x01",  # field 1 (info) as a 5-byte string that is itself a broken message
+    "random": bytes(range(256)) * 2,
+}
+
+
+def _raw_watch(target: str, chunks: list[bytes]) -> grpc.RpcError:
+    with grpc.insecure_channel(target) as channel:
+        watch = channel.stream_stream("/canvaswatch.v1.CanvasMonitor/Watch")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as caught:
+            list(watch(iter(chunks), timeout=20))
+    return caught.value
+
+
+@pytest.mark.parametrize("mode", ["in_process", "workers"])
+def test_bytes_that_are_not_protobuf_get_invalid_argument_and_no_traceback(vocab, tmp_path, mode, capsys):
+    from tests.conftest import start_sidecar
+
+    extra = {"server": {"monitor_processes": 1}} if mode == "workers" else {}
+    running = start_sidecar(vocab, tmp_path, extra)
+    try:
+        results = {name: _raw_watch(running.target, [data]) for name, data in _NOT_PROTOBUF.items()}
+        results["later message"] = _raw_watch(running.target, [_good(info=True).SerializeToString(), b"\xff" * 9])
+        with grpc.insecure_channel(running.target) as channel:
+            check = channel.unary_unary("/canvaswatch.v1.CanvasMonitor/Check")
+            with pytest.raises(grpc.RpcError) as caught:
+                check(b"\xff" * 9, timeout=20)
+            results["Check"] = caught.value
+            listing = channel.unary_unary("/canvaswatch.v1.CanvasMonitor/ListMonitors")
+            with pytest.raises(grpc.RpcError) as caught:
+                listing(b"\xff" * 9, timeout=20)
+            results["ListMonitors"] = caught.value
+            # and the server still serves
+            good = replay(simulate.scenario("clean", vocab.encode, vocab.size, request_id="after-bytes", seed=1), channel)
+    finally:
+        running.thread.stop()
+    assert len(results) == 6
+    for name, error in results.items():
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, error.code(), error.details())
+        assert "that are not a valid canvaswatch.v1." in error.details(), name
+    assert results["later message"].details() == "message[1]: 9 bytes that are not a valid canvaswatch.v1.StepState (protobuf)"
+    assert results["Check"].details() == "request: 9 bytes that are not a valid canvaswatch.v1.Trace (protobuf)"
+    assert good.request_id == "after-bytes"
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err

@@ -108,7 +108,7 @@ def test_bytes_that_are_no_step_state_are_refused(relayed):
         with pytest.raises(grpc.RpcError) as caught:
             list(raw(iter([b"\xff\xff\xff"]), timeout=20))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "message[0]: not a canvaswatch.v1.StepState" in caught.value.details()
+    assert caught.value.details() == "message[0]: 3 bytes that are not a valid canvaswatch.v1.StepState (protobuf)"
 
 
 def test_audit_lines_from_several_processes_stay_whole(relayed, vocab):
