@@ -2,10 +2,17 @@
 
 SIMULATED, not model output. A real DiffusionGemma cannot be downloaded here,
 and a tiny one with random weights writes noise, so realistic trajectories are
-simulated: every position starts as noise (random vocabulary tokens, as in
-uniform-state diffusion), the correct token enters its top-k a few steps before
-it settles, and positions settle roughly left to right with jitter. On top of
-that, phenomena can be planted:
+simulated. A profile (canvaswatch.client.simulate_profiles) sets the dynamics
+underneath, calibrated to captures of the real model: when each position's
+top-1 becomes its final token (roughly left to right with wide jitter, padding
+at once), what it drafts before that, how many positions change a step, and
+the entropy and kept top-k mass of every position at every step. Profiles:
+"default" (the real default sampler: almost all change in the first ~10
+steps), "hot" (the hot sampler: tens of positions change a step for ~30
+steps), "high_entropy" (the hot schedule with 2-3 nats at every undecided
+position) and "default_noise_drafts" (the default dynamics with no token of
+the text at undecided positions, what scenario() and the labelled corpus use;
+simulate_profiles says why). On top of that, phenomena can be planted:
 
 - TransientPhrase: a phrase that is top-1 at some positions for a span of
   steps and is then overwritten (intermediate-context content: absent from
@@ -21,7 +28,10 @@ that, phenomena can be planted:
   transparency/coverage.
 
 The final output is the target text itself, so a phrase placed in the target
-survives to the output. Generation is vectorised over steps and positions.
+survives to the output. A planted phenomenon holds its positions open (they
+keep drafting, uncertain) until it ends, and its probabilities are exact: the
+rest of the row is scaled to fit under them. Generation is vectorised over
+steps and positions.
 """
 
 from __future__ import annotations
@@ -33,12 +43,17 @@ from typing import Callable, Sequence
 
 import torch
 
+from canvaswatch.client.simulate_profiles import PROFILES  # noqa: F401  (re-exported for callers)
+from canvaswatch.client.simulate_profiles import (
+    NOISE_LOW, PAD_ID, Profile, get_profile, mass, plan_dynamics, plan_locks,
+)
 from canvaswatch.client.tensors import encode_tensor
 from canvaswatch.v1 import monitor_pb2 as pb
 
 SIMULATED_MODEL = "simulated/diffusion"
-PAD_ID = 0  # Gemma's <pad>
-NOISE_LOW = 1000  # noise tokens come from [NOISE_LOW, vocab): clear of special and control tokens
+# What scenario(), the labelled corpus and the demo run on: the default sampler's calibrated
+# dynamics, drafts from the vocabulary (simulate_profiles.DEFAULT_NOISE_DRAFTS says why).
+CORPUS_PROFILE = "default_noise_drafts"
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,11 @@ class SimulationSpec:
     dropped_steps: tuple[int, ...] = ()  # step indices (every block) the client never sent
     wobble: bool = False  # before settling, top-1 alternates between two candidates below 0.8
     attributes: dict[str, str] = field(default_factory=dict)
+    # The denoising dynamics under the phenomena (simulate_profiles): "default", "hot", "high_entropy".
+    profile: str | Profile = CORPUS_PROFILE
+    # (global position, length) of the answer, if the request has one: it is written first and
+    # sometimes revised early, as the real model does (the profile's answer_* parameters).
+    answer: tuple[int, int] | None = None
 
 
 def simulate(spec: SimulationSpec) -> pb.Trace:
@@ -139,18 +159,23 @@ def _local(position: int, block: int, length: int) -> int | None:
 def _simulate_block(spec: SimulationSpec, target: torch.Tensor, block: int, gen: torch.Generator,
                     content: int) -> tuple[torch.Tensor, torch.Tensor]:
     L, S, k = spec.canvas_length, spec.steps, spec.k
-    positions = torch.arange(L, dtype=torch.float32)
-    # Settle roughly left to right over the first 70% of steps, with jitter.
-    settle = (1 + positions / L * (S * 0.6) + torch.rand(L, generator=gen) * S * 0.15).long().clamp(1, S - 3)
+    profile = get_profile(spec.profile)
+    positions = torch.arange(L)
+    in_block = (positions + block * L) < content
+    answer = None
+    if spec.answer is not None:
+        start, length = spec.answer
+        answer = (positions + block * L >= start) & (positions + block * L < start + length) & in_block
+    settle = plan_locks(profile, in_block, S, gen, answer)
     if spec.order == "answer_first":
         # The answer (the last part of the text) settles in the first quarter of the steps,
         # everything before it afterwards, left to right.
-        in_block = (torch.arange(L) + block * L) < content
+        floats = positions.float()
         answer_start = int(content * (1 - spec.answer_fraction)) - block * L
-        answer = in_block & (torch.arange(L) >= answer_start)
+        tail = in_block & (positions >= answer_start)
         early = (1 + torch.rand(L, generator=gen) * S * 0.2).long()
-        late = (S * 0.35 + positions / L * (S * 0.4) + torch.rand(L, generator=gen) * S * 0.1).long()
-        settle = torch.where(answer, early, torch.where(in_block, late, settle)).clamp(1, S - 3)
+        late = (S * 0.35 + floats / L * (S * 0.4) + torch.rand(L, generator=gen) * S * 0.1).long()
+        settle = torch.where(tail, early, torch.where(in_block, late, settle)).clamp(1, S - 3)
     elif spec.order != "left_to_right":
         raise ValueError(f"order must be left_to_right or answer_first, got {spec.order!r}")
     for smear in spec.token_smears:
@@ -172,22 +197,17 @@ def _simulate_block(spec: SimulationSpec, target: torch.Tensor, block: int, gen:
             span = slice(local, local + len(phrase.ids))
             settle[span] = torch.maximum(settle[span], torch.tensor(phrase.vanish_step))
 
-    ids = torch.randint(NOISE_LOW, spec.vocab_size, (S, L, k), generator=gen)
-    # Noise mass: decaying weights over the k slots, total below 1 (the rest is the long tail).
-    weights = torch.rand(S, L, k, generator=gen) * 0.5 + 0.5
-    weights = weights * (0.55 ** torch.arange(k, dtype=torch.float32))
-    total = torch.rand(S, L, 1, generator=gen) * 0.35 + 0.15
-    probs = weights / weights.sum(-1, keepdim=True) * total
-
+    # Positions a phenomenon holds open keep drafting, uncertain, until their moved lock step.
+    plan = plan_dynamics(profile, target, in_block, settle, S, spec.vocab_size, gen, answer)
     step_index = torch.arange(S).unsqueeze(1)  # [S, 1]
     settled = step_index >= settle  # [S, L]
-    approaching = (step_index >= settle - 3) & ~settled
+    probs = mass(profile, plan, k, gen)
+    ids = torch.randint(NOISE_LOW, spec.vocab_size, (S, L, k), generator=gen)
+    ids[..., 0] = plan.top1
+    approaching = (step_index >= settle - profile.approach_steps) & ~settled
     # Close to settling, the right token is already the runner-up.
-    ids[..., 1] = torch.where(approaching, target, ids[..., 1])
-    high = torch.rand(S, L, generator=gen) * 0.13 + 0.86
-    ids[..., 0] = torch.where(settled, target, ids[..., 0])
-    tail = probs[..., 1:] / probs[..., 1:].sum(-1, keepdim=True) * (1 - high).unsqueeze(-1) * 0.9
-    probs = torch.where(settled.unsqueeze(-1), torch.cat([high.unsqueeze(-1), tail], dim=-1), probs)
+    ids[..., 1] = torch.where(approaching & (plan.top1 != target), target, ids[..., 1])
+    planted = torch.zeros(S, L, k, dtype=torch.bool)
 
     for correction in spec.corrections:
         local = correction.position - block * L
@@ -200,6 +220,7 @@ def _simulate_block(spec: SimulationSpec, target: torch.Tensor, block: int, gen:
         ids[held, span, 1] = target[span]
         probs[held, span, 0] = 0.92
         probs[held, span, 1] = 0.04
+        planted[held, span, :2] = True
     for phrase in spec.transient:
         local = phrase.position - block * L
         if not 0 <= local < L:
@@ -208,17 +229,19 @@ def _simulate_block(spec: SimulationSpec, target: torch.Tensor, block: int, gen:
         shown = slice(phrase.appear_step, phrase.vanish_step)
         ids[shown, span, 0] = torch.tensor(phrase.ids)
         probs[shown, span, 0] = phrase.prob
+        planted[shown, span, 0] = True
     if spec.wobble:
         # Ordinary refinement: for 6 steps before settling, the right token and a rival trade
         # the top spot, neither above 0.7 — uncertain, never settled, never a correction.
         rival = torch.randint(NOISE_LOW, spec.vocab_size, (L,), generator=gen)
-        window = (step_index >= settle - 6) & ~settled
+        window = (step_index >= settle - 6) & ~settled & in_block
         odd = (step_index % 2 == 1) & window
         even = (step_index % 2 == 0) & window
         ids[..., 0] = torch.where(odd, rival, torch.where(even, target, ids[..., 0]))
         ids[..., 1] = torch.where(odd, target, torch.where(even, rival, ids[..., 1]))
         probs[..., 0] = torch.where(window, 0.55, probs[..., 0])
         probs[..., 1] = torch.where(window, 0.3, probs[..., 1])
+        planted[..., :2] |= window.unsqueeze(-1)
     for smear in spec.token_smears:
         local = _local(smear.position, block, L)
         if local is None or local + 1 >= L:
@@ -229,6 +252,8 @@ def _simulate_block(spec: SimulationSpec, target: torch.Tensor, block: int, gen:
         ids[during, local, 0], probs[during, local, 0] = token, 0.42
         ids[during, local + 1, 0], probs[during, local + 1, 0] = token, 0.33
         ids[during, local + 1, 1], probs[during, local + 1, 1] = target[local + 1], 0.2
+        planted[during, local, 0] = True
+        planted[during, local + 1, :2] = True
     for smear in spec.sequence_smears:
         local = _local(smear.position, block, L)
         if local is None or local + smear.shift + smear.length > L:
@@ -240,15 +265,33 @@ def _simulate_block(spec: SimulationSpec, target: torch.Tensor, block: int, gen:
         shifted = slice(local + smear.shift, local + smear.shift + smear.length)
         ids[during, shifted, 0] = phrase
         probs[during, shifted, 0] = 0.5
-    probs = _keep_below_one(probs)
+        planted[during, local : local + smear.length, 0] = True
+        planted[during, shifted, 0] = True
+    probs = _fit_around_plants(probs, planted)
     # The wire contract says most probable first.
-    probs, order = torch.sort(probs, dim=-1, descending=True)
+    probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
     return torch.gather(ids, -1, order), probs
 
 
-def _keep_below_one(probs: torch.Tensor) -> torch.Tensor:
-    total = probs.sum(-1, keepdim=True)
-    return torch.where(total > 0.999, probs / total * 0.999, probs)
+def _fit_around_plants(probs: torch.Tensor, planted: torch.Tensor) -> torch.Tensor:
+    """Shrink the unplanted slots of rows with a planted value so the plant keeps its rank and the row its sum.
+
+    The planted probabilities are the phenomenon's definition (e.g. a smear's 0.42 / 0.33
+    split) and stay exact: the rest of the row is scaled to fit under them, below the
+    planted top-1 and within a total of 0.999.
+    """
+    free = ~planted
+    fixed = torch.where(planted, probs, torch.zeros_like(probs)).sum(-1, keepdim=True)
+    loose = torch.where(free, probs, torch.zeros_like(probs))
+    room = (0.999 - fixed).clamp_min(0)
+    total = loose.sum(-1, keepdim=True).clamp_min(1e-12)
+    scale = torch.clamp(room / total, max=1.0)
+    top = torch.where(planted[..., :1], probs[..., :1] * 0.95, torch.full_like(probs[..., :1], float("inf")))
+    peak = loose.amax(-1, keepdim=True).clamp_min(1e-12)
+    scale = torch.minimum(scale, top / peak)
+    fitted = torch.where(free, probs * scale, probs)
+    any_planted = planted.any(-1, keepdim=True)
+    return torch.where(any_planted, fitted, probs)
 
 
 # ---- scenarios from real text -------------------------------------------------------------
@@ -284,11 +327,13 @@ def corpus() -> list[str]:
 
 
 def scenario(kind: str, encode: Callable[[str], Sequence[int]], vocab_size: int, *, request_id: str,
-             seed: int = 0, canvas_length: int = 64, steps: int = 24, phrase: str = BANNED_PHRASE) -> pb.Trace:
+             seed: int = 0, canvas_length: int = 64, steps: int = 24, phrase: str = BANNED_PHRASE,
+             profile: str | Profile = CORPUS_PROFILE) -> pb.Trace:
     """One labelled simulated request built from the bundled texts.
 
-    Its attributes say `scenario` and `labels` (comma-separated monitor names
-    that should flag it); `simulated` is always "true".
+    Its attributes say `scenario`, `labels` (comma-separated monitor names
+    that should flag it) and `profile` (the dynamics underneath); `simulated`
+    is always "true".
     """
     if kind not in SCENARIO_LABELS:
         raise ValueError(f"unknown scenario {kind!r}; expected one of {SCENARIOS}")
@@ -330,17 +375,20 @@ def scenario(kind: str, encode: Callable[[str], Sequence[int]], vocab_size: int,
         plants["wobble"] = True
     spec = SimulationSpec(
         request_id=request_id, target_ids=target, vocab_size=vocab_size, canvas_length=canvas_length,
-        steps=steps, seed=seed, attributes={"scenario": kind, "labels": ",".join(SCENARIO_LABELS[kind])}, **plants,
+        steps=steps, seed=seed, profile=profile,
+        attributes={"scenario": kind, "labels": ",".join(SCENARIO_LABELS[kind]), "profile": get_profile(profile).name},
+        **plants,
     )
     return simulate(spec)
 
 
 def labelled_corpus(encode: Callable[[str], Sequence[int]], vocab_size: int, *, per_scenario: int = 10,
-                    seed: int = 0, canvas_length: int = 64, steps: int = 24) -> list[pb.Trace]:
+                    seed: int = 0, canvas_length: int = 64, steps: int = 24,
+                    profile: str | Profile = CORPUS_PROFILE) -> list[pb.Trace]:
     """Every scenario `per_scenario` times with different seeds: the eval's labelled trace set."""
     return [
         scenario(kind, encode, vocab_size, request_id=f"eval-{kind}-{i:03d}", seed=seed * 1000 + i,
-                 canvas_length=canvas_length, steps=steps)
+                 canvas_length=canvas_length, steps=steps, profile=profile)
         for kind in SCENARIOS for i in range(per_scenario)
     ]
 

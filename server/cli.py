@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--grpc-port", type=int, default=50051)
     demo.add_argument("--metrics-port", type=int, default=9464)
     demo.add_argument("--serve-after", action="store_true", help="keep the sidecar up after the traffic (Ctrl-C to stop)")
+    demo.add_argument("--profile", default=None,
+                      help="simulated dynamics: default, hot, high_entropy or default_noise_drafts "
+                           "(default: default_noise_drafts, what the labelled corpus uses)")
 
     check = sub.add_parser("check", help="run a .cwtrace file through the monitors in-process")
     check.add_argument("trace")
@@ -60,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     record.add_argument("--corpus", action="store_true",
                         help="the labelled eval corpus: every scenario --per-scenario times (ignores --requests)")
     record.add_argument("--per-scenario", type=int, default=20)
+    record.add_argument("--profile", default=None,
+                        help="simulated dynamics calibrated to the real model: default, hot, high_entropy or "
+                             "default_noise_drafts (default: default_noise_drafts; hot wants --steps 64)")
+    record.add_argument("--steps", type=int, default=24, help="denoising steps per canvas")
+    record.add_argument("--canvas-length", type=int, default=64)
 
     inspect = sub.add_parser("inspect", help="render a trace's denoising timeline as one self-contained HTML file")
     inspect.add_argument("trace")
@@ -131,6 +139,9 @@ def _demo(args: argparse.Namespace) -> int:
     from canvaswatch.server.app import SidecarThread
     from canvaswatch.server.config import default_config
 
+    profile = _profile(args.profile)
+    if profile is None:
+        return 2
     config = default_config().with_server(grpc_port=args.grpc_port, metrics_port=args.metrics_port)
     configure_logging("warning")
     print("canvaswatch demo: starting the sidecar with the default monitors "
@@ -143,7 +154,8 @@ def _demo(args: argparse.Namespace) -> int:
           "trajectories with planted phenomena):\n", flush=True)
     requests = args.requests if args.requests is not None else len(simulate.SCENARIOS)
     kinds = [simulate.SCENARIOS[i % len(simulate.SCENARIOS)] for i in range(requests)]
-    traces = [simulate.scenario(kind, vocab.encode, vocab.size, request_id=f"demo-{i:03d}-{kind}", seed=i)
+    traces = [simulate.scenario(kind, vocab.encode, vocab.size, request_id=f"demo-{i:03d}-{kind}", seed=i,
+                                profile=profile)
               for i, kind in enumerate(kinds)]
     channel = grpc.insecure_channel(sidecar.target, options=channel_options())
     printing = threading.Lock()
@@ -233,18 +245,40 @@ def _simulate(args: argparse.Namespace) -> int:
     from canvaswatch.client.trace import write_traces
     from canvaswatch.server.bottleneck.vocab import load_vocabulary
 
+    profile = _profile(args.profile)
+    if profile is None:
+        return 2
+    if args.steps < 6 or args.canvas_length < 16:
+        print(f"canvaswatch: simulate: need --steps >= 6 and --canvas-length >= 16, got {args.steps} and "
+              f"{args.canvas_length}", file=sys.stderr)
+        return 2
     vocab = load_vocabulary()
+    shape = {"steps": args.steps, "canvas_length": args.canvas_length, "profile": profile}
     if args.corpus:
-        traces = simulate.labelled_corpus(vocab.encode, vocab.size, per_scenario=args.per_scenario, seed=args.seed)
+        traces = simulate.labelled_corpus(vocab.encode, vocab.size, per_scenario=args.per_scenario, seed=args.seed,
+                                          **shape)
     else:
         traces = [
             simulate.scenario(simulate.SCENARIOS[i % len(simulate.SCENARIOS)], vocab.encode, vocab.size,
-                              request_id=f"sim-{args.seed}-{i:04d}", seed=args.seed + i)
+                              request_id=f"sim-{args.seed}-{i:04d}", seed=args.seed + i, **shape)
             for i in range(args.requests)
         ]
     count = write_traces(Path(args.output), traces)
     print(f"wrote {count} SIMULATED traces to {args.output}")
     return 0
+
+
+def _profile(name: str | None) -> str | None:
+    """The simulator profile to use (the corpus's when `name` is None), or None after saying why it is unknown."""
+    from canvaswatch.client import simulate
+
+    if name is None:
+        return simulate.CORPUS_PROFILE
+    if name not in simulate.PROFILES:
+        print(f"canvaswatch: --profile: unknown {name!r}; expected one of {', '.join(sorted(simulate.PROFILES))}",
+              file=sys.stderr)
+        return None
+    return name
 
 
 def _import(args: argparse.Namespace) -> int:

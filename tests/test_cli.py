@@ -37,6 +37,17 @@ def test_simulate_writes_readable_labelled_traces(trace_file):
     traces = list(read_traces(trace_file))
     assert [t.info.attributes["scenario"] for t in traces] == ["clean", "transient_phrase", "surviving_phrase", "self_correction"]
     assert all(t.info.attributes["simulated"] == "true" and t.steps[-1].final for t in traces)
+    assert {t.info.attributes["profile"] for t in traces} == {"default_noise_drafts"}
+
+
+def test_simulate_takes_a_calibrated_profile(vocab, tmp_path, capsys):
+    path = tmp_path / "hot.cwtrace"
+    assert main(["simulate", str(path), "--requests", "2", "--profile", "hot", "--steps", "64"]) == 0
+    traces = list(read_traces(path))
+    assert [t.info.attributes["profile"] for t in traces] == ["hot", "hot"]
+    assert all(t.info.total_steps == 64 for t in traces)
+    assert main(["simulate", str(path), "--profile", "tepid"]) == 2
+    assert "--profile: unknown 'tepid'" in capsys.readouterr().err
 
 
 def test_check_prints_a_verdict_per_trace(trace_file, capsys):
