@@ -4,7 +4,7 @@ A third-party monitor is a package that declares, in its pyproject,
     [project.entry-points."canvaswatch.monitors"]
     my_monitor = "my_pkg.module:MyMonitor"
 where MyMonitor subclasses canvaswatch.monitors.base.Monitor (or has the members of
-MonitorProtocol). Parameters from the
+MonitorProtocol); docs/writing-a-monitor.md walks through one. Parameters from the
 TOML table [monitors.<name>] are checked against the monitor's `Params` dataclass
 here, so a typo fails at start-up with the key named.
 

@@ -9,6 +9,7 @@ import pytest
 from canvaswatch.monitors.base import FinalCanvas, RequestMeta
 from canvaswatch.monitors.classifier import ClassifierMonitor, ClassifierParams
 from canvaswatch.monitors.registry import MonitorConfigError, build
+from canvaswatch.monitors.testing import check_monitor
 from tests.monitors.canvas import canvas_step
 from tests.tiny_classifier import build_tiny_classifier
 
@@ -75,3 +76,10 @@ def test_close_stops_the_model_thread(classifier_dir):
     assert monitor.runner.alive
     monitor.close()
     assert not monitor.runner.alive
+
+
+def test_the_classifier_keeps_the_monitor_contract(classifier_dir):
+    # The tiny model reads at most 64 positions; on_finish waits up to finish_timeout_ms for it by design,
+    # so its calls get a wider budget than a step's.
+    params = ClassifierParams(model=str(classifier_dir), every_n_steps=2, max_length=64, batch_window_ms=1)
+    check_monitor(ClassifierMonitor, params, budget_ms=1000)
