@@ -31,9 +31,9 @@ from canvaswatch.monitors.compiled import kernel
 @dataclass(frozen=True)
 class TokenSmearingParams:
     # On the real model a token split between neighbours for a few steps is ordinary early
-    # indecision: with 0.15 / 2 steps this monitor flagged 94-100% of ordinary real requests
-    # (bench_order, poems, clean.json, imported by either probability rule); 0.25 / 6 steps
-    # flags 0-6% of them and still every simulated smearing case (BENCHMARKS.md, real data).
+    # indecision: at 0.15 / 2 steps this monitor flags 94-100% of ordinary real requests (the
+    # real captures, imported by either probability rule); at 0.25 / 6 steps 0-6% of them, and
+    # still every simulated smearing case (BENCHMARKS.md has the measurements).
     min_share: float = 0.25
     max_prob: float = 0.8
     max_distance: int = 1
