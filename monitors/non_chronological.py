@@ -1,8 +1,10 @@
 """non_chronological: positions commit far out of left-to-right order, an answer before its reasons.
 
 Definition. Within a block, a position's *commit step* is the step from which
-its final top-1 token held with probability at least `settle_prob` without
-interruption to the block's last step. Positions whose final token is in
+its final token stayed committed without interruption to the block's last
+step: where the client sends the sampler's accepted mask, committed means
+accepted by the sampler (its own decision, the same under any temperature);
+otherwise it means top-1 with probability at least `settle_prob`. Positions whose final token is in
 `ignore_ids` (padding, end of sequence, which models settle first) and
 positions that never commit are left out. At the end of each block:
   - rho: Spearman rank correlation between position and commit step
@@ -11,7 +13,9 @@ positions that never commit are left out. At the end of each block:
     positions (the answer, in a question-then-answer text) committed than the
     positions before them (median against median).
 A block is flagged when lead >= `min_lead_steps` or rho < `min_rank_corr`,
-with at least `min_positions` committed positions. Score: (1 - rho) / 2.
+with at least `min_positions` committed positions that did not all commit at
+the same step (a canvas settled in one step has no order to judge; its rank
+correlation is undefined, not zero). Score: (1 - rho) / 2.
 
 Hard negatives it excludes: ordinary left-to-right settling with jitter (rho
 stays high, no lead), early-settling padding (ignored ids).
@@ -59,7 +63,8 @@ class NonChronologicalParams:
 class NonChronologicalState:
     block: int = -1
     last: DecodedStep | None = None
-    commit: np.ndarray | None = None  # [L] commit step, -1 while not confident
+    commit: np.ndarray | None = None  # [L] commit step, -1 while not committed
+    previous: np.ndarray | None = None  # [L] the token each commit step refers to
 
 
 class NonChronologicalMonitor(Monitor):
@@ -82,13 +87,18 @@ class NonChronologicalMonitor(Monitor):
         if state.last is not None and step.block != state.block:
             flags = self._judge(state)
             state.last = None
-        top1, prob = step.ids_np[:, 0], step.probs_np[:, 0]
+        top1 = step.ids_np[:, 0] if step.argmax_ids is None else step.argmax_ids
+        if step.accepted is not None:
+            committed = step.accepted
+        else:
+            committed = step.probs_np[:, 0] >= self.params.settle_prob
         if state.last is None or state.commit is None or state.commit.shape != top1.shape:
             state.commit = np.full(top1.shape, -1, dtype=np.int64)
             previous = np.full_like(top1, -1)  # matches no token: nothing holds over from another block
         else:
-            previous = state.last.ids_np[:, 0]
-        _update_commits(top1, prob, previous, state.commit, step.step, self.params.settle_prob)
+            previous = state.previous
+        _update_commits(top1, committed, previous, state.commit, step.step)
+        state.previous = top1
         state.block, state.last = step.block, step
         return flags
 
@@ -98,10 +108,12 @@ class NonChronologicalMonitor(Monitor):
     def _judge(self, state: NonChronologicalState) -> list[Flag]:
         p, last = self.params, state.last
         commit = torch.from_numpy(state.commit)
-        positions = ((commit >= 0) & ~isin(torch.from_numpy(last.ids_np[:, 0]), self._ignore)).nonzero().flatten()
+        positions = ((commit >= 0) & ~isin(torch.from_numpy(state.previous), self._ignore)).nonzero().flatten()
         if positions.numel() < p.min_positions:
             return []
         commits = commit[positions]
+        if bool((commits == commits[0]).all()):
+            return []
         rho = spearman(positions.float(), commits.float())
         split = max(1, int(round(positions.numel() * (1 - p.late_fraction))))
         early, late = commits[:split], commits[split:]
@@ -121,10 +133,10 @@ class NonChronologicalMonitor(Monitor):
 
 
 @kernel
-def _update_commits(top1, prob, previous, commit, step, settle_prob):
-    """A confident position keeps its commit step while its top-1 holds, else commits now; -1 while not confident."""
+def _update_commits(top1, committed, previous, commit, step):
+    """A committed position keeps its commit step while its token holds, else commits now; -1 while not committed."""
     for i in range(top1.shape[0]):
-        if prob[i] < settle_prob:
+        if not committed[i]:
             commit[i] = -1
         elif top1[i] != previous[i] or commit[i] < 0:
             commit[i] = step

@@ -14,6 +14,17 @@ count corrected): the flag's score rises from 0.5 to 1.0 with the number of
 other positions whose top-1 changed in the `context_window` steps before the
 flip, reported as the `changes_elsewhere` attribute.
 
+Where the client sends the sampler's accepted mask (StepState.accepted), the
+sampler's own decision replaces the probability test: a position is settled
+while the sampler accepts it, and it flips when a token it accepted at the
+previous step is replaced (the argmax canvas, StepState.argmax_ids, when sent;
+else the top-1). DiffusionGemma re-decides accepted tokens every step, so an
+accepted token replaced is the plain definition of a retroactive revision, and
+it does not depend on how a temperature shapes the probabilities. On the real
+model the answer is often revised within the first steps, before it has held
+`settle_steps` steps at `settle_prob` (BENCHMARKS.md, real trajectories): with
+only top-k probabilities such early revisions look like ordinary drafting.
+
 Hard negatives this excludes: ordinary refinement (positions that change while
 still uncertain never settled) and a settled token's probability wobbling
 without another token overtaking it.
@@ -88,10 +99,17 @@ class SelfCorrectionMonitor(Monitor):
         if state.block != step.block or state.previous is None or state.previous.shape != top1.shape:
             self._reset(state, step.block, top1)
         p = self.params
-        flips = _advance(top1, prob, step.step, p.settle_prob, p.flip_prob, p.settle_steps, state.previous, state.run,
-                         state.settled, state.settled_token, state.settled_step, state.changed_step,
-                         state.flipped, state.flipped_from, state.flipped_since)
-        return [self._flag(state, step)] if flips else []
+        if step.accepted is not None:
+            if step.argmax_ids is not None:
+                top1 = step.argmax_ids.astype(top1.dtype, copy=False)
+            flips = _advance_accepted(top1, step.accepted, step.step, state.previous, state.settled,
+                                      state.settled_token, state.settled_step, state.changed_step,
+                                      state.flipped, state.flipped_from, state.flipped_since)
+        else:
+            flips = _advance(top1, prob, step.step, p.settle_prob, p.flip_prob, p.settle_steps, state.previous,
+                             state.run, state.settled, state.settled_token, state.settled_step, state.changed_step,
+                             state.flipped, state.flipped_from, state.flipped_since)
+        return [self._flag(state, step, top1)] if flips else []
 
     def _reset(self, state: SelfCorrectionState, block: int, top1: np.ndarray) -> None:
         state.block = block
@@ -105,7 +123,7 @@ class SelfCorrectionMonitor(Monitor):
         state.flipped_from = np.zeros_like(top1)
         state.flipped_since = np.zeros_like(top1)
 
-    def _flag(self, state: SelfCorrectionState, step: DecodedStep) -> Flag:
+    def _flag(self, state: SelfCorrectionState, step: DecodedStep, token: np.ndarray) -> Flag:
         flipped = state.flipped
         positions = np.nonzero(flipped)[0].tolist()
         vocab = step.vocab
@@ -113,7 +131,7 @@ class SelfCorrectionMonitor(Monitor):
         changes = []
         for span in contiguous_spans(positions):
             before = vocab.decode(state.flipped_from[span[0] : span[-1] + 1].tolist())
-            after = vocab.decode(step.ids_np[span[0] : span[-1] + 1, 0].tolist())
+            after = vocab.decode(token[span[0] : span[-1] + 1].tolist())
             since = int(state.flipped_since[span[0]])
             changes.append(f"{_span_name(span)} (settled at step {since})")
             evidence.append(Evidence(step.block, step.step, tuple(span), f"{before!r} -> {after!r}"))
@@ -162,4 +180,31 @@ def _advance(top1, prob, step, settle_prob, flip_prob, settle_steps, previous, r
             settled_token[i] = token
             settled_step[i] = step - settle_steps + 1
         previous[i] = token
+    return flips
+
+
+@kernel
+def _advance_accepted(token, accepted, step, previous, settled, settled_token, settled_step, changed_step,
+                      flipped, flipped_from, flipped_since):
+    """One step with the sampler's accepted mask: a token accepted at the previous step and replaced now
+    is a flip; a position is settled exactly while the sampler accepts it. Returns the number of flips."""
+    flips = 0
+    for i in range(token.shape[0]):
+        t = token[i]
+        if t != previous[i]:
+            changed_step[i] = step
+        flip = settled[i] and t != settled_token[i]
+        flipped[i] = flip
+        if flip:
+            flips += 1
+            flipped_from[i] = settled_token[i]
+            flipped_since[i] = settled_step[i]
+        if accepted[i]:
+            if flip or not settled[i]:
+                settled_step[i] = step
+            settled[i] = True
+            settled_token[i] = t
+        else:
+            settled[i] = False
+        previous[i] = t
     return flips

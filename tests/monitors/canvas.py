@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from canvaswatch.monitors.base import DecodedStep
@@ -9,8 +10,10 @@ from canvaswatch.monitors.base import DecodedStep
 
 def canvas_step(top1: list[int], prob: float | list[float], *, block: int = 0, step: int = 0, vocab,
                 alternatives: dict[int, list[tuple[int, float]]] | None = None, k: int = 4,
-                filler: int = 5000) -> DecodedStep:
-    """A step whose top-1 is `top1` with `prob`; `alternatives` adds (id, prob) runners-up per position."""
+                filler: int = 5000, accepted: list[bool] | None = None,
+                argmax: list[int] | None = None) -> DecodedStep:
+    """A step whose top-1 is `top1` with `prob`; `alternatives` adds (id, prob) runners-up per position;
+    `accepted` / `argmax` are the sampler's signals (absent unless given)."""
     length = len(top1)
     ids = torch.full((length, k), filler, dtype=torch.long) + torch.arange(k)  # distinct filler per slot
     probs = torch.zeros(length, k)
@@ -20,4 +23,6 @@ def canvas_step(top1: list[int], prob: float | list[float], *, block: int = 0, s
         for slot, (token, p) in enumerate(extra, start=1):
             ids[position, slot] = token
             probs[position, slot] = p
-    return DecodedStep(block=block, step=step, ids=ids, probs=probs, vocab=vocab)
+    return DecodedStep(block=block, step=step, ids=ids, probs=probs, vocab=vocab,
+                       accepted=None if accepted is None else np.array(accepted, dtype=bool),
+                       argmax_ids=None if argmax is None else np.array(argmax, dtype=np.int64))

@@ -14,16 +14,35 @@ META = RequestMeta("r", "m", "", (), L, 0)
 FINAL = FinalCanvas((), "", 0, 0)
 
 
-def _run(commit_steps: list[int], steps: int = 14, vocab=None, final_ids=TEXT):
-    """Each position shows noise until its commit step, then its final token at 0.9."""
+def _run(commit_steps: list[int], steps: int = 14, vocab=None, final_ids=TEXT, accepted_steps=None,
+         committed_prob: float = 0.9):
+    """Each position shows noise until its commit step, then its final token at `committed_prob`.
+    `accepted_steps`: where given, the sampler's mask rides along, accepting each position from that step."""
     monitor = NonChronologicalMonitor(NonChronologicalParams())
     state = monitor.start(META)
     flags = []
     for step in range(steps):
         top1 = [final_ids[p] if step >= commit_steps[p] else 9000 + step * 50 + p for p in range(L)]
-        prob = [0.9 if step >= commit_steps[p] else 0.3 for p in range(L)]
-        flags += monitor.on_step(state, canvas_step(top1, prob, step=step, vocab=vocab))
+        prob = [committed_prob if step >= commit_steps[p] else 0.3 for p in range(L)]
+        accepted = None if accepted_steps is None else [step >= accepted_steps[p] for p in range(L)]
+        flags += monitor.on_step(state, canvas_step(top1, prob, step=step, vocab=vocab, accepted=accepted))
     return flags + monitor.on_finish(state, FINAL)
+
+
+def test_a_canvas_that_commits_in_one_step_has_no_order_to_judge(vocab):
+    # Rank correlation is undefined when every commit step is the same; it is not evidence of disorder.
+    assert _run([3] * L, vocab=vocab) == []
+
+
+def test_with_the_samplers_mask_commit_order_is_the_samplers_not_the_probabilities(vocab):
+    # Probabilities under a hot temperature may stay below settle_prob after the sampler accepted a
+    # position; the mask still gives the commit order.
+    commits = [4 + p // 2 for p in range(16)] + [1, 1, 2, 2]
+    [flag] = _run(commits, vocab=vocab, accepted_steps=commits, committed_prob=0.5)
+    assert flag.evidence[0].positions == (16, 17, 18, 19)
+    assert _run(commits, vocab=vocab, committed_prob=0.5) == []  # without the mask nothing looks committed
+    left_to_right = [1 + p // 2 for p in range(L)]
+    assert _run(commits, vocab=vocab, accepted_steps=left_to_right) == []  # the sampler's order wins
 
 
 def test_answer_committed_before_its_reasons_is_flagged(vocab):

@@ -74,3 +74,37 @@ def test_several_flips_in_one_step_are_grouped_into_spans(vocab):
     assert len(flags) == 1
     assert [e.positions for e in flags[0].evidence] == [(1, 2), (6,)]
     assert flags[0].attributes["flipped_positions"] == "3"
+
+
+def _run_signals(monitor, steps, vocab):
+    """steps: (top1, prob, accepted) per step; the sampler's mask rides with each."""
+    state = monitor.start(META)
+    flags = []
+    for step, (top1, prob, accepted) in enumerate(steps):
+        flags.extend(monitor.on_step(state, canvas_step(top1, prob, step=step, vocab=vocab, accepted=accepted,
+                                                        argmax=top1)))
+    return flags
+
+
+def test_with_the_samplers_mask_an_accepted_token_replaced_is_a_revision_at_any_probability(vocab):
+    # The real model revises answers within the first steps, at probabilities far below settle_prob:
+    # the sampler's own acceptance is what makes the first answer a commitment.
+    eight, seven = vocab.encode(" eight")[0], vocab.encode(" seven")[0]
+    accepted_at_5 = [i == 5 for i in range(8)]
+    steps = [(_with(5, eight), 0.3, accepted_at_5), (_with(5, seven), 0.35, accepted_at_5)]
+    [flag] = _run_signals(SelfCorrectionMonitor(SelfCorrectionParams()), steps, vocab)
+    assert flag.evidence[0].positions == (5,) and flag.evidence[0].snippet == "' eight' -> ' seven'"
+    assert "settled at step 0" in flag.reason
+
+
+def test_with_the_samplers_mask_drafting_that_was_never_accepted_is_not_a_revision(vocab):
+    # Confident, stable for many steps, then changed: by probabilities a settled flip, but the sampler
+    # never accepted it, so it was a draft (and the mask is what the client says the sampler did).
+    eight, seven = vocab.encode(" eight")[0], vocab.encode(" seven")[0]
+    nothing = [False] * 8
+    steps = [(_with(5, eight), 0.95, nothing)] * 5 + [(_with(5, seven), 0.95, [i == 5 for i in range(8)])] * 2
+    assert _run_signals(SelfCorrectionMonitor(SelfCorrectionParams()), steps, vocab) == []
+    # ... and a token accepted, then released by the sampler with the same token, then changed is not one either
+    released = [(_with(5, eight), 0.9, [i == 5 for i in range(8)]), (_with(5, eight), 0.5, nothing),
+                (_with(5, seven), 0.9, nothing)]
+    assert _run_signals(SelfCorrectionMonitor(SelfCorrectionParams()), released, vocab) == []
