@@ -425,7 +425,7 @@ class _Checker:
         self._check_bounded(hidden)
         self._check_budget(hidden)
         grown = _deep_size(self.monitor, set()) - baseline
-        if grown > 0.25 * baseline + 65536:
+        if grown > 0.1 * baseline + 8192:
             self.problem(1, "instance", f"the monitor instance grew by {grown:,} bytes while requests ran; what "
                                          "belongs to a request goes in the state start() returns")
 

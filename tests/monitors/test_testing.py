@@ -95,6 +95,20 @@ class KeepsCountOnSelf(Counting):
         return [self.flag("info", f"{self.steps} steps")]
 
 
+class KeepsEveryRequest(Counting):
+    """Keeps each request's state on the instance, by request, and never lets go."""
+
+    name = "every_request"
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.states = {}
+
+    def start(self, request):
+        state = self.states[len(self.states)] = {"steps": 0, "seen": np.zeros(request.canvas_length * 4)}
+        return state
+
+
 class KeepsEveryStep(Counting):
     """Keeps a copy of every step."""
 
@@ -200,6 +214,7 @@ class NoOnStep(Monitor):
 
 @pytest.mark.parametrize("cls, expected", [
     (KeepsCountOnSelf, r"rule 1 \(one instance serves every request.*raised other flags while another request ran"),
+    (KeepsEveryRequest, r"rule 1 .*the monitor instance grew by [\d,]+ bytes while requests ran"),
     (KeepsEveryStep, r"rule 2 \(state is bounded by the canvas length L\): the state held [\d,]+ bytes after 400 steps"),
     (NeverResets, r"rule 3 \(positional state starts over at a new block\): block 1 after block 0 raised"),
     (Slow, r"rule 4 \(each call fits the per-call budget\): on_step took [\d.]+ ms on a canvas of L = 256"),
