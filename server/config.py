@@ -13,6 +13,9 @@
     keepalive_time_s = 60.0        # the server pings a connection quiet this long ...
     keepalive_timeout_s = 20.0     # ... and drops it if the ping is not answered within this
     min_ping_interval_s = 10.0     # client pings more often than this end the connection (too_many_pings)
+    max_prompt_ids = 32768         # info.prompt_ids longer than this are refused (INVALID_ARGUMENT)
+    max_flags_per_monitor = 100    # flags one monitor may put in one verdict; the rest are counted and summarised
+    max_verdict_bytes = 1048576    # a verdict stays under this (and under max_message_bytes) however many flags
     monitor_policy = "fail_open"   # or "fail_closed": a failed monitor makes the verdict CRITICAL
     monitor_budget_ms = 50.0       # per monitor per step; overruns are counted, not killed
     auth_tokens = []               # if set, calls need "authorization: Bearer <token>"
@@ -38,6 +41,8 @@
     level = "info"
     log_content = false            # decoded text in logs, events and the audit log
     audit_log = ""                 # JSON lines of every flag; empty = off
+    audit_max_bytes = 104857600    # the audit log rotates at this size (0: never) ...
+    audit_backups = 5              # ... keeping this many old files (audit.jsonl.1 is the newest)
     report_dir = ""                # an HTML timeline per flagged request, linked from the audit log
 
     [monitors.lexicon]             # enabled by being present; `enabled = false` turns one off
@@ -88,6 +93,11 @@ class ServerSection:
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
     min_ping_interval_s: float = 10.0
+    # Bounds per request (docs/operations.md): memory and output stay bounded whatever a client sends
+    # or a monitor raises.
+    max_prompt_ids: int = 32768
+    max_flags_per_monitor: int = 100
+    max_verdict_bytes: int = 1024 * 1024
     monitor_policy: str = "fail_open"
     monitor_budget_ms: float = 50.0
     auth_tokens: list[str] = field(default_factory=list)
@@ -121,6 +131,14 @@ class ServerSection:
             value = getattr(self, key)
             if not 0 < value <= 86400:  # NaN fails this too
                 raise ValueError(f"{key}: must be in (0, 86400] seconds, got {value}")
+        if not 0 <= self.max_prompt_ids <= 16 * 1024 * 1024:
+            raise ValueError(f"max_prompt_ids: must be in [0, 16777216], got {self.max_prompt_ids}")
+        if not 1 <= self.max_flags_per_monitor <= 100_000:
+            raise ValueError(f"max_flags_per_monitor: must be in [1, 100000], got {self.max_flags_per_monitor}")
+        # A verdict leaves room under the message limit for the event around it and the summary flag.
+        if not 4096 <= self.max_verdict_bytes <= self.max_message_bytes - 65536:
+            raise ValueError(f"max_verdict_bytes: must be in [4096, max_message_bytes - 65536 = "
+                             f"{self.max_message_bytes - 65536}], got {self.max_verdict_bytes}")
 
 
 @dataclass(frozen=True)
@@ -166,11 +184,17 @@ class LoggingSection:
     level: str = "info"
     log_content: bool = False
     audit_log: str = ""
+    audit_max_bytes: int = 100 * 1024 * 1024
+    audit_backups: int = 5
     report_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.level.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError(f"level: expected debug, info, warning or error, got {self.level!r}")
+        if self.audit_max_bytes != 0 and self.audit_max_bytes < 1024 * 1024:
+            raise ValueError(f"audit_max_bytes: must be 0 (never rotate) or >= 1048576, got {self.audit_max_bytes}")
+        if not 1 <= self.audit_backups <= 1000:
+            raise ValueError(f"audit_backups: must be in [1, 1000], got {self.audit_backups}")
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 rules in deploy/ query them (tests/deploy checks that every name they use exists).
 
 Labels stay bounded: `model` comes from clients, so only the first
-MAX_MODEL_LABELS distinct values are kept and later ones are reported as
-"other". Request ids, tenants and token text never become labels.
+MAX_MODEL_LABELS distinct values of at most MAX_MODEL_LABEL_CHARS characters
+are kept and the rest are reported as "other". Request ids, tenants and token text never become labels.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 MAX_MODEL_LABELS = 32
+MAX_MODEL_LABEL_CHARS = 128  # a longer model name is reported as "other": 32 labels stay a few KB a scrape
 OTHER = "other"
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -27,7 +28,7 @@ class Metrics:
         r = self.registry
         self.steps = Counter("canvaswatch_steps", "Denoising steps received and decoded.", ["model"], registry=r)
         self.requests = Counter(
-            "canvaswatch_requests", "Requests finished, by outcome (ok, invalid, incomplete, cancelled, error).",
+            "canvaswatch_requests", "Requests finished, by outcome (ok, truncated, invalid, incomplete, cancelled, error).",
             ["model", "outcome"], registry=r,
         )
         self.flags = Counter("canvaswatch_flags", "Flags raised by monitors.", ["monitor", "severity", "model"], registry=r)
@@ -78,6 +79,8 @@ class Metrics:
 
     def model_label(self, model: str) -> str:
         model = model or "unknown"
+        if len(model) > MAX_MODEL_LABEL_CHARS:
+            return OTHER
         with self._lock:
             if model in self._models:
                 return model

@@ -59,6 +59,8 @@ class Engine:
         self.settings = SessionSettings(
             policy=config.server.monitor_policy,
             budget_s=config.server.monitor_budget_ms / 1000.0,
+            max_flags_per_monitor=config.server.max_flags_per_monitor,
+            max_verdict_bytes=config.server.max_verdict_bytes,
         )
 
     def _build_sinks(self, config: Config) -> list[Sink]:
@@ -66,7 +68,9 @@ class Engine:
         appended to `engine.sinks` gets the flags and verdicts raised from then on."""
         sinks: list[Sink] = [MetricsSink(self.metrics)]
         if config.logging.audit_log:
-            sinks.append(AuditSink(AuditLog(config.logging.audit_log, include_content=config.logging.log_content)))
+            sinks.append(AuditSink(AuditLog(config.logging.audit_log, include_content=config.logging.log_content,
+                                             max_bytes=config.logging.audit_max_bytes,
+                                             backups=config.logging.audit_backups)))
         if self.reports is not None:
             sinks.append(ReportSink(self.reports, self.vocab))
         sinks.append(LogSink(log_content=config.logging.log_content))
@@ -98,7 +102,7 @@ class Engine:
                 log.debug("warm_up_skipped", monitor=monitor.name, error=f"{type(err).__name__}: {err}")
 
     def open(self, info: pb.RequestInfo, where: str, keep_history: bool = False) -> Session:
-        meta = request_meta(info, where)
+        meta = request_meta(info, where, self.config.server.max_prompt_ids)
         log.info("request_started", request_id=meta.request_id, model=meta.model, canvas_length=meta.canvas_length)
         report = self.reports.path_for(meta.request_id) if self.reports is not None else None
         history = RequestHistory(meta) if keep_history or report is not None else None
@@ -157,7 +161,7 @@ class Engine:
                 if index != len(trace.steps) - 1:
                     raise invalid(f"{where}.final: the final step must be the last one")
                 _, verdict = self.finish(session, message, where)
-                self.metrics.requests.labels(session.model_label, "ok").inc()
+                self.metrics.requests.labels(session.model_label, "truncated" if verdict.flags_dropped else "ok").inc()
                 return verdict, session
         self.metrics.requests.labels(session.model_label, "incomplete").inc()
         raise invalid(f"steps[{len(trace.steps) - 1}].final: the trace ends without a final step")

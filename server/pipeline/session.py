@@ -9,11 +9,16 @@ clean when a monitor did not run. A call over the time budget is counted as an
 overrun (it is not killed: Python threads cannot be, safely).
 
 Flags and the verdict go to the engine's sinks (canvaswatch.server.pipeline.sinks: metrics,
-audit log, report, log), in list order; the session itself only keeps them.
+audit log, report, log), in list order; the session itself only keeps them, and only so many:
+at most server.max_flags_per_monitor per monitor and server.max_verdict_bytes in all, so a
+request that raises flags without end still gets a verdict that fits one gRPC message. Flags
+past the bounds still go to the stream and the sinks; the verdict counts them and ends with a
+summary flag from monitor "canvaswatch" carrying their highest severity.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,10 +34,16 @@ from canvaswatch.server.pipeline.verdict import SessionVerdict
 log = structlog.get_logger(__name__)
 
 
+SUMMARY_MONITOR = "canvaswatch"  # the verdict's summary of the flags it left out
+MAX_ERROR_CHARS = 1000  # a monitor_errors entry (a plugin's exception text can be anything)
+
+
 @dataclass
 class SessionSettings:
     policy: str = "fail_open"
     budget_s: float = 0.05
+    max_flags_per_monitor: int = 100  # server.max_flags_per_monitor
+    max_verdict_bytes: int = 1024 * 1024  # server.max_verdict_bytes
 
 
 @dataclass
@@ -52,6 +63,10 @@ class Session:
     last: tuple[int, int] | None = None
     history: Any = None  # RequestHistory when a report is wanted: O(steps x L) small ints, opt-in
     report_path: Any = None
+    kept_by_monitor: collections.Counter = field(default_factory=collections.Counter)
+    kept_bytes: int = 0
+    dropped_by_monitor: collections.Counter = field(default_factory=collections.Counter)
+    dropped_severity: Severity | None = None
 
     def __post_init__(self) -> None:
         self.model_label = self.metrics.model_label(self.meta.model)
@@ -114,21 +129,46 @@ class Session:
         return new, verdict
 
     def verdict(self) -> SessionVerdict:
+        flags = tuple(self.flags)
+        dropped = sum(self.dropped_by_monitor.values())
+        if dropped:
+            flags += (self._summary(dropped),)
         return SessionVerdict(
             request_id=self.meta.request_id,
-            flags=tuple(self.flags),
-            max_severity=max((f.severity for f in self.flags), default=None),
+            flags=flags,
+            max_severity=max((f.severity for f in flags), default=None),
             steps_seen=self.steps_seen,
             steps_dropped=self.client_dropped,
             monitor_errors=tuple(self.errors),
+            flags_dropped=dropped,
         )
 
     def _record(self, raised: list[Flag]) -> list[Flag]:
+        settings = self.settings
         for flag in raised:
-            self.flags.append(flag)
+            size = wire_size(flag)
+            if (self.kept_by_monitor[flag.monitor] < settings.max_flags_per_monitor
+                    and self.kept_bytes + size <= settings.max_verdict_bytes):
+                self.flags.append(flag)
+                self.kept_by_monitor[flag.monitor] += 1
+                self.kept_bytes += size
+            else:
+                self.dropped_by_monitor[flag.monitor] += 1
+                self.dropped_severity = max(self.dropped_severity or flag.severity, flag.severity)
             for sink in self.sinks:
                 sink.on_flag(self.record, flag)
         return raised
+
+    def _summary(self, dropped: int) -> Flag:
+        s = self.settings
+        return Flag(
+            monitor=SUMMARY_MONITOR, severity=self.dropped_severity or Severity.INFO, score=1.0,
+            reason=(f"{dropped} flags are not in this verdict (server.max_flags_per_monitor = {s.max_flags_per_monitor}, "
+                    f"server.max_verdict_bytes = {s.max_verdict_bytes}); they were streamed as events, written to the "
+                    "audit log and counted; this flag carries their highest severity"),
+            attributes={"flags_dropped": str(dropped),
+                        **{f"dropped.{name}": str(count) for name, count in sorted(self.dropped_by_monitor.items())}},
+        )
 
     def _guard(self, monitor: Monitor, phase: str, call: Callable[[], Any]) -> Any:
         if monitor.name in self.disabled:
@@ -145,7 +185,7 @@ class Session:
     def _failed(self, monitor: Monitor, phase: str, err: Exception) -> None:
         self.disabled.add(monitor.name)
         self.metrics.monitor_errors.labels(monitor.name, "exception").inc()
-        self.errors.append(f"{monitor.name}: {phase} raised {type(err).__name__}: {err}")
+        self.errors.append(f"{monitor.name}: {phase} raised {type(err).__name__}: {err}"[:MAX_ERROR_CHARS])
         log.error("monitor_failed", request_id=self.meta.request_id, monitor=monitor.name, phase=phase,
                   error=f"{type(err).__name__}: {err}")
         if self.settings.policy == "fail_closed":
@@ -159,3 +199,14 @@ class Session:
             self.metrics.monitor_errors.labels(monitor.name, "overrun").inc()
             log.warning("monitor_overrun", request_id=self.meta.request_id, monitor=monitor.name,
                         phase=phase, seconds=round(elapsed, 4), budget_s=self.settings.budget_s)
+
+
+def wire_size(flag: Flag) -> int:
+    """An upper bound on the flag's size in a Verdict (protobuf): each field's bytes plus 6 for its tag and
+    length, 5 per position; what the verdict budget counts, without building the message."""
+    size = 16 + len(flag.monitor.encode()) + len(flag.reason.encode())
+    for key, value in flag.attributes.items():
+        size += 18 + len(str(key).encode()) + len(str(value).encode())
+    for evidence in flag.evidence:
+        size += 30 + 5 * len(evidence.positions) + len(evidence.snippet.encode())
+    return size

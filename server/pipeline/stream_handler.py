@@ -26,6 +26,7 @@ class Outcome(str, enum.Enum):
     """How a request ended: the `outcome` label of canvaswatch_requests_total (values are the contract)."""
 
     OK = "ok"
+    TRUNCATED = "truncated"  # ok, but the verdict left out flags past the per-request bounds (it says how many)
     INVALID = "invalid"  # refused: bad input, or a step the sidecar is not configured for
     INCOMPLETE = "incomplete"  # input ended without the final message
     CANCELLED = "cancelled"  # the client went away
@@ -69,7 +70,7 @@ class StreamHandler:
                 events.extend(pb.MonitorEvent(request_id=request_id, flag=flag_to_pb(flag)) for flag in flags)
                 events.append(pb.MonitorEvent(request_id=request_id, verdict=verdict_to_pb(verdict)))
                 self.finished = True
-                self.outcome = Outcome.OK
+                self.outcome = Outcome.TRUNCATED if verdict.flags_dropped else Outcome.OK
         except StepError:
             self.outcome = Outcome.INVALID
             raise

@@ -15,3 +15,6 @@ class SessionVerdict:
     steps_seen: int
     steps_dropped: int
     monitor_errors: tuple[str, ...]
+    # Flags raised but left out of `flags` by the per-request bounds (server.max_flags_per_monitor,
+    # server.max_verdict_bytes); `flags` then ends with one summary flag from monitor "canvaswatch".
+    flags_dropped: int = 0

@@ -4,19 +4,39 @@ from __future__ import annotations
 
 from canvaswatch.monitors.base import Evidence, Flag, RequestMeta, Severity
 from canvaswatch.server.errors import invalid
-from canvaswatch.server.pipeline.session import SessionVerdict
+from canvaswatch.server.pipeline.verdict import SessionVerdict
 from canvaswatch.v1 import monitor_pb2 as pb
 
+# Client strings reach logs, the audit log (every flag's line repeats them) and, for `model`, a metrics
+# label: each is bounded so that one request cannot make any of them large.
 MAX_REQUEST_ID = 256
+MAX_MODEL = 256
+MAX_TENANT = 256
+MAX_ATTRIBUTES = 64
+MAX_ATTRIBUTE_KEY = 128
+MAX_ATTRIBUTE_VALUE = 16384  # labelled traces carry label position ranges here
+DEFAULT_MAX_PROMPT_IDS = 32768  # server.max_prompt_ids
 
 
-def request_meta(info: pb.RequestInfo, where: str) -> RequestMeta:
+def request_meta(info: pb.RequestInfo, where: str, max_prompt_ids: int = DEFAULT_MAX_PROMPT_IDS) -> RequestMeta:
     if not info.request_id:
         raise invalid(f"{where}.request_id: required")
     if len(info.request_id) > MAX_REQUEST_ID:
         raise invalid(f"{where}.request_id: longer than {MAX_REQUEST_ID} characters")
     if info.canvas_length < 1:
         raise invalid(f"{where}.canvas_length: required and > 0")
+    if len(info.model) > MAX_MODEL:
+        raise invalid(f"{where}.model: {len(info.model)} characters, longer than {MAX_MODEL}")
+    if len(info.tenant) > MAX_TENANT:
+        raise invalid(f"{where}.tenant: {len(info.tenant)} characters, longer than {MAX_TENANT}")
+    if len(info.prompt_ids) > max_prompt_ids:
+        raise invalid(f"{where}.prompt_ids: {len(info.prompt_ids)} ids, more than server.max_prompt_ids = {max_prompt_ids}")
+    if len(info.attributes) > MAX_ATTRIBUTES:
+        raise invalid(f"{where}.attributes: {len(info.attributes)} entries, more than {MAX_ATTRIBUTES}")
+    for key, value in info.attributes.items():
+        if len(key) > MAX_ATTRIBUTE_KEY or len(value) > MAX_ATTRIBUTE_VALUE:
+            raise invalid(f"{where}.attributes[{key[:MAX_ATTRIBUTE_KEY]!r}]: keys are at most {MAX_ATTRIBUTE_KEY} "
+                          f"characters and values at most {MAX_ATTRIBUTE_VALUE}")
     return RequestMeta(
         request_id=info.request_id,
         model=info.model,
