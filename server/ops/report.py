@@ -4,7 +4,8 @@ Per block, a grid with one row per denoising step and one column per canvas
 position, each cell coloured by its top-1 probability (hover: the token and
 its probability); cells where a settled token flipped are marked, cells named
 in a flag's evidence are outlined, and a last row gives each position's
-commit step (settle order). Above: the request, its flags with their evidence.
+commit step (settle order). A legend says what the colours and marks mean;
+the position axis is labelled every AXIS_EVERY columns. Above: the request, its flags with their evidence.
 Below: the final text with flagged positions highlighted. No external assets:
 one file to attach to an incident.
 """
@@ -20,6 +21,8 @@ import numpy as np
 from canvaswatch.monitors.base import Flag, RequestMeta, Vocabulary
 
 SETTLED = 0.8
+AXIS_EVERY = 10  # position labels on the grid's axis
+LEGEND_PROBS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @dataclass
@@ -61,6 +64,7 @@ def render(history: RequestHistory, vocab: Vocabulary) -> str:
                      f'<b>{html.escape(flag.monitor)}</b> <span class="sev">{flag.severity.name}</span> '
                      f'{html.escape(flag.reason)}<div class="evidence">{evidence}</div></li>')
     parts.append("</ol>")
+    parts.append(_legend())
     blocks = sorted({block for block, *_ in history.steps})
     for block in blocks:
         rows = [(step, ids, probs) for b, step, ids, probs in history.steps if b == block]
@@ -103,8 +107,11 @@ def _grid(block: int, rows: list[tuple[int, np.ndarray, np.ndarray]], vocab: Voc
     length = len(rows[0][1]) if rows else 0
     commit = _commit_steps(rows)
     out = [f'<h2>Block {block}</h2><div class="scroll"><table class="grid" data-block="{block}" '
-           f'data-positions="{length}" data-steps="{len(rows)}"><thead><tr><th>step</th>']
-    out += [f"<th>{p}</th>" for p in range(length)]
+           f'data-positions="{length}" data-steps="{len(rows)}"><thead><tr><th>step ↓ · position →</th>']
+    # A number every AXIS_EVERY columns, spanning them: one per 9-pixel column would overlap.
+    for start in range(0, length, AXIS_EVERY):
+        span = min(AXIS_EVERY, length - start)
+        out.append(f'<th class="axis" colspan="{span}" data-axis="{start}">{start}</th>')
     out.append("</tr></thead><tbody>")
     previous_ids = previous_probs = None
     for step, ids, probs in rows:
@@ -140,6 +147,19 @@ def _commit_steps(rows: list[tuple[int, np.ndarray, np.ndarray]]) -> list[int]:
     return commit.tolist()
 
 
+def _legend() -> str:
+    """What the grid's colours and marks mean, with the same colour function the cells use."""
+    scale = "".join(f'<span class="swatch" style="background:{_colour(p)}" data-prob="{p:.2f}"></span>'
+                    f'<span class="tick">{p:g}</span>' for p in LEGEND_PROBS)
+    return ('<div class="legend"><b>How to read the grid</b>: one row per denoising step (top to bottom), one '
+            'column per canvas position (left to right); hover a cell for its top-1 token and probability.'
+            f'<div class="scale">top-1 probability {scale}</div>'
+            '<div><span class="swatch flip-key"></span> a token that had held at '
+            f'≥ {SETTLED:g} was replaced at this step · <span class="swatch flagged-key"></span> named in a '
+            "flag's evidence · last row: the step from which each position's final token held at "
+            f"≥ {SETTLED:g} (its commit step)</div></div>")
+
+
 def _colour(prob: float) -> str:
     # pale for noise, deep blue once confident: the canvas settling is visible at a glance
     lightness = 96 - int(min(max(prob, 0.0), 1.0) * 60)
@@ -167,4 +187,9 @@ table.grid{{border-collapse:collapse}} .grid th{{font:10px monospace;color:#666;
 .settle td{{font:9px monospace;color:#444;text-align:center}}
 .final{{white-space:pre-wrap;font-family:ui-monospace,monospace;background:#f6f8fa;padding:12px;border-radius:6px}}
 mark.flagged-span{{background:#fecaca}}
+.legend{{font-size:12px;color:#333;margin:12px 0;line-height:1.8}} .legend .scale{{margin:4px 0}}
+.swatch{{display:inline-block;width:14px;height:14px;vertical-align:middle;border:1px solid #ccc;margin:0 2px}}
+.tick{{font:10px monospace;margin-right:8px}} .flip-key{{box-shadow:inset 0 0 0 2px #f59e0b}}
+.flagged-key{{outline:2px solid #dc2626;outline-offset:-2px}}
+.grid th.axis{{text-align:left;border-left:1px solid #bbb}}
 </style></head><body>"""

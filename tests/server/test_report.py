@@ -30,6 +30,8 @@ class _Dom(HTMLParser):
         self.flagged_cells: list[tuple[str, str]] = []
         self.flags: list[dict[str, str]] = []
         self.marks = 0
+        self.axis: list[str] = []
+        self.swatches: list[str] = []
         self._row_step = ""
 
     def handle_starttag(self, tag, attrs):
@@ -47,6 +49,10 @@ class _Dom(HTMLParser):
             self.flags.append(attributes)
         elif tag == "mark":
             self.marks += 1
+        elif tag == "th" and "axis" in classes:
+            self.axis.append(attributes["data-axis"])
+        elif tag == "span" and "swatch" in classes and "data-prob" in attributes:
+            self.swatches.append(attributes["data-prob"])
 
 
 def _chromium(*args: str) -> subprocess.CompletedProcess:
@@ -81,6 +87,9 @@ def test_inspect_report_renders_the_grid_flags_and_evidence_in_chromium(vocab, t
     first_step = trace.info.total_steps // 4  # where the scenario plants the phrase
     assert dom.flagged_cells and all(step == str(first_step) for step, _ in dom.flagged_cells)
     assert dom.marks == len(dom.flagged_cells)  # the same positions marked in the final text
+    # A reader can tell what the colours mean and where a column is on the canvas.
+    assert dom.swatches == ["0.00", "0.25", "0.50", "0.75", "1.00"]
+    assert dom.axis == [str(p) for p in range(0, length, 10)]
 
 
 def test_flagged_requests_get_a_report_linked_from_the_audit_log(vocab, tmp_path: Path, dense):
