@@ -61,6 +61,11 @@ class StepQueue:
             self._on_put()
         return True
 
+    def count_dropped(self, steps: int) -> None:
+        """Count steps dropped before put() (the producer's own queue), under the same lock as put()."""
+        with self._lock:
+            self.dropped += steps
+
     def get(self, timeout: float | None = None) -> QueuedItem | None:
         """Next item (blocking up to timeout); None when closed and drained, or on timeout."""
         with self._ready:

@@ -75,6 +75,12 @@ class _StreamCore:
     def dropped(self) -> int:
         return self.queue.dropped
 
+    def count_dropped(self, steps: int) -> None:
+        """Count steps the caller dropped before they reached the queue (an adapter's own bounded queue)."""
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        self.queue.count_dropped(steps)
+
     def enqueue(self, step: StepPayload, signals: SamplerSignals | None = None) -> bool:
         if self._finished:
             raise RuntimeError("send() after finish()")
@@ -156,6 +162,15 @@ class WatchStream:
     request_id = property(lambda self: self._core.request_id)
     dropped = property(lambda self: self._core.dropped, doc="Steps dropped so far (queue full or stream gone).")
     flags = property(lambda self: list(self._core.flags), doc="Flags received so far.")
+
+    @property
+    def done(self) -> bool:
+        """The call has ended: the verdict arrived, or the stream failed or was cancelled."""
+        return self._done.is_set()
+
+    def count_dropped(self, steps: int) -> None:
+        """Count `steps` the caller dropped before send(), so client_dropped_steps and the verdict include them."""
+        self._core.count_dropped(steps)
 
     def send(self, step: StepPayload, signals: SamplerSignals | None = None) -> bool:
         """Queue a step; never blocks. Returns False if it (or nothing) was dropped by the policy.

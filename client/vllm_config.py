@@ -1,0 +1,152 @@
+"""Settings of the vLLM plugin (canvaswatch.client.vllm): environment variables, or a TOML file.
+
+    CANVASWATCH_VLLM_TARGET=127.0.0.1:50051 vllm serve google/diffusiongemma-26B-A4B-it ...
+
+The plugin is enabled exactly when a target is set. Every key can come from the
+file named by CANVASWATCH_VLLM_CONFIG (top-level keys, as in the table below) or
+from CANVASWATCH_VLLM_<KEY> (upper case); the environment wins. Values are
+checked at start-up and an error names the key and where it came from.
+
+    key                 default   meaning
+    target              (unset)   sidecar address host:port; unset = plugin off
+    k                   8         tokens kept per position (the top-k bottleneck)
+    top_p               (unset)   keep the smallest top-k prefix reaching p instead (0 < p <= 1)
+    drop_policy         oldest    when a queue is full: "oldest" evicts, "newest" refuses the new step
+    max_pending         64        steps queued per request stream before dropping
+    step_queue          256       engine steps queued for the collector thread before dropping
+    send_canvas         true      also send the sampled canvas (canvas_ids, 4 bytes a position)
+    model               (vLLM's)  model name sent to the sidecar (default: the served model name)
+    tenant              ""        tenant sent to the sidecar
+    auth_token          (unset)   sent as "authorization: Bearer <token>"
+    verdict_timeout_s   30        how long a finished request's stream waits for its verdict
+    gate                off       gate mode (hold or abort on flags): not implemented yet, only "off"
+    gate_timeout_s      2.0       (gate) latency budget for a verdict
+    gate_fail           open      (gate) on timeout: "open" releases, "closed" withholds
+    gate_severity       CRITICAL  (gate) the severity that blocks
+
+No dependency beyond the standard library: it is read in every vLLM process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "CANVASWATCH_VLLM_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+GATE_MODES = ("off",)  # "hold" and "abort" come with gate mode (issue 15, item 4)
+SEVERITIES = ("INFO", "WARNING", "CRITICAL")
+
+
+class PluginConfigError(ValueError):
+    """A setting that cannot be used; the message names the key and its source."""
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    target: str = ""
+    k: int = 8
+    top_p: float | None = None
+    drop_policy: str = "oldest"
+    max_pending: int = 64
+    step_queue: int = 256
+    send_canvas: bool = True
+    model: str = ""
+    tenant: str = ""
+    auth_token: str = field(default="", repr=False)
+    verdict_timeout_s: float = 30.0
+    gate: str = "off"
+    gate_timeout_s: float = 2.0
+    gate_fail: str = "open"
+    gate_severity: str = "CRITICAL"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.target)
+
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.auth_token}")] if self.auth_token else []
+
+
+_KEYS = {name: spec.type for name, spec in PluginConfig.__dataclass_fields__.items()}
+
+
+def load_config(environ: Mapping[str, str] | None = None) -> PluginConfig:
+    """The plugin's settings from the file named by CANVASWATCH_VLLM_CONFIG, then the environment."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, tuple[Any, str]] = {}
+    path = environ.get(CONFIG_ENV, "").strip()
+    if path:
+        try:
+            table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise PluginConfigError(f"{CONFIG_ENV}={path}: cannot read it: {err}") from err
+        for key, value in table.items():
+            if key not in _KEYS:
+                raise PluginConfigError(f"{path}: unknown key {key!r}; known: {', '.join(sorted(_KEYS))}")
+            raw[key] = (value, f"{path}: {key}")
+    for key in _KEYS:
+        name = ENV_PREFIX + key.upper()
+        if name in environ:
+            raw[key] = (environ[name], name)
+    return _validated({key: _parse(key, value, source) for key, (value, source) in raw.items()},
+                      {key: source for key, (_, source) in raw.items()})
+
+
+def _parse(key: str, value: Any, source: str) -> Any:
+    kind = _KEYS[key]
+    try:
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if kind in ("float", "float | None"):
+            if isinstance(value, str) and value.strip() == "" and kind == "float | None":
+                return None
+            return float(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        return str(value).strip()
+    except (TypeError, ValueError):
+        raise PluginConfigError(f"{source}: expected {kind.replace(' | None', '')}, got {value!r}") from None
+
+
+def _validated(values: dict[str, Any], sources: dict[str, str]) -> PluginConfig:
+    def fail(key: str, message: str) -> PluginConfigError:
+        return PluginConfigError(f"{sources.get(key, key)}: {message}")
+
+    config = PluginConfig(**values)
+    if config.k < 1:
+        raise fail("k", f"must be >= 1, got {config.k}")
+    if config.top_p is not None and not (math.isfinite(config.top_p) and 0.0 < config.top_p <= 1.0):
+        raise fail("top_p", f"must be in (0, 1], got {config.top_p}")
+    if config.drop_policy not in ("oldest", "newest"):
+        raise fail("drop_policy", f"must be 'oldest' or 'newest', got {config.drop_policy!r}")
+    for key in ("max_pending", "step_queue"):
+        if getattr(config, key) < 1:
+            raise fail(key, f"must be >= 1, got {getattr(config, key)}")
+    for key in ("verdict_timeout_s", "gate_timeout_s"):
+        value = getattr(config, key)
+        if not (math.isfinite(value) and value > 0):
+            raise fail(key, f"must be a finite number of seconds > 0, got {value}")
+    if config.target and (":" not in config.target or config.target.startswith(":")):
+        raise fail("target", f"must be host:port, got {config.target!r}")
+    if config.gate not in GATE_MODES:
+        raise fail("gate", f"gate mode {config.gate!r} is not implemented in the vLLM plugin yet "
+                           f"(issue 15, item 4); only 'off' is accepted")
+    if config.gate_fail not in ("open", "closed"):
+        raise fail("gate_fail", f"must be 'open' or 'closed', got {config.gate_fail!r}")
+    if config.gate_severity.upper() not in SEVERITIES:
+        raise fail("gate_severity", f"must be one of {', '.join(SEVERITIES)}, got {config.gate_severity!r}")
+    return config
