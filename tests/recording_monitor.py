@@ -28,6 +28,8 @@ class Recorder:
             "request_id": state.request_id, "block": step.block, "step": step.step,
             "length": step.canvas_length, "vocab": step.vocab.size, "k": int(step.ids.shape[1]),
             "top1": step.top1.tolist(), "max_id": int(step.ids.max()),
+            # most tokens with a probability > 0 at any position, and the largest kept mass
+            "live": int((step.probs > 0).sum(-1).max()), "kept_max": float(step.probs.sum(-1).max()),
             # the sampler's signals, None when the client did not send them
             "accepted": _listed(step.accepted), "entropy": _listed(step.entropy),
             "argmax_ids": _listed(step.argmax_ids), "canvas_ids": _listed(step.canvas_ids),
