@@ -182,17 +182,22 @@ def _patch(module: Any) -> None:
         if watcher is None or not watcher.enabled:
             return step_fn(*args, **kwargs)
         bound = before = None
+        started = time.perf_counter()
         try:
             bound = step_signature.bind(*args, **kwargs).arguments
             before = watcher.before_tile(bound)
         except Exception:
             watcher.fail("before a sampler tile")
+        middle = time.perf_counter()
         step_fn(*args, **kwargs)
+        resumed = time.perf_counter()
         if before is not None:
             try:
                 watcher.after_tile(bound, before, getattr(_local, "stats", None))
             except Exception:
                 watcher.fail("after a sampler tile")
+        # what the plugin adds to the engine thread (on a GPU: kernel launches and copies queued, not run)
+        watcher.engine_seconds += (middle - started) + (time.perf_counter() - resumed)
 
     module.sample_row_stats, module.sample_row_stats_reference = sample_row_stats, sample_row_stats_reference
     module._compiled_sample_step = compiled_sample_step
@@ -234,7 +239,9 @@ class WatchingSampler:
             tiles = _local.tiles
             _local.watcher, _local.tiles, _local.stats = None, None, None
         if tiles:
+            started = time.perf_counter()
             watcher.submit(tiles, input_batch)
+            watcher.engine_seconds += time.perf_counter() - started
         return output
 
     def __getattr__(self, name: str) -> Any:
@@ -295,6 +302,7 @@ class Watcher:
         self.channel = channel or grpc.insecure_channel(config.target, options=channel_options())
         self.verdicts: collections.deque[pb.Verdict] = collections.deque(maxlen=1024)
         self.counters = collections.Counter()
+        self.engine_seconds = 0.0  # time the plugin spent on the engine thread (hooks and queueing)
         self._queue: collections.deque[tuple[str, Any]] = collections.deque()
         self._queued_steps = 0
         self._cond = threading.Condition()

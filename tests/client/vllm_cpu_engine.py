@@ -131,6 +131,7 @@ def main(out_path: str) -> None:
         "counters": dict(watcher.counters),
         "engine_steps": engine.steps,
         "sampler_seconds": sampler_seconds,
+        "plugin_engine_seconds": watcher.engine_seconds,
         "seconds": time.monotonic() - started,
         "vocab": VOCAB, "canvas": CANVAS, "entropy_bound": GEN_CONFIG["sampler_config"]["entropy_bound"],
     }
