@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from canvaswatch.monitors.base import Vocabulary
 from canvaswatch.server.transport.auth import BearerTokenInterceptor
-from canvaswatch.server.config import Config, ServerSection
+from canvaswatch.server.config import Config, ServerSection, load_config
 from canvaswatch.server.bottleneck.dense import DenseDecoder
 from canvaswatch.server.pipeline.engine import Engine
 from canvaswatch.server.ops.metrics import Metrics
@@ -45,6 +47,9 @@ class Sidecar:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
+        self._health: health.aio.HealthServicer | None = None
+        self.slots: StreamSlots | None = None
+        self.servicer: CanvasMonitorServicer | None = None
 
     async def start(self) -> int:
         s = self.config.server
@@ -53,6 +58,7 @@ class Sidecar:
         metrics = self.engine.metrics
         slots = StreamSlots(StreamLimits.of(s), metrics.active_streams, metrics.streams_refused, s.auth_tokens)
         servicer = CanvasMonitorServicer(self.engine, self.executor, slots)
+        self.slots, self.servicer = slots, servicer
         exposed = self.engine.metrics.registry
         if self.workers is None:
             server.add_generic_rpc_handlers((service_handler(servicer),))
@@ -60,7 +66,7 @@ class Sidecar:
             await self.workers.start()
             server.add_generic_rpc_handlers((relay_handler(RelayWatch(self.workers, self.engine.metrics, servicer.slots), servicer),))
             exposed = merged_registry(self.engine.metrics.registry, self.workers.metric_snapshots)
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:
@@ -95,6 +101,65 @@ class Sidecar:
         assert self._server is not None
         await self._server.wait_for_termination()
 
+    async def drain(self, grace: float, hurry: asyncio.Event | None = None) -> int:
+        """Shutdown, first half: refuse new streams (UNAVAILABLE, health NOT_SERVING), give the open ones
+        `grace` seconds (or until `hurry` is set) to finish, then cut the rest with UNAVAILABLE.
+        Returns how many were cut."""
+        slots = self.slots
+        if slots is None:
+            return 0
+        slots.draining = True
+        if self._health is not None:
+            for name in ("", SERVICE_NAME):
+                await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining", streams=slots.active, grace_s=grace)
+        waits = [asyncio.ensure_future(slots.idle.wait())]
+        if hurry is not None:
+            waits.append(asyncio.ensure_future(hurry.wait()))
+        await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in waits:
+            waiting.cancel()
+        cut = 0
+        if slots.active:
+            cut = slots.cut(f"server: shutting down; the stream was still open when server.drain_grace_s = {grace:g} s ran out")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(slots.idle.wait(), 5.0)  # the cut streams' handlers unwind
+        log.info("drained", cut=cut)
+        return cut
+
+    async def reload(self, path: str | None, overrides: dict | None = None) -> bool:
+        """SIGHUP: new streams get monitors (and [logging]) from `path`; open ones finish on the old engine.
+
+        [server], [vocab] and [dense] need a restart (a port, a matrix); a change to them is logged and
+        kept for the next start. With monitor worker processes nothing is reloaded (the workers build their
+        engines when they start): the reload is logged as unsupported. A config that does not validate is
+        refused with one line naming the key, and the running engine stays.
+        """
+        if self.workers is not None:
+            log.warning("config_reload_unsupported", reason="server.monitor_processes > 0: worker processes build "
+                        "their monitors at start; restart the sidecar to change them")
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            engine, restart = await loop.run_in_executor(self.executor, self._reloaded_engine, path, overrides or {})
+        except Exception as err:  # ConfigError names the key; a monitor that fails to build says why
+            log.error("config_reload_refused", error=str(err), kind=type(err).__name__)
+            return False
+        self.config, self.engine = engine.config, engine
+        if self.servicer is not None:
+            self.servicer.use(engine)
+        log.info("config_reloaded", monitors=[m.name for m in engine.monitors], needs_restart=restart)
+        return True
+
+    def _reloaded_engine(self, path: str | None, overrides: dict) -> tuple[Engine, list[str]]:
+        new = load_config(path)
+        new = new.with_server(**overrides) if overrides else new
+        restart = [name for name in ("server", "vocab", "dense") if getattr(new, name) != getattr(self.config, name)]
+        config = dataclasses.replace(self.config, monitors=new.monitors, logging=new.logging)
+        engine = Engine(config, self.vocab, metrics=self.engine.metrics, dense=self.engine.dense)
+        engine.warm_up()
+        return engine, restart
+
     async def stop(self, grace: float = 2.0) -> None:
         if self._server is not None:
             await self._server.stop(grace)
@@ -105,6 +170,8 @@ class Sidecar:
             self._metrics_http = None
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._stop_workers()
+        if self.servicer is not None:
+            self.servicer.close_retired()
         self.engine.close()
         log.info("sidecar_stopped")
 
@@ -127,6 +194,9 @@ def server_options(s: ServerSection) -> list[tuple[str, int]]:
         # connection is closed with GOAWAY too_many_pings, so pings cannot be used to keep the loop busy.
         ("grpc.http2.min_ping_interval_without_data_ms", int(s.min_ping_interval_s * 1000)),
         ("grpc.http2.max_ping_strikes", 2),
+        # gRPC sets SO_REUSEPORT by default, so a second sidecar on a port in use would start and take half
+        # the connections; without it the second bind fails and start-up names server.grpc_port.
+        ("grpc.so_reuseport", 0),
     ]
 
 

@@ -121,12 +121,24 @@ def _serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         sidecar = Sidecar(config)
         await sidecar.start()
-        stop = asyncio.Event()
+        stopping, hurry = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task] = set()
+
+        def stop() -> None:  # SIGTERM / SIGINT: drain; a second one cuts the drain short
+            (hurry if stopping.is_set() else stopping).set()
+
+        def reload() -> None:  # SIGHUP: monitors for new streams from the config file (docs/operations.md)
+            task = loop.create_task(sidecar.reload(args.config, overrides))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await sidecar.stop(grace=5.0)
+            loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        await stopping.wait()
+        await sidecar.drain(config.server.drain_grace_s, hurry)
+        await sidecar.stop(grace=1.0)
 
     asyncio.run(run())
     return 0

@@ -16,6 +16,7 @@
     max_prompt_ids = 32768         # info.prompt_ids longer than this are refused (INVALID_ARGUMENT)
     max_flags_per_monitor = 100    # flags one monitor may put in one verdict; the rest are counted and summarised
     max_verdict_bytes = 1048576    # a verdict stays under this (and under max_message_bytes) however many flags
+    drain_grace_s = 10.0           # SIGTERM: open streams get this long to finish; new ones are refused
     monitor_policy = "fail_open"   # or "fail_closed": a failed monitor makes the verdict CRITICAL
     monitor_budget_ms = 50.0       # per monitor per step; overruns are counted, not killed
     auth_tokens = []               # if set, calls need "authorization: Bearer <token>"
@@ -98,6 +99,9 @@ class ServerSection:
     max_prompt_ids: int = 32768
     max_flags_per_monitor: int = 100
     max_verdict_bytes: int = 1024 * 1024
+    # SIGTERM / SIGINT (docs/operations.md): streams already open get this long to finish before they are
+    # cut with UNAVAILABLE; a pod's terminationGracePeriodSeconds should exceed it.
+    drain_grace_s: float = 10.0
     monitor_policy: str = "fail_open"
     monitor_budget_ms: float = 50.0
     auth_tokens: list[str] = field(default_factory=list)
@@ -131,6 +135,8 @@ class ServerSection:
             value = getattr(self, key)
             if not 0 < value <= 86400:  # NaN fails this too
                 raise ValueError(f"{key}: must be in (0, 86400] seconds, got {value}")
+        if not 0 <= self.drain_grace_s <= 3600:
+            raise ValueError(f"drain_grace_s: must be in [0, 3600] seconds, got {self.drain_grace_s}")
         if not 0 <= self.max_prompt_ids <= 16 * 1024 * 1024:
             raise ValueError(f"max_prompt_ids: must be in [0, 16777216], got {self.max_prompt_ids}")
         if not 1 <= self.max_flags_per_monitor <= 100_000:

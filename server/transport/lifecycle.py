@@ -68,6 +68,8 @@ class StreamSlots:
         self.by_peer: collections.Counter[str] = collections.Counter()
         self.by_token: collections.Counter[int] = collections.Counter()
         self.draining = False  # set at shutdown: new streams are refused with UNAVAILABLE
+        self.cut_message: str | None = None  # set at the drain deadline: open streams end with UNAVAILABLE
+        self.tasks: set[asyncio.Task] = set()
         self.idle = asyncio.Event()  # set whenever no stream is open (the drain waits on it)
         self.idle.set()
 
@@ -97,9 +99,12 @@ class StreamSlots:
             self.by_token[token] += 1
         self.idle.clear()
         self.gauge.inc()
+        task = asyncio.current_task()
+        self.tasks.add(task)
         try:
             yield
         finally:
+            self.tasks.discard(task)
             self.active -= 1
             _release(self.by_peer, peer)
             if token is not None:
@@ -107,6 +112,13 @@ class StreamSlots:
             if not self.active:
                 self.idle.set()
             self.gauge.dec()
+
+    def cut(self, message: str) -> int:
+        """End every open stream (the drain deadline passed): each is aborted with UNAVAILABLE `message`."""
+        self.cut_message = message
+        for task in list(self.tasks):
+            task.cancel()
+        return len(self.tasks)
 
     async def receive(self, read: Awaitable[Any], index: int) -> Any:
         """What `read` gives (the stream's message[index]); a DEADLINE refusal if the client is silent past
@@ -164,8 +176,10 @@ async def watch_call(slots: StreamSlots, context: grpc.aio.ServicerContext, *,
                      on_end: Callable[[], None] = lambda: None, log_refusal: bool = True) -> AsyncIterator[None]:
     """The body runs in a stream slot; its StepError aborts the call, its cancellation is recorded
     (`on_cancel`), and `on_end` runs last, once, however the call ended (a call refused for want
-    of a slot never starts, so it runs neither)."""
+    of a slot never starts, so it runs neither). A stream cut at the drain deadline (StreamSlots.cut)
+    is aborted with UNAVAILABLE and counted as incomplete, not as a client's cancellation."""
     async with slots.held(context):
+        cut = False
         try:
             yield
         except StepError as failure:
@@ -174,10 +188,16 @@ async def watch_call(slots: StreamSlots, context: grpc.aio.ServicerContext, *,
                 log.warning("stream_rejected", request_id=request_id(), code=status.name, error=failure.message)
             await context.abort(status, failure.message)
         except asyncio.CancelledError:
-            on_cancel()
-            raise
+            if slots.cut_message is None:
+                on_cancel()
+                raise
+            cut = True
         finally:
             on_end()
+        if cut:
+            slots.refused.labels("drain_deadline").inc()
+            log.warning("stream_cut", request_id=request_id(), error=slots.cut_message)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, slots.cut_message)
 
 
 async def await_cancellation(finished: bool) -> None:

@@ -34,46 +34,81 @@ log = structlog.get_logger(__name__)
 
 class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
     def __init__(self, engine: Engine, executor: ThreadPoolExecutor, slots: StreamSlots) -> None:
-        self.engine = engine
+        self.engine = engine  # new streams' engine; a reload (SIGHUP) swaps it with use()
         self.executor = executor
         self.slots = slots
+        self._users: dict[Engine, int] = {}  # calls running on each engine
+        self._retired: list[Engine] = []  # replaced engines that calls still use; closed when the last ends
+
+    def use(self, engine: Engine) -> None:
+        """New calls go to `engine`; calls already open finish on the old one, which is closed after them."""
+        old, self.engine = self.engine, engine
+        if old in self._users:
+            self._retired.append(old)
+        else:
+            self.executor.submit(old.close)
+
+    def close_retired(self) -> None:
+        for engine in self._retired:
+            engine.close()
+        self._retired.clear()
+
+    def _borrow(self) -> Engine:
+        engine = self.engine
+        self._users[engine] = self._users.get(engine, 0) + 1
+        return engine
+
+    def _give_back(self, engine: Engine) -> None:
+        self._users[engine] -= 1
+        if self._users[engine] == 0:
+            del self._users[engine]
+            if engine in self._retired:
+                self._retired.remove(engine)
+                self.executor.submit(engine.close)
 
     async def Watch(self, request_iterator: AsyncIterator[pb.StepState], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.MonitorEvent]:
-        handler = StreamHandler(self.engine)
+        engine = self._borrow()  # the stream stays on this engine even if a reload swaps self.engine
+        handler = StreamHandler(engine)
         loop = asyncio.get_running_loop()
 
         def cancelled() -> None:
             handler.outcome = Outcome.CANCELLED
 
-        async with watch_call(self.slots, context, request_id=lambda: handler.request_id,
-                              on_cancel=cancelled, on_end=handler.count):
-            async with contextlib.aclosing(_read_ahead(request_iterator, self.slots)) as messages:
-                try:
-                    async for message in messages:
-                        if isinstance(message, Undecodable):
-                            handler.outcome = Outcome.INVALID
-                            raise message.refusal(f"message[{handler.index}]")
-                        if is_heavy(message):
-                            events = await loop.run_in_executor(self.executor, handler.feed, message)
-                        else:
-                            events = handler.feed(message)
-                        for event in events:
-                            yield event
-                except StepError as err:
-                    if err.refusal is Refusal.DEADLINE and not handler.finished:
-                        handler.outcome = Outcome.INCOMPLETE  # the client went silent before its final message
-                    raise
-            await await_cancellation(handler.finished)
-            handler.end()
+        try:
+            async with watch_call(self.slots, context, request_id=lambda: handler.request_id,
+                                  on_cancel=cancelled, on_end=handler.count):
+                async with contextlib.aclosing(_read_ahead(request_iterator, self.slots)) as messages:
+                    try:
+                        async for message in messages:
+                            if isinstance(message, Undecodable):
+                                handler.outcome = Outcome.INVALID
+                                raise message.refusal(f"message[{handler.index}]")
+                            if is_heavy(message):
+                                events = await loop.run_in_executor(self.executor, handler.feed, message)
+                            else:
+                                events = handler.feed(message)
+                            for event in events:
+                                yield event
+                    except StepError as err:
+                        if err.refusal is Refusal.DEADLINE and not handler.finished:
+                            handler.outcome = Outcome.INCOMPLETE  # the client went silent before its final message
+                        raise
+                await await_cancellation(handler.finished)
+                handler.end()
+        finally:
+            self._give_back(engine)
 
     async def Check(self, request: pb.Trace, context: grpc.aio.ServicerContext) -> pb.Verdict:
         loop = asyncio.get_running_loop()
+        engine = self._borrow()
         try:
             if isinstance(request, Undecodable):
                 raise request.refusal("request")
-            verdict = await loop.run_in_executor(self.executor, self.engine.check_trace, request)
+            verdict = await loop.run_in_executor(self.executor, engine.check_trace, request)
         except StepError as err:
             await context.abort(grpc_status(err.refusal), err.message)
+        finally:
+            self._give_back(engine)
         return verdict_to_pb(verdict)
 
     async def ListMonitors(self, request: pb.ListMonitorsRequest, context: grpc.aio.ServicerContext) -> pb.ListMonitorsResponse:
