@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import structlog
@@ -53,6 +54,7 @@ class Sidecar:
 
     async def start(self) -> int:
         s = self.config.server
+        credentials = server_credentials(s)  # before anything starts: a bad file stops nothing half-started
         interceptors = [BearerTokenInterceptor(s.auth_tokens)] if s.auth_tokens else []
         server = grpc.aio.server(options=server_options(s), interceptors=interceptors)
         metrics = self.engine.metrics
@@ -70,12 +72,15 @@ class Sidecar:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:
-            self.grpc_port = server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+            address = f"{s.host}:{s.grpc_port}"
+            self.grpc_port = (server.add_secure_port(address, credentials) if credentials is not None
+                              else server.add_insecure_port(address))
         except RuntimeError:  # grpc reports a failed bind as RuntimeError (older versions: port 0)
             self.grpc_port = 0
         if self.grpc_port == 0:
             self._stop_workers()
-            raise OSError(f"server.grpc_port: cannot bind {s.host}:{s.grpc_port} (in use?)")
+            why = "in use?" if not s.tls_cert else "in use, or server.tls_cert and tls_key not a certificate and its key?"
+            raise OSError(f"server.grpc_port: cannot bind {s.host}:{s.grpc_port} ({why})")
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -94,6 +99,7 @@ class Sidecar:
         self._server = server
         log.info("sidecar_started", grpc=f"{s.host}:{self.grpc_port}", metrics_port=self.metrics_port,
                  monitors=[m.name for m in self.engine.monitors], vocab_size=self.vocab.size,
+                 tls="mutual" if s.tls_client_ca else "on" if s.tls_cert else "off",
                  monitor_processes=s.monitor_processes)
         return self.grpc_port
 
@@ -198,6 +204,22 @@ def server_options(s: ServerSection) -> list[tuple[str, int]]:
         # the connections; without it the second bind fails and start-up names server.grpc_port.
         ("grpc.so_reuseport", 0),
     ]
+
+
+def server_credentials(s: ServerSection) -> grpc.ServerCredentials | None:
+    """TLS credentials from server.tls_cert / tls_key, requiring client certificates signed by tls_client_ca
+    when it is set; None for a plaintext port. A file that is not PEM is an OSError naming its key."""
+    if not s.tls_cert:
+        return None
+    pem = {}
+    for key in ("tls_cert", "tls_key", "tls_client_ca"):
+        if getattr(s, key):
+            pem[key] = Path(getattr(s, key)).read_bytes()
+            if b"-----BEGIN " not in pem[key]:  # gRPC would only say "Invalid cert chain file" on stderr
+                raise OSError(f"server.{key}: {getattr(s, key)!r} is not a PEM file")
+    chain = (pem["tls_key"], pem["tls_cert"])
+    client_ca = pem.get("tls_client_ca")
+    return grpc.ssl_server_credentials([chain], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 class SidecarThread:

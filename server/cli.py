@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="overrides server.host")
     serve.add_argument("--monitor-processes", type=int,
                        help="overrides server.monitor_processes (N > 0: decode and monitor in N worker processes)")
+    serve.add_argument("--tls-cert", help="overrides server.tls_cert (PEM; serve TLS, with --tls-key)")
+    serve.add_argument("--tls-key", help="overrides server.tls_key (PEM private key)")
+    serve.add_argument("--tls-client-ca", help="overrides server.tls_client_ca (PEM; require client certificates)")
 
     demo = sub.add_parser("demo", help="a sidecar on its defaults plus simulated traffic, to see it work")
     demo.add_argument("--requests", type=int, default=None,
@@ -54,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("trace")
     replay.add_argument("--target", required=True, help="HOST:PORT of the sidecar")
     replay.add_argument("--token", help="bearer token, if the sidecar requires one")
+    replay.add_argument("--tls-ca", help="PEM CA bundle: connect with TLS, trusting this CA (server.tls_cert's issuer)")
+    replay.add_argument("--tls-cert", help="PEM client certificate, for a sidecar with server.tls_client_ca (with --tls-key)")
+    replay.add_argument("--tls-key", help="PEM private key of --tls-cert")
     replay.add_argument("--json", action="store_true")
 
     record = sub.add_parser("simulate", help="write simulated traces (labelled SIMULATED) to a .cwtrace file")
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     given = (("grpc_port", args.grpc_port), ("metrics_port", args.metrics_port), ("host", args.host),
-             ("monitor_processes", args.monitor_processes))
+             ("monitor_processes", args.monitor_processes), ("tls_cert", args.tls_cert), ("tls_key", args.tls_key),
+             ("tls_client_ca", args.tls_client_ca))
     overrides = {key: value for key, value in given if value is not None}
     config = config.with_server(**overrides) if overrides else config
     configure_logging(config.logging.level)
@@ -241,7 +248,15 @@ def _replay(args: argparse.Namespace) -> int:
     from canvaswatch.client.trace import read_traces
 
     metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
-    with grpc.insecure_channel(args.target, options=channel_options()) as channel:
+    if args.tls_ca:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(args.tls_ca).read_bytes(),
+            private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
+            certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None)
+        channel = grpc.secure_channel(args.target, credentials, options=channel_options())
+    else:
+        channel = grpc.insecure_channel(args.target, options=channel_options())
+    with channel:
         for index, trace in enumerate(read_traces(args.trace)):
             try:
                 verdict = replay(trace, channel, metadata=metadata)

@@ -20,6 +20,9 @@
     monitor_policy = "fail_open"   # or "fail_closed": a failed monitor makes the verdict CRITICAL
     monitor_budget_ms = 50.0       # per monitor per step; overruns are counted, not killed
     auth_tokens = []               # if set, calls need "authorization: Bearer <token>"
+    tls_cert = ""                  # PEM certificate chain: the gRPC port serves TLS (with tls_key)
+    tls_key = ""                   # PEM private key of tls_cert
+    tls_client_ca = ""             # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
     workers = 2                    # threads for dense steps, finishes and Check
     monitor_processes = 0          # > 0: decode and monitor in N worker processes (several cores)
 
@@ -105,6 +108,10 @@ class ServerSection:
     monitor_policy: str = "fail_open"
     monitor_budget_ms: float = 50.0
     auth_tokens: list[str] = field(default_factory=list)
+    # TLS for the gRPC port (docs/operations.md); tls_client_ca makes it mutual. Bearer tokens work on top.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
     workers: int = 2
     # 0: decode and monitor on the gRPC process's event loop. N > 0: N worker processes do it and the
     # gRPC process relays bytes (server/workers/pool.py); for more streams than one core can monitor.
@@ -135,6 +142,14 @@ class ServerSection:
             value = getattr(self, key)
             if not 0 < value <= 86400:  # NaN fails this too
                 raise ValueError(f"{key}: must be in (0, 86400] seconds, got {value}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert: tls_cert and tls_key go together (the certificate and its private key)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca: mutual TLS needs the server's own tls_cert and tls_key")
+        for key in ("tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, key)
+            if value and not Path(value).is_file():
+                raise ValueError(f"{key}: no such file {value!r}")
         if not 0 <= self.drain_grace_s <= 3600:
             raise ValueError(f"drain_grace_s: must be in [0, 3600] seconds, got {self.drain_grace_s}")
         if not 0 <= self.max_prompt_ids <= 16 * 1024 * 1024:
@@ -245,7 +260,12 @@ class Config:
         return built
 
     def with_server(self, **overrides: Any) -> "Config":
-        return dataclasses.replace(self, server=dataclasses.replace(self.server, **overrides))
+        """This config with [server] keys replaced (command-line flags), validated like the file's."""
+        try:
+            server = dataclasses.replace(self.server, **overrides)
+        except ValueError as err:
+            raise ConfigError(f"server.{err}") from None
+        return dataclasses.replace(self, server=server)
 
 
 _SECTIONS = {"server": ServerSection, "vocab": VocabSection, "dense": DenseSection, "logging": LoggingSection}
