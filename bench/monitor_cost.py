@@ -1,14 +1,16 @@
-"""Per-step cost of decoding and of each default monitor, at L in {256, 1024}, k = 8.
+"""Per-step cost of decoding and of each default monitor, per traffic profile, at L in {256, 1024}, k = 8.
 
-    python bench/monitor_cost.py [--lengths 256,1024] [--steps 200]
+    python bench/monitor_cost.py [--lengths 256,1024] [--steps 200] [--profiles default,hot,high_entropy]
 
-Steps are SIMULATED canvases (a text settling left to right over random
-vocabulary noise, the throughput benchmark's generator); each
+Steps are SIMULATED requests on the simulator's calibrated profiles (bench/traffic.py:
+the bundled texts tiled over the canvas, consecutive blocks of each profile's own
+step count; `synthetic` is the generator of the figures before issue 12); each
 monitor then runs over freshly decoded steps in a new request (so the canvas
 text each builds is inside its timing; in the server, monitors share it).
-Prints microseconds per step (mean over the steps, best of 3 passes), and
-the default set as the server runs it: all monitors on each step, sharing
-what they share (the canvas text, the phrase matcher pass).
+Prints one table per profile: microseconds per step (mean over the steps, best
+of 3 passes), and the default set as the server runs it: all monitors on each
+step, sharing what they share (the canvas text, the phrase matcher pass).
+`--extras` adds the two monitors that need a file (below) to every table.
 
 Also the two monitors that need a file: `probe` (8 random linear probes over
 d = 640 hidden states sent with each step) and `classifier` (a BERT-sized-down
@@ -20,13 +22,14 @@ texts classified per second in batches).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from throughput import make_steps  # noqa: E402
+from traffic import PROFILE_NAMES, profile_steps  # noqa: E402
 
 from canvaswatch.monitors.base import RequestMeta  # noqa: E402
 from canvaswatch.server.config import default_config  # noqa: E402
@@ -49,21 +52,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="256,1024")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--profiles", default=",".join(PROFILE_NAMES),
+                        help="comma-separated: default, hot, high_entropy (calibrated), synthetic (pre-issue-12)")
+    parser.add_argument("--extras", action="store_true", help="also time the probe and the classifier hand-off")
     args = parser.parse_args()
     vocab = load_vocabulary()
     engine = Engine(default_config(), vocab, dense=DenseDecoder(None, vocab.size))
     lengths = [int(x) for x in args.lengths.split(",")]
+    for profile in args.profiles.split(","):
+        table(engine, vocab, profile, lengths, args.steps, args.extras)
+
+
+def table(engine: Engine, vocab, profile: str, lengths: list[int], steps: int, extras: bool) -> None:
+    """One profile's table: decode, each monitor alone, the default set together (us per step)."""
     rows: dict[str, list[float]] = {}
     pipelines: list[float] = []
+    traffic = {length: profile_steps(profile, length, steps, vocab) for length in lengths}
     for length in lengths:
-        messages = make_steps(length, args.steps)
+        messages = traffic[length]
         rows.setdefault("decode (topk form)", []).append(
             best_of(3, lambda _: [engine.decoder.decode(m, length, "bench") for m in messages]) / len(messages))
-        meta = RequestMeta("bench", "bench", "", (), length, args.steps)
+        meta = RequestMeta("bench", "bench", "", (), length, steps)
 
         def fresh() -> list:
             # new DecodedSteps each pass: their cached text and views are computed inside the timing
-            return [engine.decoder.decode(m, length, "bench") for m in messages]
+            return decode_all(engine, messages, length)
 
         for monitor in engine.monitors:
             def run(decoded, monitor=monitor):
@@ -80,8 +93,9 @@ def main() -> None:
                 for monitor, state in states:
                     monitor.on_step(state, step)
         pipelines.append(best_of(3, pipeline, fresh) / len(messages))
-    extra_rows(rows, lengths, args.steps, engine)
-    print(f"# per-step cost, k=8, {args.steps} SIMULATED steps, best of 3, microseconds")
+    if extras:
+        extra_rows(rows, lengths, traffic, engine)
+    print(f"\n# profile {profile}: per-step cost, k=8, {steps} SIMULATED steps, best of 3, microseconds", flush=True)
     print("| stage | " + " | ".join(f"L={length}" for length in lengths) + " |")
     print("|---|" + "---|" * len(lengths))
     for name, costs in rows.items():
@@ -89,11 +103,22 @@ def main() -> None:
     totals = [sum(costs[i] for costs in rows.values()) for i in range(len(lengths))]
     print("| **total** | " + " | ".join(f"{t * 1e6:.0f}" for t in totals) + " |")
     print("| **decode + default set as the server runs it** | "
-          + " | ".join(f"{(rows['decode (topk form)'][i] + p) * 1e6:.0f}" for i, p in enumerate(pipelines)) + " |")
+          + " | ".join(f"{(rows['decode (topk form)'][i] + p) * 1e6:.0f}" for i, p in enumerate(pipelines)) + " |",
+          flush=True)
 
 
-def extra_rows(rows: dict[str, list[float]], lengths: list[int], steps: int, engine: Engine) -> None:
-    import dataclasses
+def decode_all(engine: Engine, messages: list, length: int) -> list:
+    """Decoded steps as the server hands them to monitors: new_block set on each block's first step."""
+    decoded, block = [], None
+    for message in messages:
+        step = engine.decoder.decode(message, length, "bench")
+        if step.block != block:
+            step, block = dataclasses.replace(step, new_block=True), step.block
+        decoded.append(step)
+    return decoded
+
+
+def extra_rows(rows: dict[str, list[float]], lengths: list[int], traffic: dict[int, list], engine: Engine) -> None:
     import tempfile
 
     import torch
@@ -109,12 +134,12 @@ def extra_rows(rows: dict[str, list[float]], lengths: list[int], steps: int, eng
     probe = ProbeMonitor(ProbeParams(path=str(directory / "probes.safetensors")))
     classifier = ClassifierMonitor(ClassifierParams(model=_tiny_classifier(directory / "classifier"), every_n_steps=4))
     for length in lengths:
-        messages = make_steps(length, steps)
-        meta = RequestMeta("bench", "bench", "", (), length, steps)
+        messages = traffic[length]
+        meta = RequestMeta("bench", "bench", "", (), length, len(messages))
         hidden = torch.randn(length, 640)
 
         def fresh() -> list:
-            return [dataclasses.replace(engine.decoder.decode(m, length, "bench"), hidden=hidden) for m in messages]
+            return [dataclasses.replace(step, hidden=hidden) for step in decode_all(engine, messages, length)]
 
         for name, monitor in (("probe (8 labels, d=640)", probe), ("classifier (hand-off, every 4th step)", classifier)):
             def run(decoded, monitor=monitor):

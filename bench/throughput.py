@@ -1,12 +1,15 @@
 """Top-k path throughput: the sidecar with its default monitors vs a bare gRPC echo, same messages, same run.
 
     python bench/throughput.py [--lengths 256,1024] [--streams 1,8] [--steps 200] [--monitor-processes 0,2] [--repeats 7]
+                               [--profiles default,hot,high_entropy]
 
 Both servers run as separate processes on 127.0.0.1 (grpc.aio, same message
 size limits). The echo server implements the same Watch RPC but only reads
 each StepState and answers one empty Verdict at the end: the cost of moving
 and parsing the bytes. The client replays identical pre-serialised top-k
-steps (k = 8, SIMULATED canvases) to each, and prints steps/s and MB/s with
+steps (k = 8, SIMULATED requests on the simulator's calibrated profiles,
+bench/traffic.py says how a canvas of any length is filled; `synthetic` is the
+generator of the figures before issue 12) to each, and prints steps/s and MB/s with
 the sidecar/echo ratio (target: >= 0.5), and where /proc exists the CPU
 each server process spent per step (the echo; the sidecar's gRPC process;
 its busiest monitor worker), which shows what limits a run. `--monitor-processes` runs one
@@ -28,12 +31,13 @@ import threading
 import time
 
 import grpc
-import torch
 
 from canvaswatch.client.stream import channel_options
-from canvaswatch.client.tensors import encode_tensor
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from traffic import PROFILE_NAMES, profile_steps  # noqa: E402
 
 
 class EchoServicer(pb_grpc.CanvasMonitorServicer):
@@ -95,21 +99,6 @@ def _per_step(seconds: float, count: int) -> str:
     return "n/a" if seconds != seconds else f"{seconds / count * 1e6:.0f}"
 
 
-def make_steps(length: int, steps: int, k: int = 8) -> list[pb.StepState]:
-    """Structured canvases: a settling left-to-right text over noise (SIMULATED)."""
-    generator = torch.Generator().manual_seed(length)
-    target = torch.randint(1000, 262_144, (length,), generator=generator)
-    out = []
-    for step in range(steps):
-        ids = torch.randint(1000, 262_144, (length, k), generator=generator)
-        probs = torch.sort(torch.rand(length, k, generator=generator) * (0.09 / k), descending=True).values
-        settled = torch.arange(length) < (step + 1) * length // steps
-        ids[:, 0] = torch.where(settled, target, ids[:, 0])
-        probs[:, 0] = torch.where(settled, torch.tensor(0.9), probs[:, 0])
-        out.append(pb.StepState(step=step, topk=pb.TopK(ids=encode_tensor(ids.to(torch.int32)), probs=encode_tensor(probs))))
-    return out
-
-
 def drive(target: str, steps: list[pb.StepState], streams: int, length: int) -> tuple[float, float]:
     """All streams at once, each sending every step then final; returns (steps/s, MB/s)."""
     channel = grpc.insecure_channel(target, options=channel_options())
@@ -160,11 +149,15 @@ def main() -> None:
     parser.add_argument("--config", help="the sidecars' TOML config (default: the built-in one)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per row, echo and sidecar alternating; rates are medians, CPU columns means")
+    parser.add_argument("--profiles", default=",".join(PROFILE_NAMES),
+                        help="comma-separated traffic: default, hot, high_entropy (calibrated), synthetic (pre-issue-12)")
     parser.add_argument("--echo-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_port:
         asyncio.run(serve_echo(args.echo_port))
         return
+
+    from canvaswatch.server.bottleneck.vocab import load_vocabulary
 
     modes = [int(x) for x in args.monitor_processes.split(",")]
     echo_port = free_port()
@@ -181,11 +174,12 @@ def main() -> None:
             wait_ready(f"127.0.0.1:{port}")
         print(f"# top-k path throughput, k=8, {args.steps} steps per stream, default monitors, "
               f"{os.cpu_count()} cores, client and all servers on this machine (idle ones wait in epoll)")
-        print("| L | streams | monitor processes | echo steps/s | sidecar steps/s | ratio | echo MB/s | sidecar MB/s "
-              "| CPU us/step: echo | front | busiest worker |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for length in (int(x) for x in args.lengths.split(",")):
-            steps = make_steps(length, args.steps)
+        print("| profile | L | streams | monitor processes | echo steps/s | sidecar steps/s | ratio | echo MB/s "
+              "| sidecar MB/s | CPU us/step: echo | front | busiest worker |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        vocab = load_vocabulary()
+        for profile, length in ((p, int(x)) for p in args.profiles.split(",") for x in args.lengths.split(",")):
+            steps = profile_steps(profile, length, args.steps, vocab)
             for streams in (int(x) for x in args.streams.split(",")):
                 for port, mode in zip(grpc_ports, modes):
                     target = f"127.0.0.1:{port}"
@@ -203,7 +197,7 @@ def main() -> None:
                         busiest += max((cpu_seconds(pid) - used for pid, used in workers.items()), default=0.0)
                     (echo_rate, echo_mb), (side_rate, side_mb) = _median(echo_runs), _median(side_runs)
                     count = args.repeats * streams * len(steps)
-                    print(f"| {length} | {streams} | {mode} | {echo_rate:.0f} | {side_rate:.0f} | {side_rate / echo_rate:.2f} | "
+                    print(f"| {profile} | {length} | {streams} | {mode} | {echo_rate:.0f} | {side_rate:.0f} | {side_rate / echo_rate:.2f} | "
                           f"{echo_mb:.1f} | {side_mb:.1f} | {_per_step(echo_cpu, count)} | {_per_step(front, count)} | "
                           f"{_per_step(busiest, count) if mode else '-'} |", flush=True)
     finally:

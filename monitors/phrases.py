@@ -10,9 +10,13 @@ the union of several specs in one pass per step:
     case-sensitive regex with a literal prefix of 3+ characters (the default
     `AKIA...`) has it added to the Aho-Corasick pass as a gate and is scanned
     only on steps whose canvas holds it, so most steps never build the text;
-  - literals across the top-k alternatives: one vectorised lattice pass (a
-    lookup table maps each vocabulary id to a pattern-token column, then one
-    AND per token offset over every tokenisation of every pattern at once).
+  - literals across the top-k alternatives: one compiled walk of the canvas
+    through a trie of every tokenisation of every pattern. A per-vocabulary
+    table says which ids occur in some pattern at all; only kept slots holding
+    one of those advance the walk, so the work follows the alternatives that
+    could complete a pattern, not every alternative above `min_alt_prob`
+    (realistic undecided positions keep 5-8 tokens over 0.05, and common
+    words such as " the" belong to many phrases).
 The result is memoised on the step, so `lexicon` and `intermediate_context`
 together cost one matcher pass, not two. `link_phrase_matchers` gives the
 monitors of one engine their shared matcher; a monitor used alone matches with
@@ -65,13 +69,27 @@ class Sighting:
 
 @dataclass(frozen=True)
 class _Lattice:
-    """Token sequences of the literal patterns, padded into one matrix for a vectorised match."""
+    """Token sequences of the literal patterns, and the trie of them the per-step walk follows."""
 
     tokens: np.ndarray  # [U] distinct token ids
-    column_of: np.ndarray  # [V] int32: 1 + column of each vocabulary id, 0 = in no pattern
-    sequences: np.ndarray  # [S, M] column indices into tokens, U = padding (always matches)
+    column_of: np.ndarray  # [V] uint8/int32: 1 + column of each vocabulary id, 0 = in no pattern
+    sequences: np.ndarray  # [S, M] column indices into tokens, U = padding past a sequence's end
     pattern_of: np.ndarray  # [S] pattern index of each sequence
     lengths: np.ndarray  # [S]
+    # The trie over the sequences' columns (node 0 = root), children of each node sorted by column:
+    child_start: np.ndarray  # [N + 1] int64: node n's children are child_column/child_node[start[n]:start[n+1]]
+    child_column: np.ndarray  # [E] int64
+    child_node: np.ndarray  # [E] int64
+    depth: np.ndarray  # [N] int64: tokens from the root
+    out_start: np.ndarray  # [N + 1] int64: sequences ending at node n are out_sequence[out_start[n]:out_start[n+1]]
+    out_sequence: np.ndarray  # [S] int64
+    # The walk's scratch, reused by every step so a step costs nothing per trie node: two
+    # generations of active nodes, each node's last stamp, and the next unused stamp. Safe to
+    # share between streams: a kernel holds the GIL (canvaswatch.monitors.compiled), so one
+    # walk runs at a time per process, and each walk takes fresh stamps.
+    active: np.ndarray  # [2N] int64
+    stamp: np.ndarray  # [N] int64
+    next_stamp: np.ndarray  # [1] int64
 
 
 class PhraseMatcher:
@@ -174,30 +192,18 @@ class PhraseMatcher:
         lattice = self._lattice_for(step.vocab)
         if lattice is None:
             return {}
-        ids, probs = step.ids_np, step.probs_np
-        threshold = max(self.min_alt_prob, 1e-12)
-        if not _any_kept(ids, probs, lattice.column_of, threshold):
-            return {}  # the usual step: no pattern token kept anywhere
-        columns = lattice.column_of[ids]  # [L, k]: 1 + pattern-token column, 0 = none
-        present = (columns > 0) & (probs >= threshold)
-        length, width = ids.shape[0], lattice.sequences.shape[1]
-        distinct = len(lattice.tokens)
-        # member[pos, u]: pattern token u is kept at pos; rows past the canvas never match, the
-        # extra last column (sequence padding) always does.
-        member = np.zeros((length + width - 1, distinct + 1), dtype=bool)
-        rows, slots = np.nonzero(present)
-        member[rows, columns[rows, slots] - 1] = True
-        member[:, distinct] = True
-        hits = np.ones((length, lattice.sequences.shape[0]), dtype=bool)
-        for offset in range(width):
-            hits &= member[offset : offset + length][:, lattice.sequences[:, offset]]
+        starts, sequences = _lattice_hits(step.ids_np, step.probs_np, lattice, max(self.min_alt_prob, 1e-12))
+        if not len(starts):
+            return {}  # the usual step
         found: dict[int, Sighting] = {}
-        for position, sequence in np.argwhere(hits):
+        # Smallest start first, then smallest sequence number: each pattern reports its leftmost sighting.
+        for at in np.lexsort((sequences, starts)):
+            position, sequence = int(starts[at]), int(sequences[at])
             index = int(lattice.pattern_of[sequence])
             if index in found:
                 continue
             size = int(lattice.lengths[sequence])
-            positions = tuple(range(int(position), int(position) + size))
+            positions = tuple(range(position, position + size))
             phrase = step.vocab.decode(lattice.tokens[lattice.sequences[sequence, :size]].tolist())
             found[index] = Sighting(step.block, step.step, positions, _snippet(step, positions, phrase), "topk")
         return found
@@ -327,41 +333,122 @@ def _build_lattice(literals: list[tuple[int, str]], case_sensitive: bool, vocab:
         return None
     distinct = np.array(sorted({token for _, ids in sequences for token in ids}), dtype=np.int64)
     column = {int(token): i for i, token in enumerate(distinct)}
-    # The per-step lookup gathers L x k entries from this table at random: a 1-byte table (up to 255
-    # pattern tokens) stays in cache, a 4-byte one does not.
+    # The per-step walk gathers a kept slot's entry from this table at random: a 1-byte table (up
+    # to 255 pattern tokens) stays in cache, a 4-byte one does not.
     column_of = np.zeros(vocab.size, dtype=np.uint8 if len(distinct) < 256 else np.int32)
     column_of[distinct] = np.arange(1, len(distinct) + 1, dtype=np.int32)
     width = max(len(ids) for _, ids in sequences)
     matrix = np.full((len(sequences), width), len(distinct), dtype=np.int64)
     for row, (_, ids) in enumerate(sequences):
         matrix[row, : len(ids)] = [column[t] for t in ids]
+    children: list[dict[int, int]] = [{}]
+    depth = [0]
+    ends: list[list[int]] = [[]]
+    for row, (_, ids) in enumerate(sequences):
+        node = 0
+        for token in ids:
+            child = children[node].get(column[token])
+            if child is None:
+                child = children[node][column[token]] = len(children)
+                children.append({})
+                depth.append(depth[node] + 1)
+                ends.append([])
+            node = child
+        ends[node].append(row)
+    child_start = np.zeros(len(children) + 1, dtype=np.int64)
+    np.cumsum([len(c) for c in children], out=child_start[1:])
+    pairs = [sorted(c.items()) for c in children]
+    out_start = np.zeros(len(children) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in ends], out=out_start[1:])
     return _Lattice(
         tokens=distinct, column_of=column_of, sequences=matrix,
         pattern_of=np.array([index for index, _ in sequences]),
         lengths=np.array([len(ids) for _, ids in sequences]),
+        child_start=child_start,
+        child_column=np.array([c for p in pairs for c, _ in p], dtype=np.int64),
+        child_node=np.array([n for p in pairs for _, n in p], dtype=np.int64),
+        depth=np.array(depth, dtype=np.int64),
+        out_start=out_start,
+        out_sequence=np.array([row for e in ends for row in e], dtype=np.int64),
+        active=np.zeros(2 * len(children), dtype=np.int64),
+        stamp=np.full(len(children), -1, dtype=np.int64),
+        next_stamp=np.zeros(1, dtype=np.int64),
     )
 
 
-@kernel
-def _any_kept(ids, probs, column_of, threshold):
-    """Whether any pattern token (column_of > 0) is kept with at least `threshold` somewhere.
+def _lattice_hits(ids: np.ndarray, probs: np.ndarray, lattice: _Lattice,
+                  threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(start position, sequence number) of every sequence whose tokens are kept at consecutive positions."""
+    room = 64  # per call: streams may match at once on other threads
+    while True:
+        starts, sequences = np.empty(room, dtype=np.int64), np.empty(room, dtype=np.int64)
+        count = _walk_lattice(ids, probs, threshold, lattice.column_of, lattice.child_start, lattice.child_column,
+                              lattice.child_node, lattice.depth, lattice.out_start, lattice.out_sequence,
+                              lattice.active, lattice.stamp, lattice.next_stamp, starts, sequences)
+        if count <= room:
+            return starts[:count], sequences[:count]
+        room = count  # a canvas full of watched phrases: walk again with room for every hit
 
-    Slots are most probable first, so a row is read only down to its first slot under the
-    threshold: most slots never cost a (random, cache-missing) table lookup.
+
+@kernel
+def _walk_lattice(ids, probs, threshold, column_of, child_start, child_column, child_node, depth, out_start,
+                  out_sequence, active, stamp, next_stamp, hits_start, hits_sequence):
+    """Walk the canvas's kept pattern tokens through the trie; returns the hit count.
+
+    At position i the active nodes are the trie's prefixes kept at positions i - depth + 1 .. i.
+    Each kept slot (prob >= threshold) whose id is in some pattern extends the root and every
+    node active at i - 1 by one token; any other slot costs one probability load and, if kept,
+    one table lookup. So a step's work is L x k loads plus (active nodes + 1) x (kept pattern
+    tokens), whatever the mass on the rest of the row. `active` holds two generations of at
+    most N nodes each; `stamp[n] == base + i` marks n as already active at i (a token kept
+    twice at one position, or two paths to one node, count once), `base` being this walk's
+    first stamp, so no step clears the array.
     """
     length, k = ids.shape
+    nodes = depth.shape[0]
+    base = next_stamp[0]
+    next_stamp[0] = base + length
+    previous, current = 0, nodes  # offsets of the two generations in `active`
+    count_previous = 0
+    count = 0
+    room = hits_start.shape[0]
     for i in range(length):
         if i + 4 < length:  # the lookups of a row a few positions ahead, so their misses overlap
             for c in range(k):
-                if probs[i + 4, c] < threshold:
-                    break
-                prefetch(column_of, ids[i + 4, c])
+                if probs[i + 4, c] >= threshold:
+                    prefetch(column_of, ids[i + 4, c])
+        count_current = 0
         for c in range(k):
             if probs[i, c] < threshold:
-                break
-            if column_of[ids[i, c]] > 0:
-                return True
-    return False
+                continue
+            column = np.int64(column_of[ids[i, c]]) - 1
+            if column < 0:
+                continue
+            for a in range(-1, count_previous):
+                node = 0 if a < 0 else active[previous + a]
+                low, high = child_start[node], child_start[node + 1]
+                while low < high:  # binary search of the node's children for the column
+                    middle = (low + high) // 2
+                    if child_column[middle] < column:
+                        low = middle + 1
+                    else:
+                        high = middle
+                if low == child_start[node + 1] or child_column[low] != column:
+                    continue
+                child = child_node[low]
+                if stamp[child] == base + i:
+                    continue
+                stamp[child] = base + i
+                active[current + count_current] = child
+                count_current += 1
+                for o in range(out_start[child], out_start[child + 1]):
+                    if count < room:
+                        hits_start[count] = i - depth[child] + 1
+                        hits_sequence[count] = out_sequence[o]
+                    count += 1
+        previous, current = current, previous
+        count_previous = count_current
+    return count
 
 
 def _sighting(step: DecodedStep, start: int, stop: int, matched: str, via: str) -> Sighting:

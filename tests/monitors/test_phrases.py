@@ -91,3 +91,50 @@ def test_the_default_engine_shares_one_matcher_between_lexicon_and_intermediate_
     engine = Engine(default_config(), vocab, dense=DenseDecoder(None, vocab.size))
     monitors = {m.name: m for m in engine.monitors}
     assert monitors["lexicon"].phrases.matcher is monitors["intermediate_context"].phrases.matcher
+
+
+def _lattice_by_definition(matcher: PhraseMatcher, step) -> dict[int, tuple[int, ...]]:
+    """The top-k lattice's first sightings straight from the definition: every tokenisation of every
+    literal, at every start, each token kept (>= min_alt_prob, any slot) at consecutive positions;
+    per pattern the leftmost start, ties to the earlier tokenisation."""
+    lattice = matcher._lattice_for(step.vocab)
+    ids, probs = step.ids_np, step.probs_np
+    found: dict[int, tuple[int, ...]] = {}
+    for position in range(ids.shape[0]):
+        for sequence in range(len(lattice.lengths)):
+            index = int(lattice.pattern_of[sequence])
+            size = int(lattice.lengths[sequence])
+            if index in found or position + size > ids.shape[0]:
+                continue
+            tokens = lattice.tokens[lattice.sequences[sequence, :size]]
+            if all(((ids[position + j] == tokens[j]) & (probs[position + j] >= matcher.min_alt_prob)).any()
+                   for j in range(size)):
+                found[index] = tuple(range(position, position + size))
+    return found
+
+
+def test_the_lattice_walk_finds_what_the_definition_finds_on_crowded_top_k_rows(vocab):
+    # Rows where most kept slots hold pattern tokens (common words that several phrases share),
+    # in any slot order, some under the threshold: the trie walk must report exactly the
+    # definition's first sightings, whatever the mass on the rows.
+    import numpy as np
+    import torch
+
+    from canvaswatch.monitors.base import DecodedStep
+
+    patterns = ["on the mat", "the cat sat on the mat", "the the the", "mix bleach and ammonia", "cat"]
+    matcher = PhraseMatcher([LexiconMonitor(LexiconParams(patterns=patterns, regex=[])).phrase_spec])
+    lattice = matcher._lattice_for(vocab)
+    rng = np.random.default_rng(12)
+    pool = np.concatenate([lattice.tokens, [5000, 5001, 5002]])
+    checked = 0
+    for number in range(300):
+        length, k = int(rng.integers(1, 40)), 8
+        ids = rng.choice(pool, size=(length, k))
+        probs = rng.choice([0.0, 0.01, 0.049, 0.05, 0.1, 0.3], size=(length, k)).astype(np.float32)
+        step = DecodedStep(block=0, step=number, ids=torch.from_numpy(ids), probs=torch.from_numpy(probs), vocab=vocab)
+        expected = _lattice_by_definition(matcher, step)
+        got = {index: sighting.positions for index, sighting in matcher._match_lattice(step).items()}
+        assert got == expected, number
+        checked += len(expected)
+    assert checked > 300  # the rows are crowded enough that most steps hold several patterns
