@@ -406,6 +406,7 @@ def _walk_lattice(ids, probs, threshold, column_of, child_start, child_column, c
     """
     length, k = ids.shape
     nodes = depth.shape[0]
+    vocabulary = column_of.shape[0]
     base = next_stamp[0]
     next_stamp[0] = base + length
     previous, current = 0, nodes  # offsets of the two generations in `active`
@@ -419,9 +420,12 @@ def _walk_lattice(ids, probs, threshold, column_of, child_start, child_column, c
                     prefetch(column_of, ids[i + 4, c])
         count_current = 0
         for c in range(k):
-            if probs[i, c] < threshold:
+            if not probs[i, c] >= threshold:  # NaN is not kept, as in the definition's `probs >= threshold`
                 continue
-            column = np.int64(column_of[ids[i, c]]) - 1
+            token = ids[i, c]
+            if token < 0 or token >= vocabulary:  # no pattern token; never read outside the table
+                continue
+            column = np.int64(column_of[token]) - 1
             if column < 0:
                 continue
             for a in range(-1, count_previous):

@@ -127,11 +127,13 @@ def test_the_lattice_walk_finds_what_the_definition_finds_on_crowded_top_k_rows(
     lattice = matcher._lattice_for(vocab)
     rng = np.random.default_rng(12)
     pool = np.concatenate([lattice.tokens, [5000, 5001, 5002]])
+    outside = np.array([-1, vocab.size, vocab.size + 7])  # never a pattern token, and never read past the table
     checked = 0
     for number in range(300):
         length, k = int(rng.integers(1, 40)), 8
         ids = rng.choice(pool, size=(length, k))
-        probs = rng.choice([0.0, 0.01, 0.049, 0.05, 0.1, 0.3], size=(length, k)).astype(np.float32)
+        ids[:, 1:] = np.where(rng.random((length, k - 1)) < 0.05, rng.choice(outside, size=(length, k - 1)), ids[:, 1:])
+        probs = rng.choice([0.0, 0.01, 0.049, 0.05, 0.1, 0.3, np.nan], size=(length, k)).astype(np.float32)
         step = DecodedStep(block=0, step=number, ids=torch.from_numpy(ids), probs=torch.from_numpy(probs), vocab=vocab)
         expected = _lattice_by_definition(matcher, step)
         got = {index: sighting.positions for index, sighting in matcher._match_lattice(step).items()}
