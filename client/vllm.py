@@ -39,6 +39,7 @@ light client alone, and vLLM is imported when the plugin attaches.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import importlib.abc
 import importlib.util
@@ -77,8 +78,9 @@ def register() -> None:
     try:
         config = load_config()
     except ValueError as err:
-        # A wrong setting must be seen at start-up, not silently ignored: vLLM logs and continues.
-        log.error("canvaswatch plugin disabled: %s", err)
+        # A wrong setting must be seen at start-up, not silently ignored: load_general_plugins() does
+        # not catch what a plugin raises, so vLLM stops with this message, which names the key.
+        log.error("canvaswatch plugin: %s", err)
         raise
     if not config.enabled:
         log.debug("canvaswatch plugin: CANVASWATCH_VLLM_TARGET not set, not attaching")
@@ -315,6 +317,8 @@ class Watcher:
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="canvaswatch-vllm-collector", daemon=True)
         self._thread.start()
+        # at interpreter exit, send what is queued and end the open streams (briefly: shutdown must not hang)
+        atexit.register(self.close, 2.0)
 
     # -- engine thread ------------------------------------------------------------------------
 
@@ -602,6 +606,8 @@ class Watcher:
         return False
 
     def close(self, timeout: float = 5.0) -> None:
+        if self._stop:
+            return
         self.flush(timeout)
         with self._cond:
             self._stop = True
