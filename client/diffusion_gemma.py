@@ -56,6 +56,7 @@ import grpc
 import torch
 
 from canvaswatch.client.sampler_signals import SamplerSignals, entropy
+from canvaswatch.client.gate import Gate, GatePolicy
 from canvaswatch.client.token_bottleneck import Bottleneck, bottleneck
 from canvaswatch.client.stream import WatchStream, channel_options, new_request_id
 from canvaswatch.v1 import monitor_pb2 as pb
@@ -66,7 +67,8 @@ class CanvasWatchStreamer:
 
     def __init__(self, target: str | grpc.Channel, *, request_id: str | None = None, model: str = "diffusion-gemma",
                  tenant: str = "", k: int = 8, top_p: float | None = None, max_pending: int = 8,
-                 drop_policy: str = "oldest", total_steps: int = 0, metadata: Sequence[tuple[str, str]] = ()) -> None:
+                 drop_policy: str = "oldest", total_steps: int = 0, metadata: Sequence[tuple[str, str]] = (),
+                 gate: GatePolicy | Gate | None = None) -> None:
         # transformers hands put_draft the full logits only when this is true (see the module docstring).
         self._takes_logits = True
         self._owns_channel = isinstance(target, str)
@@ -83,6 +85,10 @@ class CanvasWatchStreamer:
         self.step = 0
         self.steps_sent = 0
         self._prompt_seen = False
+        # Gate mode (client/gate.py): stop generate() at the next step after a severe flag, hold the
+        # output until the verdict. None: monitor only.
+        self.gate = Gate(gate) if isinstance(gate, GatePolicy) else gate
+        self.gate_verdicts: list[pb.Verdict] | None = None
 
     # ---- the transformers streamer hooks ----------------------------------------------------
 
@@ -102,6 +108,7 @@ class CanvasWatchStreamer:
             self.step = 0
 
     def put_draft(self, value: torch.Tensor | None = None, logits: torch.Tensor | None = None, **_: object) -> None:
+        self._check_gate()
         if logits is None or not self._takes_logits:
             return  # on-device mode: the hook already sent this step's top-k
         self._emit(logits.shape[0], logits.shape[1], functools.partial(self._build_from_logits, logits))
@@ -112,6 +119,7 @@ class CanvasWatchStreamer:
         See attach_bottleneck. Nothing here waits for the device: the copies start now and the
         sender thread waits for them.
         """
+        self._check_gate()
         ids, probs = kept.ids, kept.probs
         if ids.is_cuda:
             # Start the small copies now without waiting; the sender thread waits on the event.
@@ -128,6 +136,9 @@ class CanvasWatchStreamer:
     def end(self) -> None:
         for row, stream in enumerate(self.streams):
             stream.finish(self.outputs[row] if row < len(self.outputs) else [])
+        if self.gate is not None and self.gate.policy.hold:
+            # generate() calls end() before it returns: raising here keeps the output from the caller.
+            self.gate_verdicts = self.gate.release(self.streams)
 
     # ---- results ----------------------------------------------------------------------------
 
@@ -146,6 +157,14 @@ class CanvasWatchStreamer:
 
     # ---- internals --------------------------------------------------------------------------
 
+    def _check_gate(self) -> None:
+        """Once a step, from the denoising loop: one Event check; raises GenerationBlocked after a severe flag."""
+        if self.gate is None or not self.gate.tripped:
+            return
+        for stream in self.streams:
+            stream.cancel()  # the request ends here; the sidecar counts it as cancelled
+        self.gate.check()
+
     def _open(self, batch: int, canvas_length: int) -> None:
         for row in range(batch):
             info = pb.RequestInfo(
@@ -156,7 +175,8 @@ class CanvasWatchStreamer:
                 attributes={"k": str(self.k), **({"top_p": str(self.top_p)} if self.top_p else {})},
             )
             self.streams.append(WatchStream(self._channel, info, max_pending=self.max_pending,
-                                            drop_policy=self.drop_policy, metadata=self.metadata))
+                                            drop_policy=self.drop_policy, metadata=self.metadata,
+                                            on_event=self.gate.on_event if self.gate is not None else None))
 
     def _emit(self, batch: int, canvas_length: int, build) -> None:
         if not self.streams:
