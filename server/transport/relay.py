@@ -24,7 +24,6 @@ from canvaswatch.server.transport.lifecycle import StreamSlots, await_cancellati
 from canvaswatch.server.transport.servicer import CanvasMonitorServicer, service_handler
 from canvaswatch.server.workers.pool import MonitorWorkers, RelayStream
 from canvaswatch.server.workers.protocol import StreamEnd, StreamStatus
-from canvaswatch.v1 import monitor_pb2 as pb
 
 log = structlog.get_logger(__name__)
 
