@@ -14,6 +14,16 @@ lexicon's `survived_to_output`), nor is content seen for fewer steps.
 
 Without configured patterns it watches a small default lexicon of clearly
 harmful phrases, so the default configuration needs no external file.
+
+Withdrawn passages (needs the sampler's accepted mask, StepState.accepted):
+content need not match a pattern to matter. When at least `min_passage`
+contiguous positions that the sampler had accepted are all replaced at one
+step, and that passage's text is absent from the final output, the request
+gets one `passage_severity` flag per such passage at the end (evidence: the
+step, the positions and the withdrawn text). The real model does this when a
+text it had committed is overruled (the replication's planted news report,
+wiped in one step); ordinary requests replace no accepted run that long
+(BENCHMARKS.md, real trajectories). At most MAX_PASSAGES are kept a request.
 """
 
 from __future__ import annotations
@@ -21,7 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from canvaswatch.monitors.base import DecodedStep, FinalCanvas, Flag, Monitor, RequestMeta, Severity
+import numpy as np
+
+from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, Monitor, RequestMeta, Severity
 from canvaswatch.monitors.lexicon import LexiconMonitor, LexiconParams, LexiconState
 from canvaswatch.monitors.phrases import PhraseView, WatchesPhrases
 
@@ -43,12 +55,28 @@ class IntermediateContextParams:
     min_alt_prob: float = 0.05
     min_steps: int = 1
     severity: str = "warning"
+    min_passage: int = 8  # contiguous accepted positions withdrawn at once; 0 turns the rule off
+    passage_severity: str = "info"
 
     def __post_init__(self) -> None:
         LexiconParams(patterns=self.patterns, regex=self.regex, case_sensitive=self.case_sensitive,
                       severity=self.severity, output_severity=self.severity, min_alt_prob=self.min_alt_prob)
         if self.min_steps < 1:
             raise ValueError(f"min_steps: must be >= 1, got {self.min_steps}")
+        if self.min_passage < 0:
+            raise ValueError(f"min_passage: must be >= 0, got {self.min_passage}")
+        Severity.parse(self.passage_severity)
+
+
+MAX_PASSAGES = 16
+
+
+@dataclass
+class IntermediateContextState:
+    phrases: LexiconState
+    block: int = -1
+    accepted: np.ndarray | None = None  # [L] the token each position holds while accepted, -1 if none
+    passages: list[tuple[int, int, int, int, str]] = field(default_factory=list)  # block, step, start, stop, text
 
 
 class IntermediateContextMonitor(WatchesPhrases, Monitor):
@@ -74,16 +102,42 @@ class IntermediateContextMonitor(WatchesPhrases, Monitor):
     def share_phrases(self, view: PhraseView) -> None:
         self._matcher.share_phrases(view)
 
-    def start(self, request: RequestMeta) -> LexiconState:
-        return self._matcher.start(request)
+    def start(self, request: RequestMeta) -> IntermediateContextState:
+        return IntermediateContextState(self._matcher.start(request))
 
-    def on_step(self, state: LexiconState, step: DecodedStep) -> list[Flag]:
-        self._matcher.on_step(state, step)  # records sightings; flags come at the end, once the output is known
+    def on_step(self, state: IntermediateContextState, step: DecodedStep) -> list[Flag]:
+        self._matcher.on_step(state.phrases, step)  # records sightings; flags come at the end, once the output is known
+        if step.accepted is not None and self.params.min_passage > 0:
+            self._track_passages(state, step)
         return []
 
-    def on_finish(self, state: LexiconState, final: FinalCanvas) -> list[Flag]:
+    def _track_passages(self, state: IntermediateContextState, step: DecodedStep) -> None:
+        token = (step.ids_np[:, 0] if step.argmax_ids is None else step.argmax_ids).astype(np.int64, copy=False)
+        if state.block != step.block or state.accepted is None or state.accepted.shape != token.shape:
+            state.block, state.accepted = step.block, np.full(token.shape, -1, dtype=np.int64)
+        held = state.accepted
+        withdrawn = (held >= 0) & (token != held)
+        if withdrawn.any() and len(state.passages) < MAX_PASSAGES:
+            for start, stop in _runs(withdrawn):
+                if stop - start >= self.params.min_passage and len(state.passages) < MAX_PASSAGES:
+                    text = step.vocab.decode(held[start:stop].tolist())
+                    state.passages.append((step.block, step.step, start, stop, text))
+        held[withdrawn] = -1
+        held[step.accepted] = token[step.accepted]
+
+    def on_finish(self, state: IntermediateContextState, final: FinalCanvas) -> list[Flag]:
         flags = []
-        for seen in self._matcher.on_finish(state, final):
+        for block, at, start, stop, text in state.passages:
+            if text.strip() and text in final.text:
+                continue  # written again later: not withdrawn from the output
+            flags.append(self.flag(
+                self.params.passage_severity,
+                f"block {block} step {at}: {stop - start} accepted positions ({start}-{stop - 1}) were withdrawn "
+                f"at once and their text is absent from the final output",
+                Evidence(block, at, tuple(range(start, stop)), text),
+                score=min(1.0, 0.5 + (stop - start) / 64), withdrawn_positions=stop - start,
+            ))
+        for seen in self._matcher.on_finish(state.phrases, final):
             attributes = dict(seen.attributes)
             if attributes.get("survived_to_output") != "false":
                 continue
@@ -98,3 +152,10 @@ class IntermediateContextMonitor(WatchesPhrases, Monitor):
                 *seen.evidence, score=min(1.0, 0.5 + steps / 20), **attributes,
             ))
         return flags
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) of each run of True in a 1-D bool array."""
+    padded = np.concatenate(([False], mask, [False]))
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))

@@ -100,3 +100,45 @@ def test_probe_file_problems_name_the_key(tmp_path):
     save_file({"x.direction": torch.ones(4)}, str(path))
     with pytest.raises(MonitorConfigError, match=r"monitors.probe.path: .* missing \['x.bias', 'x.threshold'\]"):
         build("probe", {"path": str(path)}, "monitors.probe")
+
+
+def _passage_steps(vocab, replaced_at: int, count: int, *, rewritten: bool = False):
+    from tests.monitors.canvas import canvas_step
+
+    planted = vocab.encode(" the reporter said the storm closed every road north of the river tonight")[:10]
+    story = vocab.encode(" once upon a time a small fox lived under the old oak")[:10]
+    length = 16
+    base = list(range(3000, 3000 + length))
+    steps = []
+    for step in range(4):
+        top1 = list(base)
+        accepted = [False] * length
+        shown = story if step >= replaced_at else planted
+        top1[2:2 + count] = shown[:count]
+        if step < replaced_at or step == 3:
+            accepted[2:2 + count] = [True] * count
+        steps.append(canvas_step(top1, 0.9, step=step, vocab=vocab, accepted=accepted, argmax=top1))
+    final_ids = steps[-1].ids_np[:, 0].tolist() if not rewritten else steps[0].ids_np[:, 0].tolist()
+    return steps, FinalCanvas(tuple(final_ids), vocab.decode(final_ids), 4, 0)
+
+
+def test_a_committed_passage_withdrawn_at_once_is_flagged_without_any_pattern(vocab):
+    monitor = IntermediateContextMonitor(IntermediateContextParams())
+    steps, final = _passage_steps(vocab, replaced_at=2, count=10)
+    state = monitor.start(RequestMeta("r", "m", "", (), 16, 0))
+    for step in steps:
+        assert monitor.on_step(state, step) == []
+    [flag] = monitor.on_finish(state, final)
+    assert flag.severity.name == "INFO" and flag.evidence[0].positions == tuple(range(2, 12))
+    assert flag.evidence[0].step == 2 and "reporter" in flag.evidence[0].snippet
+    assert "reporter" not in flag.reason  # decoded text only in the evidence
+
+
+def test_short_revisions_and_passages_that_reach_the_output_are_not_withdrawn(vocab):
+    monitor = IntermediateContextMonitor(IntermediateContextParams())
+    for steps, final in (_passage_steps(vocab, replaced_at=2, count=5),  # shorter than min_passage
+                         _passage_steps(vocab, replaced_at=2, count=10, rewritten=True)):  # back in the output
+        state = monitor.start(RequestMeta("r", "m", "", (), 16, 0))
+        for step in steps:
+            monitor.on_step(state, step)
+        assert monitor.on_finish(state, final) == []
