@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 
+from canvaswatch.client.trace import TraceFileError
 from canvaswatch.server.config import ConfigError, load_config
 from canvaswatch.server.bottleneck.embedding import EmbeddingError
 from canvaswatch.server.ops.logs import configure_logging
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     replay = sub.add_parser("replay", help="stream a .cwtrace file to a running sidecar")
     replay.add_argument("trace")
-    replay.add_argument("--target", required=True, help="HOST:PORT of the sidecar")
+    replay.add_argument("--target", required=True, type=_host_port, help="HOST:PORT of the sidecar")
     replay.add_argument("--token", help="bearer token, if the sidecar requires one")
     replay.add_argument("--tls-ca", help="PEM CA bundle: connect with TLS, trusting this CA (server.tls_cert's issuer)")
     replay.add_argument("--tls-cert", help="PEM client certificate, for a sidecar with server.tls_client_ca (with --tls-key)")
@@ -77,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
 
     inspect = sub.add_parser("inspect", help="render a trace's denoising timeline as one self-contained HTML file")
     inspect.add_argument("trace")
-    inspect.add_argument("-o", "--output", required=True, help="report.html (several traces: report-<n>.html)")
+    inspect.add_argument("-o", "--output", required=True,
+                         help="report.html; a file of several requests needs --request (which one) or --all "
+                              "(report-<request id>.html each)")
+    inspect.add_argument("--request", help="the request id to render, when the file holds several")
+    inspect.add_argument("--all", action="store_true", help="one report per request: <output stem>-<request id>.html")
     inspect.add_argument("--config")
 
     imported = sub.add_parser("import", help="turn a real DiffusionGemma capture into a .cwtrace file (docs/importers.md)")
@@ -110,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a port in use, an unreadable trace file: say what, not a traceback
         print(f"canvaswatch: {err}", file=sys.stderr)
         return 1
+    except TraceFileError as err:  # a file that is not a .cwtrace (or a truncated one)
+        print(f"canvaswatch: {err}", file=sys.stderr)
+        return 2
     except (EmbeddingError, VocabularyError, WorkerStartError) as err:  # what start-up loads or spawns
         print(f"canvaswatch: cannot start: {err}", file=sys.stderr)
         return 1
@@ -238,7 +246,7 @@ def _check(args: argparse.Namespace) -> int:
         except StepError as err:
             print(f"canvaswatch: trace {index}: {grpc_status(err.refusal).name}: {err.message}", file=sys.stderr)
             return 1
-        _print_verdict(verdict, args.json)
+        _print_verdict(verdict, args.json, _simulated(trace))
     return 0
 
 
@@ -263,7 +271,7 @@ def _replay(args: argparse.Namespace) -> int:
             except WatchError as err:
                 print(f"canvaswatch: trace {index}: {err}", file=sys.stderr)
                 return 1
-            _print_verdict(verdict, args.json)
+            _print_verdict(verdict, args.json, _simulated(trace))
     return 0
 
 
@@ -337,8 +345,19 @@ def _inspect(args: argparse.Namespace) -> int:
     from canvaswatch.server.transport.status import grpc_status
     from canvaswatch.server.ops.report import write_report
 
-    engine = _offline_engine(args.config)
     traces = list(read_traces(args.trace))
+    ids = [_request_id(trace) for trace in traces]
+    if args.request is not None:
+        if args.request not in ids:
+            print(f"canvaswatch: inspect: no request {args.request!r} in {args.trace} (it holds "
+                  f"{_some(ids)})", file=sys.stderr)
+            return 2
+        traces = [traces[ids.index(args.request)]]
+    elif len(traces) > 1 and not args.all:
+        print(f"canvaswatch: inspect: {args.trace} holds {len(traces)} requests ({_some(ids)}); choose one with "
+              f"--request ID, or write one report each with --all", file=sys.stderr)
+        return 2
+    engine = _offline_engine(args.config)
     output = Path(args.output)
     for index, trace in enumerate(traces):
         try:
@@ -346,7 +365,8 @@ def _inspect(args: argparse.Namespace) -> int:
         except StepError as err:
             print(f"canvaswatch: trace {index}: {grpc_status(err.refusal).name}: {err.message}", file=sys.stderr)
             return 1
-        target = output if len(traces) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in history.meta.request_id)[:100] or str(index)
+        target = output if len(traces) == 1 else output.with_name(f"{output.stem}-{safe}{output.suffix}")
         write_report(history, engine.vocab, target)
         print(f"{history.meta.request_id}: {len(history.flags)} flags -> {target}")
     return 0
@@ -370,14 +390,37 @@ def _severity(value: int) -> str:
     return pb.Severity.Name(value) if value else "NONE"
 
 
-def _print_verdict(verdict, as_json: bool) -> None:
+def _request_id(trace) -> str:
+    info = trace.info if trace.info.request_id else (trace.steps[0].info if trace.steps else trace.info)
+    return info.request_id
+
+
+def _some(ids: list[str]) -> str:
+    return ", ".join(ids[:5]) + (f", ... ({len(ids)} in all)" if len(ids) > 5 else "")
+
+
+def _host_port(value: str) -> str:
+    """HOST:PORT for --target; a bare host would silently dial gRPC's default port 443."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:50051), got {value!r}")
+    return value
+
+
+def _simulated(trace) -> bool:
+    info = trace.info if trace.info.request_id else (trace.steps[0].info if trace.steps else trace.info)
+    return info.attributes.get("simulated") == "true"
+
+
+def _print_verdict(verdict, as_json: bool, simulated: bool = False) -> None:
     if as_json:
         from google.protobuf.json_format import MessageToDict
 
         print(json.dumps(MessageToDict(verdict, preserving_proto_field_name=True)))
         return
     print(f"{verdict.request_id}: max={_severity(verdict.max_severity)} flags={len(verdict.flags)} "
-          f"steps_seen={verdict.steps_seen} steps_dropped={verdict.steps_dropped}")
+          f"steps_seen={verdict.steps_seen} steps_dropped={verdict.steps_dropped}"
+          + (" (SIMULATED trace)" if simulated else ""))
     for flag in verdict.flags:
         print(f"  {flag.monitor} {_severity(flag.severity)}: {flag.reason}")
     for error in verdict.monitor_errors:

@@ -155,3 +155,38 @@ def test_an_unloadable_vocabulary_is_a_clear_error_not_a_traceback(tmp_path, cap
     assert main(["serve", "--config", str(config), "--grpc-port", "0", "--metrics-port", "-1"]) == 1
     err = capsys.readouterr().err
     assert "cannot start: vocab.tokenizer" in err and "Traceback" not in err
+
+
+def test_a_file_that_is_not_a_trace_gets_one_line_not_a_traceback(tmp_path, capsys):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("these are notes, not a .cwtrace file\n" * 4)
+    for command in (["check", str(junk)], ["inspect", str(junk), "-o", str(tmp_path / "r.html")],
+                    ["replay", str(junk), "--target", "127.0.0.1:9"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "notes.txt: record 0 is not a canvaswatch.v1.Trace" in err
+        assert "Traceback" not in err
+
+
+def test_a_target_without_a_port_is_refused_instead_of_dialling_443(trace_file, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["replay", str(trace_file), "--target", "localhost"])
+    assert exited.value.code == 2 and "expected HOST:PORT" in capsys.readouterr().err
+
+
+def test_check_says_simulated_for_simulated_traces(trace_file, capsys):
+    assert main(["check", str(trace_file)]) == 0
+    verdict_lines = [line for line in capsys.readouterr().out.splitlines() if " max=" in line]
+    assert len(verdict_lines) == 4 and all(line.endswith("(SIMULATED trace)") for line in verdict_lines)
+
+
+def test_inspect_writes_what_was_asked_for_a_file_of_several_requests(trace_file, tmp_path, capsys):
+    report = tmp_path / "report.html"
+    assert main(["inspect", str(trace_file), "-o", str(report)]) == 2  # several requests: which one?
+    assert "--request ID" in capsys.readouterr().err and not report.exists()
+    ids = [t.info.request_id for t in read_traces(trace_file)]
+    assert main(["inspect", str(trace_file), "-o", str(report), "--request", ids[1]]) == 0
+    assert report.exists() and ids[1] in report.read_text()
+    assert main(["inspect", str(trace_file), "-o", str(report), "--request", "nope"]) == 2
+    assert main(["inspect", str(trace_file), "-o", str(tmp_path / "all.html"), "--all"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("all-*.html")) == sorted(f"all-{i}.html" for i in ids)
