@@ -199,12 +199,18 @@ def _demo(args: argparse.Namespace) -> int:
     with ThreadPoolExecutor(args.concurrency) as pool:
         verdicts = list(pool.map(lambda t: replay(t, channel, on_event=show), traces))
     elapsed = time.perf_counter() - started
-    steps = sum(len(t.steps) for t in traces)
-    print("\nVerdicts:")
+    messages = sum(len(t.steps) for t in traces)
+    steps = sum(v.steps_seen for v in verdicts)
+    running = {m.name for m in sidecar.sidecar.engine.monitors}
+    print("\nVerdicts (expects: the monitors that should flag the planted phenomenon; off: not running here):")
     for kind, verdict in zip(kinds, verdicts):
+        expected = simulate.SCENARIO_LABELS.get(kind, ())
+        expects = ", ".join(m if m in running else f"{m} (off by default)" for m in expected) or "no flag"
         print(f"  {verdict.request_id:<32} planted={kind:<17} flags={len(verdict.flags):<2} "
-              f"max={_severity(verdict.max_severity):<8} steps_seen={verdict.steps_seen}")
-    print(f"\n{len(traces)} requests, {steps} steps in {elapsed:.2f} s over gRPC.")
+              f"max={_severity(verdict.max_severity):<8} steps_seen={verdict.steps_seen:<3} expects={expects}")
+    print(f"\n{len(traces)} requests, {messages} messages in {elapsed:.2f} s over gRPC: {steps} denoising steps "
+          f"(canvaswatch_steps_total) and {messages - steps} final messages, which carry each request's output "
+          f"rather than a step.")
     if sidecar.sidecar.metrics_port:
         url = f"http://127.0.0.1:{sidecar.sidecar.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
