@@ -139,19 +139,14 @@ HOT = Profile(
     natural_steps=64,
 )
 
-HIGH_ENTROPY = Profile(
+# The hot sampler's schedule, locks, drafts and answers; only the undecided positions' entropy differs.
+HIGH_ENTROPY = replace(
+    HOT,
     name="high_entropy",
     description="the hot sampler's schedule with every undecided position at 2-3 nats (top-1 0.15-0.35, the "
                 "next kept tokens 0.1-0.25 each) until it locks: the heaviest realistic top-k mass",
-    lock_mu=3.6, lock_sigma=0.225, lock_shift=24.0, order_corr=0.8,
-    change_prob=0.42, approach_steps=3, draft_own=0.07, draft_nearby=0.26, draft_frequent=0.67,
-    undecided_start=2.5, undecided_decay=1.0, undecided_floor=2.5, undecided_shape=1.0,
-    locked_entropy=1.0, locked_decay=0.3, entropy_jitter=0.0,
-    accept_mu=3.65, accept_sigma=0.17, accept_shift=3.0, accept_early=0.12, accepted_entropy=0.05,
-    answer_revise_prob=0.4, answer_lock_mu=2.2, answer_lock_sigma=0.8, answer_lock_shift=2.0,
-    answer_change_prob=0.5, answer_draft_entropy=1.5,
+    undecided_start=2.5, undecided_decay=1.0, undecided_floor=2.5, entropy_jitter=0.0,
     undecided_top1=(0.15, 0.35),
-    natural_steps=64,
 )
 
 # The default sampler's dynamics with no token of the text at an undecided position. With the
