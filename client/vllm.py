@@ -32,6 +32,8 @@ How it attaches (vLLM 0.33.0, read from its code):
   denoising steps belong to the next block. `remove_request` (end, abort, preemption) sends the
   final message with every committed canvas; a request preempted and resumed streams again
   under "<id>#2". Verdicts are logged (logger "canvaswatch.vllm") and kept in `Watcher.verdicts`.
+- Gate mode (`gate = "abort"`): a flag at or above `gate_severity` ends its request at the next engine
+  step, with finish_reason "abort" and a stop_reason naming the flags (canvaswatch.client.vllm_gate).
 
 Nothing here imports vLLM at module import time: `import canvaswatch.client.vllm` works with the
 light client alone, and vLLM is imported when the plugin attaches.
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import importlib.abc
 import importlib.util
 import inspect
@@ -57,6 +60,8 @@ import torch
 from canvaswatch.client.sampler_signals import SamplerSignals
 from canvaswatch.client.stream import WatchStream, channel_options
 from canvaswatch.client.token_bottleneck import from_candidates
+from canvaswatch.client.vllm_gate import (RUNNER_MODULE, SCHEDULER_MODULE, RequestGates, patch_runner, patch_scheduler,
+                                          policy_for, suppress)
 from canvaswatch.client.vllm_config import PluginConfig, load_config
 from canvaswatch.v1 import monitor_pb2 as pb
 
@@ -95,17 +100,25 @@ def install(config: PluginConfig) -> None:
         if _installed.get("hooked"):
             return
         _installed["hooked"] = True
-    if MODEL_MODULE in sys.modules:
-        _patch(sys.modules[MODEL_MODULE])
-    else:
-        # Importing the model module costs seconds (and GPU-side imports) in processes that never
-        # run the model, such as vLLM's API server: patch it when the worker imports it.
-        sys.meta_path.insert(0, _PatchOnImport())
+    hooks = [(MODEL_MODULE, _patch)]
+    if config.gate == "abort":
+        # the worker hands gated requests to the scheduler, which ends them (canvaswatch.client.vllm_gate)
+        hooks += [(RUNNER_MODULE, patch_runner), (SCHEDULER_MODULE, patch_scheduler)]
+    for name, patch in hooks:
+        if name in sys.modules:
+            patch(sys.modules[name])
+        else:
+            # Importing the model module costs seconds (and GPU-side imports) in processes that never
+            # run the model, such as vLLM's API server: patch each module when a process imports it.
+            sys.meta_path.insert(0, _PatchOnImport(name, patch))
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str, patch: Callable[[Any], None]) -> None:
+        self.name, self.patch = name, patch
+
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != MODEL_MODULE:
+        if fullname != self.name:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(fullname)
@@ -116,7 +129,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module: Any) -> None:
             original_exec(module)
-            _patch(module)
+            self.patch(module)
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
@@ -234,12 +247,15 @@ class WatchingSampler:
         watcher = self._watcher
         if not watcher.enabled or input_batch.num_draft_tokens == 0:
             return self._inner(logits, input_batch, *args, **kwargs)  # prefill: nothing denoised
+        gated = watcher.gated_rows(input_batch)  # gate mode: requests a severe flag has ended (usually none)
         _local.watcher, _local.tiles, _local.stats = watcher, [], None
         try:
             output = self._inner(logits, input_batch, *args, **kwargs)
         finally:
             tiles = _local.tiles
             _local.watcher, _local.tiles, _local.stats = None, None, None
+        if gated:
+            watcher.suppress(output, gated, input_batch)
         if tiles:
             started = time.perf_counter()
             watcher.submit(tiles, input_batch)
@@ -280,6 +296,7 @@ class _Request:
     stream: WatchStream | None = None
     outputs: list[int] = field(default_factory=list)
     steps_sent: int = 0
+    stream_failed: bool = False
     lost: int = 0
     closed_at: float = 0.0
 
@@ -297,6 +314,10 @@ class Watcher:
         self.vllm_version = vllm_version
         self.model = config.model or _served_model_name(model_state)
         self.on_verdict = on_verdict
+        # Gate mode: one client/gate.py Gate per request; tripped requests end at the next engine step.
+        self.gates = (RequestGates(policy_for(config.gate_severity), fail_closed=config.gate_fail == "closed")
+                      if config.gate == "abort" else None)
+        self._gated: dict[str, str] = {}  # requests suppressed since the model runner last took them
         # The block each slot is in, counted on the device at every commit, so a dropped step
         # record never puts later steps in the wrong block.
         self.block = torch.zeros(self.states.max_num_reqs, dtype=torch.int32, device=self.states.device)
@@ -331,8 +352,33 @@ class Watcher:
         self._put("open", (req_id, int(slot), prompt))
 
     def on_remove(self, req_id: str) -> None:
+        if self.gates is not None:
+            self.gates.close(str(req_id))
         if self.enabled:
             self._put("close", str(req_id))
+
+    def gated_rows(self, input_batch: Any) -> list[int]:
+        """Engine thread, before the sampler: the batch rows of requests the gate has ended."""
+        if self.gates is None:
+            return []
+        self.gates.steps_started += 1
+        return self.gates.rows([str(r) for r in list(input_batch.req_ids)[:input_batch.num_reqs]])
+
+    def suppress(self, output: Any, rows: list[int], input_batch: Any) -> None:
+        """Engine thread, after the sampler: the gated rows emit nothing; the scheduler is told to end them."""
+        assert self.gates is not None
+        suppress(output, rows, input_batch)
+        req_ids = list(input_batch.req_ids)
+        tripped = self.gates.tripped
+        for row in rows:
+            req_id = str(req_ids[row])
+            self._gated[req_id] = tripped.get(req_id, "canvaswatch gate")
+        self.counters["gated_steps"] += len(rows)
+
+    def take_gated(self) -> dict[str, str]:
+        """The model runner, after the step: requests to end ({vLLM request id: reason}), once each step."""
+        gated, self._gated = self._gated, {}
+        return gated
 
     def before_tile(self, a: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         slots = a["decode_slots"]
@@ -524,9 +570,11 @@ class Watcher:
                 attributes={"k": str(self.config.k), "engine": "vllm", "vllm_version": self.vllm_version,
                             "vllm_request_id": request.req_id,
                             **({"top_p": str(self.config.top_p)} if self.config.top_p else {})})
+            if self.gates is not None:
+                self.gates.open(request.req_id)
             request.stream = WatchStream(self.channel, info, max_pending=self.config.max_pending,
                                          drop_policy=self.config.drop_policy, metadata=self.config.metadata(),
-                                         on_event=self._on_event)
+                                         on_event=functools.partial(self._on_event, request.req_id))
         lost = self._take_lost(request)
         if lost:
             request.stream.count_dropped(lost)
@@ -539,6 +587,19 @@ class Watcher:
         request.stream.send(message, signals=signals)
         request.steps_sent += 1
         self.counters["steps_sent"] += 1
+        if request.stream.done and not request.stream_failed:
+            # The call ended before its final message: the sidecar is down or refused the stream. Serving
+            # goes on unjudged (fail-open, counted, logged) unless gate_fail is "closed".
+            request.stream_failed = True
+            self.counters["streams_failed"] += 1
+            try:
+                request.stream.result(0)  # done without a final message: raises the stream's error
+                error = "ended before its final message"
+            except Exception as err:
+                error = str(err)
+            log.warning("canvaswatch stream_failed request_id=%s error=%s", request.stream_id, error)
+            if self.gates is not None:
+                self.gates.on_stream_failed(request.req_id, error)
 
     def _take_lost(self, request: _Request) -> int:
         with self._cond:
@@ -572,13 +633,15 @@ class Watcher:
                 keep.append(request)
         self._finishing = keep
 
-    def _on_event(self, event: pb.MonitorEvent) -> None:
+    def _on_event(self, req_id: str, event: pb.MonitorEvent) -> None:
         # on a stream's receiver thread
         kind = event.WhichOneof("event")
         if kind == "flag":
             self.counters["flags"] += 1
             log.warning("canvaswatch flag request_id=%s monitor=%s severity=%s", event.request_id, event.flag.monitor,
                         pb.Severity.Name(event.flag.severity))
+            if self.gates is not None:
+                self.gates.on_event(req_id, event)
         elif kind == "verdict":
             verdict = event.verdict
             self.verdicts.append(verdict)

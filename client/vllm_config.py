@@ -19,10 +19,12 @@ checked at start-up and an error names the key and where it came from.
     tenant              ""        tenant sent to the sidecar
     auth_token          (unset)   sent as "authorization: Bearer <token>"
     verdict_timeout_s   30        how long a finished request's stream waits for its verdict
-    gate                off       gate mode (hold or abort on flags): not implemented yet, only "off"
-    gate_timeout_s      2.0       (gate) latency budget for a verdict
-    gate_fail           open      (gate) on timeout: "open" releases, "closed" withholds
-    gate_severity       CRITICAL  (gate) the severity that blocks
+    gate                off       "abort": a flag at or above gate_severity arriving mid-denoising ends
+                                  the request (finish_reason "abort"; see canvaswatch.client.vllm_gate);
+                                  "off": monitor only. "hold" is refused: see docs/serving.md
+    gate_severity       CRITICAL  (abort) the least severe flag that ends a request: INFO, WARNING, CRITICAL
+    gate_fail           open      (abort) when the request's stream to the sidecar fails (sidecar down):
+                                  "open" serves it unjudged (counted, logged), "closed" ends it too
 
 No dependency beyond the standard library: it is read in every vLLM process.
 """
@@ -32,13 +34,13 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 ENV_PREFIX = "CANVASWATCH_VLLM_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
-GATE_MODES = ("off",)  # "hold" and "abort" come with gate mode (issue 15, item 4)
+GATE_MODES = ("off", "abort")
 SEVERITIES = ("INFO", "WARNING", "CRITICAL")
 
 
@@ -60,7 +62,6 @@ class PluginConfig:
     auth_token: str = field(default="", repr=False)
     verdict_timeout_s: float = 30.0
     gate: str = "off"
-    gate_timeout_s: float = 2.0
     gate_fail: str = "open"
     gate_severity: str = "CRITICAL"
 
@@ -136,17 +137,19 @@ def _validated(values: dict[str, Any], sources: dict[str, str]) -> PluginConfig:
     for key in ("max_pending", "step_queue"):
         if getattr(config, key) < 1:
             raise fail(key, f"must be >= 1, got {getattr(config, key)}")
-    for key in ("verdict_timeout_s", "gate_timeout_s"):
-        value = getattr(config, key)
-        if not (math.isfinite(value) and value > 0):
-            raise fail(key, f"must be a finite number of seconds > 0, got {value}")
+    if not (math.isfinite(config.verdict_timeout_s) and config.verdict_timeout_s > 0):
+        raise fail("verdict_timeout_s", f"must be a finite number of seconds > 0, got {config.verdict_timeout_s}")
     if config.target and (":" not in config.target or config.target.startswith(":")):
         raise fail("target", f"must be host:port, got {config.target!r}")
+    if config.gate == "hold":
+        # Holding a committed block for its verdict cannot be done inside vLLM's engine step without
+        # stalling every other request of the batch (docs/serving.md says why and what to use instead).
+        raise fail("gate", "'hold' is not available in the vLLM plugin (docs/serving.md, \"Gate mode in vLLM\"); "
+                           "use 'abort', or 'off'")
     if config.gate not in GATE_MODES:
-        raise fail("gate", f"gate mode {config.gate!r} is not implemented in the vLLM plugin yet "
-                           f"(issue 15, item 4); only 'off' is accepted")
+        raise fail("gate", f"must be one of {', '.join(GATE_MODES)}, got {config.gate!r}")
     if config.gate_fail not in ("open", "closed"):
         raise fail("gate_fail", f"must be 'open' or 'closed', got {config.gate_fail!r}")
     if config.gate_severity.upper() not in SEVERITIES:
         raise fail("gate_severity", f"must be one of {', '.join(SEVERITIES)}, got {config.gate_severity!r}")
-    return config
+    return replace(config, gate_severity=config.gate_severity.upper())

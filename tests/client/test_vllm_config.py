@@ -40,9 +40,15 @@ def test_bad_values_name_the_variable(environ, names):
         load_config(environ)
 
 
-def test_gate_modes_other_than_off_are_refused_until_implemented():
-    with pytest.raises(PluginConfigError, match="CANVASWATCH_VLLM_GATE: gate mode 'hold' is not implemented"):
+def test_gate_abort_is_accepted_hold_is_refused_with_the_reason_named():
+    config = load_config({"CANVASWATCH_VLLM_TARGET": "h:1", "CANVASWATCH_VLLM_GATE": "abort",
+                          "CANVASWATCH_VLLM_GATE_SEVERITY": "warning", "CANVASWATCH_VLLM_GATE_FAIL": "closed"})
+    assert (config.gate, config.gate_severity, config.gate_fail) == ("abort", "WARNING", "closed")
+    with pytest.raises(PluginConfigError, match=r"CANVASWATCH_VLLM_GATE: 'hold' is not available in the vLLM plugin "
+                                                r"\(docs/serving.md"):
         load_config({"CANVASWATCH_VLLM_TARGET": "h:1", "CANVASWATCH_VLLM_GATE": "hold"})
+    with pytest.raises(PluginConfigError, match="CANVASWATCH_VLLM_GATE: must be one of off, abort"):
+        load_config({"CANVASWATCH_VLLM_TARGET": "h:1", "CANVASWATCH_VLLM_GATE": "block"})
 
 
 def test_file_errors_name_the_file_and_key(tmp_path):
