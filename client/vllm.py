@@ -352,8 +352,6 @@ class Watcher:
         self._put("open", (req_id, int(slot), prompt))
 
     def on_remove(self, req_id: str) -> None:
-        if self.gates is not None:
-            self.gates.close(str(req_id))
         if self.enabled:
             self._put("close", str(req_id))
 
@@ -607,6 +605,9 @@ class Watcher:
 
     def _finish(self, request: _Request) -> None:
         self.counters["requests_closed"] += 1
+        if self.gates is not None:
+            # here, in queue order, not in remove_request: a step queued before the removal may still open it
+            self.gates.close(request.req_id)
         if request.stream is None:
             return  # removed before its first denoising step: nothing was streamed
         lost = self._take_lost(request)

@@ -161,15 +161,30 @@ def patch_runner(module: Any) -> None:
     def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = original(self, *args, **kwargs)
         watcher = getattr(getattr(self, "model_state", None), "_canvaswatch", None)
-        gated = watcher.take_gated() if watcher is not None else None
-        if gated and result is not None:
-            # AsyncOutput keeps the ModelRunnerOutput it will return; a ModelRunnerOutput is returned as is.
-            target = getattr(result, "model_runner_output", result)
-            setattr(target, OUTPUT_ATTR, {**getattr(target, OUTPUT_ATTR, {}), **gated})
+        if watcher is not None and result is not None:
+            hand_over(result, watcher)
         return result
 
     runner_cls.sample_tokens = sample_tokens
     runner_cls._canvaswatch_gate = True
+
+
+def hand_over(result: Any, watcher: Any) -> None:
+    """Attach the requests the watcher gated since the last step to the step's ModelRunnerOutput.
+
+    `result`: what sample_tokens returned, an AsyncOutput (which keeps the ModelRunnerOutput it will
+    return) or a ModelRunnerOutput. A plain attribute of a plain dataclass: it survives the executor's
+    pickling between a worker process and the engine core, and is the same object in one process.
+    """
+    gated = watcher.take_gated()
+    if gated:
+        target = getattr(result, "model_runner_output", result)
+        setattr(target, OUTPUT_ATTR, {**(gated_of(target) or {}), **gated})
+
+
+def gated_of(model_runner_output: Any) -> dict[str, str] | None:
+    """The engine core's side of hand_over: {request id: reason}, or None."""
+    return getattr(model_runner_output, OUTPUT_ATTR, None)
 
 
 def patch_scheduler(module: Any) -> None:
@@ -183,7 +198,7 @@ def patch_scheduler(module: Any) -> None:
 
     def update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any) -> Any:
         outputs = original(self, scheduler_output, model_runner_output)
-        gated = getattr(model_runner_output, OUTPUT_ATTR, None)
+        gated = gated_of(model_runner_output)
         if gated:
             finish_gated(self, gated, outputs)
         return outputs
@@ -219,4 +234,5 @@ def finish_gated(scheduler: Any, gated: dict[str, str], outputs: dict[int, Any])
     return ended
 
 
-__all__ = ["RequestGates", "finish_gated", "patch_runner", "patch_scheduler", "policy_for", "suppress"]
+__all__ = ["RequestGates", "finish_gated", "gated_of", "hand_over", "patch_runner", "patch_scheduler", "policy_for",
+           "suppress"]

@@ -108,6 +108,6 @@ def test_sidecar_down_with_gate_fail_closed_ends_the_request():
         assert output.num_sampled.tolist() == [0] and list(watcher.take_gated()) == ["req-1"]
         assert watcher.take_gated() == {}  # handed to the scheduler once
         watcher.on_remove("req-1")
-        assert watcher.gates.tripped == {}
+        assert watcher.flush(timeout=10) and watcher.gates.tripped == {}
     finally:
         watcher.close()
