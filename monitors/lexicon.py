@@ -20,8 +20,11 @@ Cost. One matcher pass per step (canvaswatch.monitors.phrases): a compiled
 Aho-Corasick pass over the top-1 tokens for the literals (and regexes' literal
 prefixes), a scan per regex only where its prefix is present, and one pass
 over the top-k lattice; the pass is shared with
-`intermediate_context` when both run in one engine. State per request is one
-record per pattern seen.
+`intermediate_context` when both run in one engine. At the end, one compiled
+pass over the output for every literal (phrases.OutputCheck), and one search
+per regex unless the output is the text the last step's regexes were already
+run on (one canvas per request). State per request is one record per pattern
+seen, and the last step's top-1 text where the matcher built it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, Monitor, RequestMeta, Severity
-from canvaswatch.monitors.phrases import PhraseSpec, Sighting, WatchesPhrases, literal_regex
+from canvaswatch.monitors.phrases import OutputCheck, PhraseSpec, Sighting, WatchesPhrases
 
 # Shipped so that the default configuration watches something useful with no
 # external file: unambiguous markers of prompt injection, credential leaks and
@@ -86,6 +89,10 @@ class _Seen:
 @dataclass
 class LexiconState:
     seen: dict[int, _Seen] = field(default_factory=dict)
+    # The last step's top-1 text if the matcher built it (it does to run an ungated regex), and the
+    # regexes found in it: an output equal to that text needs no regex searched again.
+    last_text: str | None = None
+    last_regex: frozenset[int] = frozenset()
 
 
 class LexiconMonitor(WatchesPhrases, Monitor):
@@ -100,10 +107,9 @@ class LexiconMonitor(WatchesPhrases, Monitor):
         self.labels: list[str] = list(params.patterns) + list(params.regex)
         self.phrase_spec = PhraseSpec(tuple(params.patterns), tuple(params.regex), params.case_sensitive,
                                       params.min_alt_prob)
-        flags = 0 if params.case_sensitive else re.IGNORECASE
-        # The output check: each pattern on its own, literals with the matcher's word-edge rule.
-        self._singles = [re.compile(literal_regex(p), flags) for p in params.patterns]
-        self._singles += [re.compile(expression) for expression in params.regex]
+        # The output check: each pattern by its own rule, literals with the matcher's word-edge rule.
+        self._output = OutputCheck(params.patterns, params.regex, params.case_sensitive)
+        self._literals = len(params.patterns)
         self.severity = Severity.parse(params.severity)
         self.output_severity = Severity.parse(params.output_severity)
 
@@ -112,7 +118,14 @@ class LexiconMonitor(WatchesPhrases, Monitor):
 
     def on_step(self, state: LexiconState, step: DecodedStep) -> list[Flag]:
         flags = []
-        for index, sighting in sorted(self.phrases.match(step).items()):
+        found = self.phrases.match(step)
+        if self._literals < len(self.labels):
+            # `text` is a cached property: present in the step's __dict__ only if something built it;
+            # reading it through vars() never builds it here.
+            state.last_text = vars(step).get("text")
+            state.last_regex = frozenset(i for i in found if i >= self._literals) if state.last_text is not None \
+                else frozenset()
+        for index, sighting in sorted(found.items()):
             seen = state.seen.get(index)
             if seen is None:
                 state.seen[index] = seen = _Seen(sighting, steps_present=0)
@@ -123,11 +136,13 @@ class LexiconMonitor(WatchesPhrases, Monitor):
 
     def on_finish(self, state: LexiconState, final: FinalCanvas) -> list[Flag]:
         flags = []
-        for index, single in enumerate(self._singles):
-            in_output = single.search(final.text) is not None
+        reuse = state.last_text is not None and state.last_text == final.text
+        present = self._output.present(final.text, skip_regex=reuse)
+        if reuse:
+            present |= state.last_regex  # the same regexes on the same text
+        for index in sorted(present | state.seen.keys()):
+            in_output = index in present
             seen = state.seen.get(index)
-            if seen is None and not in_output:
-                continue
             attributes = {"pattern": self.labels[index], "survived_to_output": str(in_output).lower()}
             evidence: tuple[Evidence, ...] = ()
             if seen is not None:

@@ -17,6 +17,10 @@ the union of several specs in one pass per step:
     could complete a pattern, not every alternative above `min_alt_prob`
     (realistic undecided positions keep 5-8 tokens over 0.05, and common
     words such as " the" belong to many phrases).
+`OutputCheck` says which patterns a finished request's output holds, each by
+its own rule (literal_regex for literals, the regex as written): one compiled
+pass for all the literals (phrase_scan.TextScan), each hit's edges checked by its
+own regex, and one search per regex.
 The result is memoised on the step, so `lexicon` and `intermediate_context`
 together cost one matcher pass, not two. `link_phrase_matchers` gives the
 monitors of one engine their shared matcher; a monitor used alone matches with
@@ -31,15 +35,18 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import ahocorasick
 import numpy as np
+import structlog
 
 from canvaswatch.monitors.base import DecodedStep, Vocabulary
 from canvaswatch.monitors.compiled import kernel, prefetch
-from canvaswatch.monitors.phrase_scan import CompiledScan, vocabulary_pieces
+from canvaswatch.monitors.phrase_scan import CompiledScan, TextScan, vocabulary_pieces
+
+log = structlog.get_logger(__name__)
 
 CONTEXT_POSITIONS = 4  # tokens of context either side of a match in evidence
 
@@ -274,6 +281,42 @@ def literal_regex(pattern: str) -> str:
     if re.search(r"\w$", pattern):
         expression = expression + r"(?-i:(?![a-z0-9]))"
     return expression
+
+
+class OutputCheck:
+    """Which patterns occur in a text: literals by literal_regex (case-folded unless case_sensitive), regexes as written.
+
+    The same answer as searching the text with each pattern's own regex, which it does only where
+    the compiled pass found the literal (and for each regex), so its cost does not grow with the
+    number of literals. Where no compiled pass can be built it searches pattern by pattern.
+    """
+
+    def __init__(self, patterns: Sequence[str], regex: Sequence[str], case_sensitive: bool) -> None:
+        flags = 0 if case_sensitive else re.IGNORECASE
+        self.patterns = tuple(patterns)
+        self.singles = [re.compile(literal_regex(p), flags) for p in self.patterns]
+        self.singles += [re.compile(expression) for expression in regex]
+        self._scan: TextScan | None = None
+        if self.patterns:
+            try:
+                self._scan = TextScan(self.patterns, case_sensitive)
+            except ValueError as err:
+                log.warning("output_check_uncompiled", patterns=len(self.patterns), reason=str(err))
+
+    def present(self, text: str, skip_regex: bool = False) -> set[int]:
+        """Indices (literals, then regexes) of the patterns in `text`; `skip_regex`: literals only."""
+        found: set[int] = set()
+        literals = len(self.patterns)
+        if self._scan is None:
+            found.update(i for i in range(literals) if self.singles[i].search(text) is not None)
+        else:
+            for end, key in self._scan.scan(text):
+                # the literal occurs at `start` (re's own character rule); its regex checks the edges
+                if key not in found and self.singles[key].match(text, end - len(self.patterns[key]) + 1) is not None:
+                    found.add(key)
+        if not skip_regex:
+            found.update(i for i in range(literals, len(self.singles)) if self.singles[i].search(text) is not None)
+        return found
 
 
 _LOWER_OR_DIGIT = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
