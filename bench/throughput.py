@@ -151,6 +151,8 @@ def main() -> None:
                         help="runs per row, echo and sidecar alternating; rates are medians, CPU columns means")
     parser.add_argument("--profiles", default=",".join(PROFILE_NAMES),
                         help="comma-separated traffic: default, hot, high_entropy (calibrated), synthetic (pre-issue-12)")
+    parser.add_argument("--compare-python", help="also run a sidecar with this interpreter (e.g. a venv whose canvaswatch is "
+                        "another commit's worktree), measured in the same alternation: a same-run before/after")
     parser.add_argument("--echo-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_port:
@@ -161,30 +163,31 @@ def main() -> None:
 
     modes = [int(x) for x in args.monitor_processes.split(",")]
     echo_port = free_port()
-    grpc_ports = [free_port() for _ in modes]
+    pythons = [("this", sys.executable)] + ([("compare", args.compare_python)] if args.compare_python else [])
+    variants = [(label, python, mode) for mode in modes for label, python in pythons]
+    grpc_ports = [free_port() for _ in variants]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     echo = subprocess.Popen([sys.executable, __file__, "--echo-port", str(echo_port)], env=env)
-    sidecars = [subprocess.Popen([sys.executable, "-m", "canvaswatch.server.cli", "serve", "--grpc-port", str(port),
+    sidecars = [subprocess.Popen([python, "-m", "canvaswatch.server.cli", "serve", "--grpc-port", str(port),
                                   "--metrics-port", "-1", "--monitor-processes", str(mode),
                                   *(["--config", args.config] if args.config else [])], env=env, stderr=subprocess.DEVNULL)
-                for port, mode in zip(grpc_ports, modes)]
+                for port, (_, python, mode) in zip(grpc_ports, variants)]
     try:
         wait_ready(f"127.0.0.1:{echo_port}")
         for port in grpc_ports:
             wait_ready(f"127.0.0.1:{port}")
         print(f"# top-k path throughput, k=8, {args.steps} steps per stream, default monitors, "
               f"{os.cpu_count()} cores, client and all servers on this machine (idle ones wait in epoll)")
-        print("| profile | L | streams | monitor processes | echo steps/s | sidecar steps/s | ratio | echo MB/s "
+        print("| profile | L | streams | monitor processes | sidecar | echo steps/s | sidecar steps/s | ratio | echo MB/s "
               "| sidecar MB/s | CPU us/step: echo | front | busiest worker |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         vocab = load_vocabulary()
         for profile, length in ((p, int(x)) for p in args.profiles.split(",") for x in args.lengths.split(",")):
             steps = profile_steps(profile, length, args.steps, vocab)
             for streams in (int(x) for x in args.streams.split(",")):
-                for port, mode in zip(grpc_ports, modes):
+                for port, (label, _, mode), sidecar in zip(grpc_ports, variants, sidecars):
                     target = f"127.0.0.1:{port}"
                     drive(target, steps[:20], max(streams, mode or 1), length)  # warm-up, every worker
-                    sidecar = sidecars[modes.index(mode)]
                     echo_runs, side_runs = [], []
                     echo_cpu = front = busiest = 0.0
                     for _ in range(args.repeats):  # alternate, so drifts of a shared machine hit both alike
@@ -197,7 +200,7 @@ def main() -> None:
                         busiest += max((cpu_seconds(pid) - used for pid, used in workers.items()), default=0.0)
                     (echo_rate, echo_mb), (side_rate, side_mb) = _median(echo_runs), _median(side_runs)
                     count = args.repeats * streams * len(steps)
-                    print(f"| {profile} | {length} | {streams} | {mode} | {echo_rate:.0f} | {side_rate:.0f} | {side_rate / echo_rate:.2f} | "
+                    print(f"| {profile} | {length} | {streams} | {mode} | {label} | {echo_rate:.0f} | {side_rate:.0f} | {side_rate / echo_rate:.2f} | "
                           f"{echo_mb:.1f} | {side_mb:.1f} | {_per_step(echo_cpu, count)} | {_per_step(front, count)} | "
                           f"{_per_step(busiest, count) if mode else '-'} |", flush=True)
     finally:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,10 +24,11 @@ from canvaswatch.server.pipeline.engine import Engine
 from canvaswatch.server.ops.metrics import Metrics
 from canvaswatch.server.ops.merged_metrics import merged_registry
 from canvaswatch.server.workers.pool import MonitorWorkers
+from canvaswatch.server.workers.threads import StepThreads
 from canvaswatch.server.transport.relay import RelayWatch, relay_handler
 from canvaswatch.server.transport.status import SERVICE_NAME
 from canvaswatch.server.transport.lifecycle import StreamLimits, StreamSlots
-from canvaswatch.server.transport.servicer import CanvasMonitorServicer, service_handler
+from canvaswatch.server.transport.servicer import CanvasMonitorServicer
 from canvaswatch.server.bottleneck.vocab import load_vocabulary
 
 log = structlog.get_logger(__name__)
@@ -40,10 +43,13 @@ class Sidecar:
         self.vocab = vocab or load_vocabulary(config.vocab.tokenizer)
         self.engine = Engine(config, self.vocab, metrics=metrics, dense=dense)
         self.engine.warm_up()
-        self.executor = ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="canvaswatch-step")
+        # Reloads and engine closes only: steps and Check run on step threads (workers/threads.py).
+        self.executor = ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="canvaswatch-ops")
         # Workers build their own engine from `config` (vocabulary, monitors); only the matrix is handed over.
-        self.workers = (MonitorWorkers(config, self.engine.dense.embeddings, log_level=config.logging.level)
+        self.workers = (MonitorWorkers(config, self.engine.dense.embeddings, log_level=config.logging.level,
+                                       killed=self.engine.metrics.workers_killed.inc)
                         if config.server.monitor_processes else None)
+        self.threads: StepThreads | None = None
         self.grpc_port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -60,13 +66,17 @@ class Sidecar:
         metrics = self.engine.metrics
         slots = StreamSlots(StreamLimits.of(s), metrics.active_streams, metrics.streams_refused, s.auth_tokens)
         servicer = CanvasMonitorServicer(self.engine, self.executor, slots)
+        threads = self.threads = StepThreads(servicer.borrow, servicer.give_back, metrics,
+                                             hard_deadline_s=s.monitor_hard_deadline_s, dense_concurrency=s.workers)
+        threads.start()
+        servicer.threads = threads
         self.slots, self.servicer = slots, servicer
         exposed = self.engine.metrics.registry
         if self.workers is None:
-            server.add_generic_rpc_handlers((service_handler(servicer),))
+            server.add_generic_rpc_handlers((relay_handler(RelayWatch(threads, metrics, slots), servicer),))
         else:
             await self.workers.start()
-            server.add_generic_rpc_handlers((relay_handler(RelayWatch(self.workers, self.engine.metrics, servicer.slots), servicer),))
+            server.add_generic_rpc_handlers((relay_handler(RelayWatch(self.workers, metrics, slots), servicer),))
             exposed = merged_registry(self.engine.metrics.registry, self.workers.metric_snapshots)
         health_servicer = self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -84,20 +94,33 @@ class Sidecar:
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        def serving_changed(serving: bool) -> None:
+            """No worker up / a step thread stuck, and back: the service (readiness) says so; "" (liveness)
+            stays SERVING, so a probe routes traffic elsewhere without restarting a process that recovers."""
+            if self.slots is not None and self.slots.draining:
+                return  # shutting down: NOT_SERVING stays
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            asyncio.get_running_loop().create_task(health_servicer.set(SERVICE_NAME, status))
+
+        threads.on_serving_change = serving_changed
         if self.workers is not None:
-            self.workers.on_serving_change = lambda serving: asyncio.get_running_loop().create_task(
-                health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING if serving
-                                    else health_pb2.HealthCheckResponse.NOT_SERVING))
+            self.workers.on_serving_change = serving_changed
+        metrics_host = s.metrics_host or s.host
         try:
-            self._metrics_http = self.engine.metrics.serve(s.host, s.metrics_port, exposed) if s.metrics_port >= 0 else None
-        except OSError as err:
+            self._metrics_http = (self.engine.metrics.serve(metrics_host, s.metrics_port, exposed)
+                                  if s.metrics_port >= 0 else None)
+        except (OSError, UnicodeError) as err:  # a port in use, or an address that is not this machine's
             await server.stop(0)
             self._stop_workers()
-            raise OSError(f"server.metrics_port: cannot bind {s.host}:{s.metrics_port}: {err.strerror or err}") from None
+            bad_address = isinstance(err, (socket.gaierror, UnicodeError)) or getattr(err, "errno", None) == errno.EADDRNOTAVAIL
+            key = "server.metrics_host" if s.metrics_host and bad_address else "server.metrics_port"
+            raise OSError(f"{key}: cannot bind {metrics_host}:{s.metrics_port}: "
+                          f"{getattr(err, 'strerror', None) or err}") from None
         if self._metrics_http is not None:
             self.metrics_port = self._metrics_http[0].server_port
         self._server = server
         log.info("sidecar_started", grpc=f"{s.host}:{self.grpc_port}", metrics_port=self.metrics_port,
+                 metrics_host=metrics_host,
                  monitors=[m.name for m in self.engine.monitors], vocab_size=self.vocab.size,
                  tls="mutual" if s.tls_client_ca else "on" if s.tls_cert else "off",
                  monitor_processes=s.monitor_processes)
@@ -175,6 +198,10 @@ class Sidecar:
             self._metrics_http[0].server_close()
             self._metrics_http = None
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.threads is not None:
+            self.threads.stop()
+        if self.slots is not None:
+            self.slots.close()
         self._stop_workers()
         if self.servicer is not None:
             self.servicer.close_retired()

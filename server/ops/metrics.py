@@ -43,6 +43,25 @@ class Metrics:
         self.monitor_errors = Counter(
             "canvaswatch_monitor_errors", "Monitor failures by kind (exception, overrun).", ["monitor", "kind"], registry=r
         )
+        # A monitor switched off for the rest of one request by the budget policy (docs/operations.md):
+        # over_budget (server.monitor_budget_strikes overruns in a row), hard_budget (one call past
+        # server.monitor_budget_hard_ms), hard_deadline (a step still running past server.monitor_hard_deadline_s).
+        self.monitors_stopped = Counter(
+            "canvaswatch_monitors_stopped",
+            "Monitors stopped for one request by the budget policy, by reason (over_budget, hard_budget, hard_deadline).",
+            ["monitor", "reason"], registry=r,
+        )
+        self.workers_killed = Counter(
+            "canvaswatch_monitor_workers_killed",
+            "Monitor worker processes killed and replaced because they made no progress within "
+            "server.monitor_hard_deadline_s (a runaway monitor).", registry=r,
+        )
+        self.stuck_threads = Gauge(
+            "canvaswatch_stuck_step_threads",
+            "In-process step threads still running a step past server.monitor_hard_deadline_s (their streams were "
+            "ended; a Python thread cannot be killed). Non-zero: health says NOT_SERVING; restart, or use worker mode.",
+            registry=r,
+        )
         self.streams_refused = Counter(
             "canvaswatch_streams_refused",
             "Watch streams the server refused or ended on its own: limits (server_limit, peer_limit, token_limit), "

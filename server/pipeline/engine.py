@@ -59,6 +59,8 @@ class Engine:
         self.settings = SessionSettings(
             policy=config.server.monitor_policy,
             budget_s=config.server.monitor_budget_ms / 1000.0,
+            budget_strikes=config.server.monitor_budget_strikes,
+            hard_budget_s=config.server.monitor_budget_hard_ms / 1000.0,
             max_flags_per_monitor=config.server.max_flags_per_monitor,
             max_verdict_bytes=config.server.max_verdict_bytes,
         )
@@ -68,9 +70,13 @@ class Engine:
         appended to `engine.sinks` gets the flags and verdicts raised from then on."""
         sinks: list[Sink] = [MetricsSink(self.metrics)]
         if config.logging.audit_log:
-            sinks.append(AuditSink(AuditLog(config.logging.audit_log, include_content=config.logging.log_content,
-                                             max_bytes=config.logging.audit_max_bytes,
-                                             backups=config.logging.audit_backups)))
+            try:
+                audit = AuditLog(config.logging.audit_log, include_content=config.logging.log_content,
+                                 max_bytes=config.logging.audit_max_bytes, backups=config.logging.audit_backups)
+            except OSError as err:  # one line naming the key at start-up, not a traceback
+                raise OSError(f"logging.audit_log: cannot write {config.logging.audit_log!r}: "
+                              f"{err.strerror or err}") from None
+            sinks.append(AuditSink(audit))
         if self.reports is not None:
             sinks.append(ReportSink(self.reports, self.vocab))
         sinks.append(LogSink(log_content=config.logging.log_content))

@@ -5,8 +5,19 @@ contract) plus a few counters: steps are processed and released, never stored.
 Each monitor is isolated: an exception is counted and logged, that monitor is
 switched off for the rest of the request, and the request goes on. Under
 fail_closed a failure also adds a CRITICAL flag, so the verdict cannot look
-clean when a monitor did not run. A call over the time budget is counted as an
-overrun (it is not killed: Python threads cannot be, safely).
+clean when a monitor did not run.
+
+Each monitor has a per-step time budget (server.monitor_budget_ms, wall time), enforced by a
+strike policy so that a loaded machine's occasional slow step does not switch monitors off at
+random: every call over the budget is counted (canvaswatch_monitor_errors{kind="overrun"}); a
+monitor whose on_step runs over it server.monitor_budget_strikes times in a row, or whose start
+or on_step takes longer than server.monitor_budget_hard_ms once, is stopped for the rest of the
+request: its state is dropped, the verdict's monitor_errors names it and the reason, it is
+counted (canvaswatch_monitors_stopped{reason}), and under fail_closed a CRITICAL flag says so.
+A call is never interrupted (a Python thread cannot be, safely): the call that crosses the line
+completes and its flags count. on_finish is measured, not stopped (it is the monitor's last
+call anyway). A call that never returns is the transport's business: `running` names the monitor
+in the call, and server.monitor_hard_deadline_s ends the stream (docs/operations.md).
 
 Flags and the verdict go to the engine's sinks (canvaswatch.server.pipeline.sinks: metrics,
 audit log, report, log), in list order; the session itself only keeps them, and only so many:
@@ -41,7 +52,9 @@ MAX_ERROR_CHARS = 1000  # a monitor_errors entry (a plugin's exception text can 
 @dataclass
 class SessionSettings:
     policy: str = "fail_open"
-    budget_s: float = 0.05
+    budget_s: float = 0.05  # server.monitor_budget_ms
+    budget_strikes: int = 3  # server.monitor_budget_strikes: overruns in a row that stop a monitor (0: never)
+    hard_budget_s: float = 10.0  # server.monitor_budget_hard_ms: one call longer than this stops it (0: never)
     max_flags_per_monitor: int = 100  # server.max_flags_per_monitor
     max_verdict_bytes: int = 1024 * 1024  # server.max_verdict_bytes
 
@@ -67,6 +80,8 @@ class Session:
     kept_bytes: int = 0
     dropped_by_monitor: collections.Counter = field(default_factory=collections.Counter)
     dropped_severity: Severity | None = None
+    strikes: dict[str, int] = field(default_factory=dict)  # consecutive on_step overruns, per monitor
+    running: str | None = None  # the monitor in a call now (read by the transport's hard-deadline watchdog)
 
     def __post_init__(self) -> None:
         self.model_label = self.metrics.model_label(self.meta.model)
@@ -100,18 +115,27 @@ class Session:
             self.history.add(step.block, step.step, step.ids_np[:, 0], step.probs_np[:, 0])
         raised: list[Flag] = []
         # The hot loop of the sidecar: the guard is inlined (no closure per monitor per step).
+        budget_s, strikes = self.settings.budget_s, self.strikes
         for monitor in self.monitors:
-            if monitor.name in self.disabled:
+            name = monitor.name
+            if name in self.disabled:
                 continue
+            self.running = name
             started = time.perf_counter()
             try:
-                result = monitor.on_step(self.states[monitor.name], step)
+                result = monitor.on_step(self.states[name], step)
             except Exception as err:  # isolation: a monitor's bug must not end the request
                 self._failed(monitor, "on_step", err)
                 result = None
-            self._timed(monitor, "on_step", time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.monitor_timer(name).observe(elapsed)
+            if elapsed > budget_s:
+                self._overrun(monitor, "on_step", elapsed)
+            elif strikes:
+                strikes.pop(name, None)  # the strikes count overruns in a row
             if result:
                 raised.extend(result)
+        self.running = None
         return self._record(raised) if raised else raised
 
     def finish(self, output_ids: tuple[int, ...], text: str) -> tuple[list[Flag], SessionVerdict]:
@@ -173,6 +197,7 @@ class Session:
     def _guard(self, monitor: Monitor, phase: str, call: Callable[[], Any]) -> Any:
         if monitor.name in self.disabled:
             return None
+        self.running = monitor.name
         started = time.perf_counter()
         try:
             return call()
@@ -180,10 +205,15 @@ class Session:
             self._failed(monitor, phase, err)
             return None
         finally:
-            self._timed(monitor, phase, time.perf_counter() - started)
+            self.running = None
+            elapsed = time.perf_counter() - started
+            self.metrics.monitor_timer(monitor.name).observe(elapsed)
+            if elapsed > self.settings.budget_s:
+                self._overrun(monitor, phase, elapsed)
 
     def _failed(self, monitor: Monitor, phase: str, err: Exception) -> None:
         self.disabled.add(monitor.name)
+        self.states.pop(monitor.name, None)
         self.metrics.monitor_errors.labels(monitor.name, "exception").inc()
         self.errors.append(f"{monitor.name}: {phase} raised {type(err).__name__}: {err}"[:MAX_ERROR_CHARS])
         log.error("monitor_failed", request_id=self.meta.request_id, monitor=monitor.name, phase=phase,
@@ -193,12 +223,40 @@ class Session:
                                reason=f"monitor failed in {phase} and the policy is fail_closed",
                                score=1.0, attributes={"error": type(err).__name__})])
 
-    def _timed(self, monitor: Monitor, phase: str, elapsed: float) -> None:
-        self.metrics.monitor_timer(monitor.name).observe(elapsed)
-        if elapsed > self.settings.budget_s:
-            self.metrics.monitor_errors.labels(monitor.name, "overrun").inc()
-            log.warning("monitor_overrun", request_id=self.meta.request_id, monitor=monitor.name,
-                        phase=phase, seconds=round(elapsed, 4), budget_s=self.settings.budget_s)
+    def _overrun(self, monitor: Monitor, phase: str, elapsed: float) -> None:
+        """A call over the budget: counted; under the strike policy, the monitor is stopped for this request."""
+        settings, name = self.settings, monitor.name
+        self.metrics.monitor_errors.labels(name, "overrun").inc()
+        log.warning("monitor_overrun", request_id=self.meta.request_id, monitor=name,
+                    phase=phase, seconds=round(elapsed, 4), budget_s=settings.budget_s)
+        if phase == "on_finish" or name in self.disabled:
+            return
+        if settings.hard_budget_s and elapsed > settings.hard_budget_s:
+            self.stop(monitor, "hard_budget", f"{phase} took {elapsed:.3f} s, over server.monitor_budget_hard_ms = "
+                                              f"{settings.hard_budget_s * 1000:g}")
+            return
+        if phase != "on_step" or not settings.budget_strikes:
+            return
+        strikes = self.strikes[name] = self.strikes.get(name, 0) + 1
+        if strikes >= settings.budget_strikes:
+            self.stop(monitor, "over_budget", f"on_step over server.monitor_budget_ms = {settings.budget_s * 1000:g} "
+                                              f"{strikes} steps in a row (server.monitor_budget_strikes = "
+                                              f"{settings.budget_strikes}); the last took {elapsed:.3f} s")
+
+    def stop(self, monitor: Monitor, reason: str, detail: str) -> None:
+        """Switch `monitor` off for the rest of this request: state dropped, named in the verdict, counted,
+        and under fail_closed a CRITICAL flag (the verdict cannot look clean when a monitor did not run)."""
+        name = monitor.name
+        self.disabled.add(name)
+        self.states.pop(name, None)
+        self.strikes.pop(name, None)
+        self.metrics.monitors_stopped.labels(name, reason).inc()
+        self.errors.append(f"{name}: stopped for this request ({reason}): {detail}"[:MAX_ERROR_CHARS])
+        log.warning("monitor_stopped", request_id=self.meta.request_id, monitor=name, reason=reason, detail=detail)
+        if self.settings.policy == "fail_closed":
+            self._record([Flag(monitor=name, severity=Severity.CRITICAL,
+                               reason=f"monitor stopped ({reason}) and the policy is fail_closed",
+                               score=1.0, attributes={"stopped": reason})])
 
 
 def wire_size(flag: Flag) -> int:

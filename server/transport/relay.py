@@ -1,12 +1,13 @@
-"""The Watch RPC when monitor worker processes do the work: the gRPC process relays raw bytes.
+"""The Watch RPC: the gRPC process's event loop relays raw bytes to whoever does the work.
 
-Registered with no deserialiser, so the front never parses a StepState or
-builds a MonitorEvent: it forwards each message's bytes to the stream's
-worker and writes back the event bytes the worker produced. Stream limits,
-the active-streams gauge and cancellation stay here; everything about the
-messages themselves (order, validation, the verdict, the outcome label) is
-the worker's StreamHandler, as in-process. Check and ListMonitors are cheap
-or rare and stay on the front's own engine.
+Registered with no deserialiser, so the loop never parses a StepState or builds a MonitorEvent:
+it forwards each message's bytes to the stream's step runner (an in-process step thread,
+workers/threads.py, or a monitor worker process, workers/pool.py) and writes back the event
+bytes the runner produced. Stream limits, deadlines, the active-streams gauge and cancellation
+stay here; everything about the messages themselves (order, validation, the verdict, the
+outcome label) is the runner's StreamHandler. Reading runs ahead of the runner by up to WINDOW
+messages, so receiving overlaps the monitors, and a slow runner slows its own stream's reads
+(gRPC flow control then pushes back on the client) instead of queueing without bound.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from canvaswatch.server.ops.metrics import Metrics
 from canvaswatch.server.pipeline.stream_handler import Outcome
 from canvaswatch.server.transport.lifecycle import StreamSlots, await_cancellation, watch_call
 from canvaswatch.server.transport.servicer import CanvasMonitorServicer, service_handler
-from canvaswatch.server.workers.pool import MonitorWorkers, RelayStream
+from canvaswatch.server.workers.pool import WINDOW, MonitorWorkers, RelayStream
 from canvaswatch.server.workers.protocol import StreamEnd, StreamStatus
+from canvaswatch.server.workers.threads import StepThreads
 
 log = structlog.get_logger(__name__)
 
 
 class RelayWatch:
-    def __init__(self, workers: MonitorWorkers, metrics: Metrics, slots: StreamSlots) -> None:
+    def __init__(self, workers: "MonitorWorkers | StepThreads", metrics: Metrics, slots: StreamSlots) -> None:
         self.workers = workers
         self.metrics = metrics
         self.slots = slots  # the in-process servicer's: one limit for the server, whoever serves Watch
@@ -63,16 +65,10 @@ class RelayWatch:
                 self.workers.release(stream)  # cancels it in the worker unless it already ended there
 
     async def _pump(self, request_iterator: AsyncIterator[bytes], stream: RelayStream) -> None:
-        iterator = request_iterator.__aiter__()
-        index = 0
         try:
-            while True:
-                try:
-                    raw = await self.slots.receive(iterator.__anext__(), index)
-                except StopAsyncIteration:
-                    break
-                index += 1
-                await stream.wait_for_room()
+            async for raw in self.slots.reads(request_iterator):
+                if stream.in_flight >= WINDOW:
+                    await stream.wait_for_room()
                 if stream.done:
                     return
                 stream.send(raw)

@@ -20,12 +20,9 @@ import structlog
 import torch
 
 from canvaswatch.server.config import Config
-from canvaswatch.server.errors import Refusal, StepError
 from canvaswatch.server.ops.merged_metrics import Family, snapshot
-from canvaswatch.server.pipeline.stream_handler import Outcome, StreamHandler
-from canvaswatch.server.transport.messages import Undecodable
-from canvaswatch.server.workers.protocol import REPLY, Frame, StreamEnd, StreamStatus, take_requests, write_all
-from canvaswatch.v1 import monitor_pb2 as pb
+from canvaswatch.server.workers.protocol import REPLY, Frame, StreamStatus, take_requests, write_all
+from canvaswatch.server.workers.streams import StreamTable
 
 log = structlog.get_logger(__name__)
 
@@ -86,8 +83,10 @@ def worker_main(index: int, config: Config, embeddings: torch.Tensor | None, log
             # in the same reply as a stream's last events: a client that saw its verdict sees its metrics
             out.append(("metrics", worker.snapshot()))
             last_snapshot, dirty = time.monotonic(), False
-        if out:
-            reply(out)
+        # Every batch is acknowledged, answered or not: the front's watchdog tells a worker making
+        # progress from one stuck in a call (server.monitor_hard_deadline_s) by these.
+        out.append(("progress", len(frames)))
+        reply(out)
 
 
 class Worker:
@@ -108,7 +107,7 @@ class Worker:
         dense = build_dense_decoder(config.dense, vocab.size, embeddings=embeddings)
         self.engine = Engine(config, vocab, metrics=Metrics(), dense=dense)
         self.engine.warm_up()
-        self.handlers: dict[int, StreamHandler] = {}
+        self.streams = StreamTable(self.engine)
 
     def snapshot(self) -> list[Family]:
         return snapshot(self.engine.metrics.registry)
@@ -118,42 +117,4 @@ class Worker:
 
     def handle(self, kind: int, stream_id: int, body: bytes) -> tuple[int, list[bytes], StreamStatus | None] | None:
         """(stream id, serialised events, status or None) for a message, an end or a cancel."""
-        if kind == Frame.OPEN:
-            self.handlers[stream_id] = StreamHandler(self.engine)
-            return None
-        handler = self.handlers.get(stream_id)
-        if handler is None:
-            return None  # the stream already ended here (an error) or was cancelled
-        status: StreamStatus | None = None
-        events: list[bytes] = []
-        try:
-            if kind == Frame.MESSAGE:
-                try:
-                    message = pb.StepState.FromString(body)
-                except Exception:
-                    handler.outcome = Outcome.INVALID
-                    raise Undecodable(pb.StepState.DESCRIPTOR.full_name, len(body)).refusal(f"message[{handler.index}]") from None
-                # The stream stays open after its final message, as in-process: a message after it is an
-                # error. "finished" tells the front not to wait for a cancellation when input ends.
-                events = [event.SerializeToString() for event in handler.feed(message)]
-                if handler.finished:
-                    status = StreamStatus(StreamEnd.FINISHED)
-            elif kind == Frame.END:
-                handler.end()
-                status = StreamStatus(StreamEnd.OK)
-            else:  # CANCEL: the front is gone; count it, answer nobody
-                handler.outcome = Outcome.CANCELLED
-                handler.count()
-                del self.handlers[stream_id]
-                return None
-        except StepError as err:
-            log.warning("stream_rejected", request_id=handler.request_id, refusal=err.refusal.value, error=err.message)
-            status = StreamStatus.refused(err)
-        except Exception as err:  # a bug: end this stream, keep the worker and its other streams
-            log.exception("stream_failed", request_id=handler.request_id)
-            handler.outcome = Outcome.ERROR
-            status = StreamStatus(StreamEnd.REFUSED, Refusal.INTERNAL, f"monitor worker: {type(err).__name__}: {err}")
-        if status is not None and status.over:
-            handler.count()
-            del self.handlers[stream_id]
-        return stream_id, events, status
+        return self.streams.handle(kind, stream_id, body)

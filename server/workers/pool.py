@@ -18,7 +18,13 @@ WINDOW messages in flight, so a slow worker slows its own streams' reads
 without bound.
 
 A worker that dies ends its streams with UNAVAILABLE and is replaced; the
-other workers' streams go on. The embedding matrix, when on the CPU, is
+other workers' streams go on. A worker is one thread, so a monitor that never
+returns (an infinite loop in plugin code) would stall every stream pinned to
+it: the worker acknowledges each batch of frames, and one with frames
+outstanding and no acknowledgement for server.monitor_hard_deadline_s is
+killed (its streams end with UNAVAILABLE saying why) and replaced, counted in
+canvaswatch_monitor_workers_killed. While no worker is up, health says
+NOT_SERVING; new streams avoid a worker that has been silent for a second. The embedding matrix, when on the CPU, is
 shared with the workers through shared memory rather than copied.
 """
 
@@ -47,6 +53,7 @@ log = structlog.get_logger(__name__)
 
 WINDOW = 64  # messages a stream may have in flight to its worker
 START_TIMEOUT_S = 300.0
+STALL_S = 1.0  # a worker silent this long with frames outstanding gets no new streams while others can take them
 
 
 class WorkerStartError(RuntimeError):
@@ -109,6 +116,9 @@ class WorkerProcess(asyncio.Protocol):
         self.streams: dict[int, RelayStream] = {}
         self.metrics: list[Family] = []
         self.alive = False
+        self.outstanding = 0  # frames sent and not yet acknowledged (the watchdog's view of progress)
+        self.progress_at = time.monotonic()
+        self.killed_because: str | None = None
         self.ready: asyncio.Future = pool.loop.create_future()
         self._buffer = bytearray()
         self._writer: asyncio.WriteTransport | None = None
@@ -120,7 +130,14 @@ class WorkerProcess(asyncio.Protocol):
 
     def send(self, kind: int, stream_id: int, body: bytes = b"") -> None:
         if self._writer is not None and not self._writer.is_closing():
+            if not self.outstanding:
+                self.progress_at = time.monotonic()
+            self.outstanding += 1
             self._writer.write(REQUEST.pack(len(body), kind, stream_id) + body)
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the worker last acknowledged frames while some were outstanding (0: none outstanding)."""
+        return now - self.progress_at if self.outstanding else 0.0
 
     # asyncio.Protocol, for the reply pipe
     def data_received(self, data: bytes) -> None:
@@ -142,7 +159,10 @@ class WorkerProcess(asyncio.Protocol):
     def _on_replies(self, items: list[tuple]) -> None:
         for item in items:
             head = item[0]
-            if head == "metrics":
+            if head == "progress":
+                self.outstanding -= item[1]
+                self.progress_at = time.monotonic()
+            elif head == "metrics":
                 self.metrics = item[1]
             elif head == "ready":
                 self.alive = True
@@ -171,8 +191,12 @@ class WorkerProcess(asyncio.Protocol):
 class MonitorWorkers:
     """N worker processes; each stream is pinned to the worker with the fewest open streams."""
 
-    def __init__(self, config: Config, embeddings: torch.Tensor | None, log_level: str = "info") -> None:
+    def __init__(self, config: Config, embeddings: torch.Tensor | None, log_level: str = "info",
+                 killed: Callable[[], None] = lambda: None) -> None:
         self.config = config
+        self.hard_deadline_s = config.server.monitor_hard_deadline_s
+        self._killed = killed  # counts a worker killed by the watchdog (the front's metric)
+        self._watchdog: asyncio.Task | None = None
         self.log_level = log_level
         self.count = config.server.monitor_processes
         self.embeddings = shareable(embeddings)
@@ -197,6 +221,25 @@ class MonitorWorkers:
             self.stop()
             raise
         log.info("monitor_workers_started", processes=self.count, seconds=round(time.perf_counter() - started, 1))
+        self._watchdog = self.loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Kill a worker stuck in one call past server.monitor_hard_deadline_s; worker_exited replaces it."""
+        every = min(1.0, self.hard_deadline_s / 4)
+        while not self._stopping:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            for worker in self.workers:
+                silent = worker.silent_for(now)
+                if worker.alive and worker.killed_because is None and silent > self.hard_deadline_s:
+                    worker.killed_because = (
+                        f"monitor worker {worker.index} made no progress for {silent:.1f} s (server.monitor_hard_deadline_s = "
+                        f"{self.hard_deadline_s:g}): a monitor ran away or a step is too large; the worker was killed "
+                        "and is being replaced, and this request was not monitored to its end; retry it")
+                    log.error("monitor_worker_killed", worker=worker.index, silent_s=round(silent, 1),
+                              streams=len(worker.streams), hard_deadline_s=self.hard_deadline_s)
+                    self._killed()
+                    worker.process.kill()  # the reply pipe closes: worker_exited fails its streams and replaces it
 
     async def _await_ready(self, worker: WorkerProcess) -> None:
         await worker.connect()
@@ -210,6 +253,9 @@ class MonitorWorkers:
         live = [w for w in self.workers if w.alive]
         if not live:
             raise StepError("workers: no monitor worker is running; retry shortly", Refusal.UNAVAILABLE)
+        now = time.monotonic()
+        responsive = [w for w in live if w.silent_for(now) < STALL_S]
+        live = responsive or live  # a worker stuck in a call takes no new streams while another can
         # Fewest open streams; ties go round the workers, so light traffic does not all land on the first.
         turn = next(self._turns)
         worker = min(live, key=lambda w: (len(w.streams), (w.index - turn) % self.count))
@@ -245,7 +291,8 @@ class MonitorWorkers:
         worker.process.join(1)
         log.error("monitor_worker_exited", worker=worker.index, exit_code=worker.process.exitcode,
                   streams=len(worker.streams))
-        message = f"monitor worker {worker.index} exited (exit code {worker.process.exitcode}); retry the request"
+        message = (worker.killed_because or
+                   f"monitor worker {worker.index} exited (exit code {worker.process.exitcode}); retry the request")
         for stream in list(worker.streams.values()):
             stream.in_flight = 1  # deliver() counts one message back
             stream.deliver([], StreamStatus(StreamEnd.LOST, Refusal.UNAVAILABLE, message))
@@ -267,5 +314,7 @@ class MonitorWorkers:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for worker in self.workers:
             worker.stop(timeout)

@@ -1,0 +1,250 @@
+"""In-process step threads: each Watch stream's decoding and monitors run off the event loop.
+
+With server.monitor_processes = 0 the gRPC process does the work itself, but not on its event
+loop: the loop only moves bytes (it serves every stream, health and signals, and a step that
+took it, e.g. a 2 s monitor or a huge valid step, used to stall them all). Each open stream
+holds one step thread (a StepRunner, reused from an idle pool) that parses, decodes, monitors
+and serialises its messages in order through the same StreamTable as a worker process, and hands
+the events back to the loop in batches (one wake-up per batch). The front end is the worker
+relay's (transport/relay.py): the same window, end-of-input and cancellation rules in both modes.
+
+With the GIL the threads do not run Python in parallel, so this buys isolation, not cores (use
+monitor_processes for cores): a slow or blocking monitor holds up only its own stream. Dense steps
+(large torch ops) are limited to server.workers at a time, which bounds their memory.
+
+A Python thread cannot be killed. A step still running past server.monitor_hard_deadline_s (a
+runaway monitor) ends its stream with UNAVAILABLE naming the monitor, counts
+canvaswatch_monitors_stopped{reason="hard_deadline"}, and leaves the thread behind
+(canvaswatch_stuck_step_threads; health says NOT_SERVING while any is stuck). Should it ever
+return, it exits. The threads are daemon threads, so a stuck one does not keep the process from
+exiting at shutdown (docs/operations.md says what can and cannot be guaranteed in-process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import structlog
+
+from canvaswatch.server.errors import Refusal
+from canvaswatch.server.ops.metrics import Metrics
+from canvaswatch.server.pipeline.engine import Engine
+from canvaswatch.server.workers.pool import RelayStream
+from canvaswatch.server.workers.protocol import Frame, StreamEnd, StreamStatus
+from canvaswatch.server.workers.streams import StreamTable
+
+log = structlog.get_logger(__name__)
+
+_RETURN = -1  # runner-only frame kinds: the stream is released (the runner goes back to the idle pool) ...
+_CALL = -2  # ... or run a function (Check) off the loop
+MAX_IDLE = 32  # idle runners kept for the next streams; more exit
+
+
+class StepRunner:
+    """One thread serving one stream at a time; frames arrive in its inbox in order."""
+
+    def __init__(self, pool: "StepThreads", number: int) -> None:
+        self.pool = pool
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.stream: RelayStream | None = None  # the loop's side; only the loop reads or sets it
+        self.table: StreamTable | None = None  # the thread's side
+        self.busy_since: float | None = None  # monotonic start of the frame being handled (the watchdog reads it)
+        self.abandoned = False
+        self.thread = threading.Thread(target=self._run, name=f"canvaswatch-step-{number}", daemon=True)
+        self.thread.start()
+
+    def send(self, kind: int, stream_id: int, body: Any = b"") -> None:
+        """From the loop (RelayStream.send and the pool): the frame goes after those already sent."""
+        self.inbox.put((kind, stream_id, body))
+
+    def running_monitor(self) -> str | None:
+        table = self.table
+        if table is None:
+            return None
+        for handler in list(table.handlers.values()):
+            if handler.session is not None and handler.session.running:
+                return handler.session.running
+        return None
+
+    def _run(self) -> None:
+        inbox, loop, pool = self.inbox, self.pool.loop, self.pool
+        while True:
+            batch = [inbox.get()]
+            while True:  # whatever else is waiting goes in the same batch: one wake-up of the loop for all
+                try:
+                    batch.append(inbox.get_nowait())
+                except queue.Empty:
+                    break
+            replies = []
+            for kind, stream_id, body in batch:
+                if kind == Frame.OPEN:
+                    self.table = StreamTable(body, dense_slots=pool.dense_slots)
+                    self.table.handle(kind, stream_id, b"")
+                    continue
+                if kind == _RETURN:
+                    engine, self.table = body, None
+                    loop.call_soon_threadsafe(pool.returned, self, engine)
+                    continue
+                if kind == _CALL:
+                    function, args, future = body
+                    try:
+                        result = function(*args)
+                    except BaseException as err:  # noqa: BLE001 - handed to the awaiting coroutine
+                        loop.call_soon_threadsafe(_settle, future, None, err)
+                    else:
+                        loop.call_soon_threadsafe(_settle, future, result, None)
+                    continue
+                if kind == Frame.STOP:
+                    return
+                self.busy_since = time.monotonic()
+                reply = self.table.handle(kind, stream_id, body) if self.table is not None else None
+                self.busy_since = None
+                if self.abandoned:  # it came back after the watchdog gave up on it: nobody waits; leave
+                    loop.call_soon_threadsafe(pool.came_back, self)
+                    return
+                if reply is not None:
+                    replies.append(reply)
+            if replies:
+                loop.call_soon_threadsafe(pool.deliver, self, replies)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class StepThreads:
+    """The in-process step runners, with the interface the relay expects of MonitorWorkers."""
+
+    def __init__(self, borrow: Callable[[], Engine], give_back: Callable[[Engine], None], metrics: Metrics,
+                 hard_deadline_s: float, dense_concurrency: int) -> None:
+        self.borrow, self.give_back = borrow, give_back  # the servicer's engine accounting (SIGHUP reloads)
+        self.metrics = metrics
+        self.hard_deadline_s = hard_deadline_s
+        self.dense_slots = threading.BoundedSemaphore(dense_concurrency)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.idle: collections.deque[StepRunner] = collections.deque()
+        self.busy: set[StepRunner] = set()
+        self.stuck: set[StepRunner] = set()
+        self._ids = itertools.count(1)
+        self._numbers = itertools.count(1)
+        self._watchdog: asyncio.Task | None = None
+        # Called on the loop with False when a thread gets stuck and True when none is any more.
+        self.on_serving_change: Callable[[bool], None] = lambda serving: None
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._watchdog = self.loop.create_task(self._watch())
+
+    def _runner(self) -> StepRunner:
+        runner = self.idle.pop() if self.idle else StepRunner(self, next(self._numbers))
+        self.busy.add(runner)
+        return runner
+
+    def open_stream(self) -> RelayStream:
+        runner = self._runner()
+        engine = self.borrow()
+        stream = RelayStream(next(self._ids), runner)
+        stream.engine = engine  # type: ignore[attr-defined] - given back when the runner lets go of it
+        runner.stream = stream
+        runner.send(Frame.OPEN, stream.stream_id, engine)
+        return stream
+
+    def end_input(self, stream: RelayStream) -> None:
+        stream.worker.send(Frame.END, stream.stream_id)
+
+    def release(self, stream: RelayStream) -> None:
+        """The front is done with the stream: a runner still holding it drops it as cancelled, then goes back."""
+        runner = stream.worker
+        if not stream.done:
+            stream.done = True
+            runner.send(Frame.CANCEL, stream.stream_id)
+        runner.stream = None
+        if runner.abandoned:
+            self.give_back(stream.engine)  # type: ignore[attr-defined]
+            return
+        runner.send(_RETURN, 0, stream.engine)  # type: ignore[attr-defined]
+
+    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` on a step thread (Check: a whole trace's monitors, off the loop)."""
+        runner = self._runner()
+        future = self.loop.create_future()
+        runner.send(_CALL, 0, (function, args, future))
+        try:
+            return await future
+        finally:
+            runner.send(_RETURN, 0, None)
+
+    # on the loop, from the runners
+    def deliver(self, runner: StepRunner, replies: list[tuple]) -> None:
+        stream = runner.stream
+        if stream is None or runner.abandoned:
+            return
+        for stream_id, events, status in replies:
+            if stream_id == stream.stream_id:
+                stream.deliver(events, status)
+
+    def returned(self, runner: StepRunner, engine: Engine | None) -> None:
+        if engine is not None:
+            self.give_back(engine)
+        self.busy.discard(runner)
+        if len(self.idle) < MAX_IDLE:
+            self.idle.append(runner)
+        else:
+            runner.send(Frame.STOP, 0)
+
+    def came_back(self, runner: StepRunner) -> None:
+        """An abandoned runner finished its call after all: it has exited; health may say SERVING again."""
+        if runner in self.stuck:
+            self.stuck.discard(runner)
+            self.metrics.stuck_threads.dec()
+            log.warning("step_thread_came_back", thread=runner.thread.name)
+            if not self.stuck:
+                self.on_serving_change(True)
+
+    async def _watch(self) -> None:
+        every = min(1.0, self.hard_deadline_s / 4)
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            for runner in list(self.busy):
+                since = runner.busy_since
+                if since is not None and now - since > self.hard_deadline_s and not runner.abandoned:
+                    self._abandon(runner, now - since)
+
+    def _abandon(self, runner: StepRunner, seconds: float) -> None:
+        runner.abandoned = True
+        self.busy.discard(runner)
+        self.stuck.add(runner)
+        self.metrics.stuck_threads.inc()
+        monitor = runner.running_monitor()
+        self.metrics.monitors_stopped.labels(monitor or "none", "hard_deadline").inc()
+        what = f"monitor {monitor!r}" if monitor else "a step (decoding or sinks, no monitor)"
+        message = (f"{what} ran {seconds:.1f} s, past server.monitor_hard_deadline_s = {self.hard_deadline_s:g}: the request "
+                   "was not monitored to its end (in-process, the thread cannot be stopped; worker mode, "
+                   "server.monitor_processes > 0, kills and replaces a stuck worker)")
+        log.error("step_thread_stuck", monitor=monitor, seconds=round(seconds, 1), thread=runner.thread.name)
+        stream = runner.stream
+        if stream is not None and not stream.done:
+            stream.in_flight = 1  # deliver() counts one message back
+            stream.deliver([], StreamStatus(StreamEnd.LOST, Refusal.UNAVAILABLE, message))
+        if len(self.stuck) == 1:
+            self.on_serving_change(False)
+
+    def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for runner in [*self.idle, *self.busy]:
+            runner.send(Frame.STOP, 0)
+        self.idle.clear()
+
