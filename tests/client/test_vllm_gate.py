@@ -25,8 +25,8 @@ PHRASE = "disable the safety interlock"
 
 
 @pytest.mark.slow
-def test_a_planted_critical_phrase_ends_its_vllm_request_mid_denoising_and_clean_requests_pass(installed, vocab,  # noqa: F811
-                                                                                                tmp_path):
+def test_a_planted_critical_phrase_ends_its_vllm_request_and_clean_requests_pass(installed, vocab,  # noqa: F811
+                                                                                  tmp_path):
     phrase_ids = vocab.encode(" " + PHRASE)
     running = start_sidecar(vocab, tmp_path, {"monitors": {"lexicon": {"patterns": [PHRASE], "regex": [],
                                                                        "severity": "critical"}}})

@@ -53,7 +53,8 @@ def test_a_lower_gate_severity_trips_on_warnings():
 def test_suppress_silences_the_gated_rows_and_books_them_as_denoising_steps():
     canvas = 4
     sampled = torch.arange(3 * canvas, dtype=torch.int32).view(3, canvas) + 100
-    output = SimpleNamespace(sampled_token_ids=sampled.clone(), num_sampled=torch.tensor([canvas, canvas, 0], dtype=torch.int32),
+    output = SimpleNamespace(sampled_token_ids=sampled.clone(),
+                             num_sampled=torch.tensor([canvas, canvas, 0], dtype=torch.int32),
                              num_rejected=torch.tensor([0, 0, canvas], dtype=torch.int32))
     batch = SimpleNamespace(query_start_loc_np=np.array([0, canvas, 2 * canvas, 3 * canvas], dtype=np.int32))
     suppress(output, [1], batch)

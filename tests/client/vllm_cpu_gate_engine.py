@@ -8,11 +8,11 @@ Real, beyond what tests/client/vllm_cpu_engine.py lists: the plugin's patches of
 `GPUModelRunner.sample_tokens` and `Scheduler.update_from_output`, installed by the entry point when
 this process imports those modules (checked); the hand-over of gated requests on vLLM's own
 `ModelRunnerOutput`, pickled and unpickled as the multiprocess executor carries it to the engine
-core; and `finish_gated` building vLLM's `EngineCoreOutput` / `EngineCoreOutputs` for vLLM `Request`
-objects with vLLM's `RequestStatus` and `FinishReason`. Standing in: the model's forward (as
-there), the scheduler's queues (a dict whose `finish_requests` sets the status vLLM's does), and
-the model runner around the sampler (this loop calls `hand_over` where the patched
-`sample_tokens` does).
+core; and the scheduler wrapper (applied to the stand-in below) building vLLM's `EngineCoreOutput` /
+`EngineCoreOutputs` for vLLM `Request` objects with vLLM's `RequestStatus` and `FinishReason`.
+Standing in: the model's forward (as there), the scheduler's queues (a dict whose
+`finish_requests` sets the status vLLM's does), and the model runner around the sampler (this loop
+calls `hand_over` where the patched `sample_tokens` does).
 
 Three requests at once: req-G plants the watched phrase in the first denoising steps of its first
 block (six blocks in all), req-A and req-B are clean. The loop records every step the sampler
@@ -80,6 +80,9 @@ class _SchedulerQueues:
                 finished.append(request)
         return finished
 
+    def update_from_output(self, scheduler_output, model_runner_output):
+        return {}  # vLLM's own update: a gated request emitted nothing, so it has no output of its own
+
 
 def main(out_path: str) -> None:
     started = time.monotonic()
@@ -100,7 +103,7 @@ def main(out_path: str) -> None:
     from vllm import SamplingParams
     from vllm.v1.request import Request
     from vllm.v1.outputs import ModelRunnerOutput
-    from canvaswatch.client.vllm_gate import finish_gated, gated_of, hand_over
+    from canvaswatch.client.vllm_gate import hand_over, patch_scheduler
 
     state, sampler, watcher = _build(dg)
     assert watcher.gates is not None, "gate mode is off in the plugin"
@@ -113,6 +116,7 @@ def main(out_path: str) -> None:
         return result
 
     dg.sample_row_stats_reference = witness_stats
+    patch_scheduler(SimpleNamespace(Scheduler=_SchedulerQueues))  # the wrapper vLLM's Scheduler got, on the stand-in
     queues = _SchedulerQueues()
     blocks = {"req-G": 6, "req-A": 2, "req-B": 2}
     for seed, (req_id, n) in enumerate(blocks.items(), start=1):
@@ -126,12 +130,11 @@ def main(out_path: str) -> None:
         # the model runner's hand-over, the executor's transport, the scheduler's update (vllm_gate)
         runner_output = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)})
         hand_over(runner_output, watcher)
-        gated = gated_of(pickle.loads(pickle.dumps(runner_output)))
-        if gated:
-            trip_steps = dict(watcher.gates.trip_step)
-            outputs: dict = {}
-            for req_id in finish_gated(queues, gated, outputs):
-                [output] = [o for eco in outputs.values() for o in eco.outputs if o.request_id == req_id]
+        trip_steps = dict(watcher.gates.trip_step)
+        outputs = queues.update_from_output(None, pickle.loads(pickle.dumps(runner_output)))
+        for eco in outputs.values():
+            for output in eco.outputs:
+                req_id = output.request_id
                 ended[req_id] = {"engine_step": engine.steps, "trip_step": trip_steps[req_id],
                                  "finish_reason": str(output.finish_reason), "stop_reason": output.stop_reason,
                                  "new_token_ids": list(output.new_token_ids)}
