@@ -293,15 +293,15 @@ def wire_run(phrases: list[str], ids: list[list[int]], streams_list: tuple[int, 
     from canvaswatch.v1 import monitor_pb2 as pb
     from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 
-    import numpy as np
+    import torch
 
     config = workdir / "lexicon_only.toml"
     config.write_text("[dense]\nembeddings = \"\"\n\n[logging]\naudit_log = \"\"\nlevel = \"warning\"\n\n"
                       "[monitors.lexicon]\n" + f"patterns = {json.dumps(phrases)}\nregex = {json.dumps(list(REGEXES))}\n")
     messages = []
     for index, window in enumerate(ids):
-        topk = pb.TopK(ids=encode_tensor(np.asarray(window, dtype=np.int32).reshape(-1, 1)),
-                       probs=encode_tensor(np.ones((len(window), 1), dtype=np.float32)))
+        topk = pb.TopK(ids=encode_tensor(torch.tensor(window, dtype=torch.int32).reshape(-1, 1)),
+                       probs=encode_tensor(torch.ones((len(window), 1), dtype=torch.float32)))
         first = pb.StepState(info=pb.RequestInfo(request_id=f"text-{index}", model="bench", canvas_length=len(window),
                                                  total_steps=1), block=0, step=0, topk=topk)
         messages.append((first, pb.StepState(final=True, output_ids=window)))

@@ -7,9 +7,10 @@ the union of several specs in one pass per step:
     over their pieces' characters (canvaswatch.monitors.phrase_scan; lower-cased
     piece by piece for case-insensitive specs), with the word-edge rule;
   - regexes: one scan each of the top-1 text, matched as written; a
-    case-sensitive regex with a literal prefix of 3+ characters (the default
-    `AKIA...`) has it added to the Aho-Corasick pass as a gate and is scanned
-    only on steps whose canvas holds it, so most steps never build the text;
+    case-sensitive regex with a literal every match contains (3+ characters,
+    e.g. the default `AKIA...`, or punctuation such as an e-mail's "@") has it
+    added to the Aho-Corasick pass as a gate and is scanned only on steps whose
+    canvas holds it, so most steps never build the text;
   - literals across the top-k alternatives: one compiled walk of the canvas
     through a trie of every tokenisation of every pattern. A per-vocabulary
     table says which ids occur in some pattern at all; only kept slots holding
@@ -127,7 +128,7 @@ class PhraseMatcher:
             offset += spec.size
         self._patterns = dict(self.literals)
         # One scan finds the literals and each regex's gate: a literal every match of the regex
-        # starts with, so the regex (and the text it needs) runs only on canvases that hold it.
+        # contains, so the regex (and the text it needs) runs only on canvases that hold it.
         self._gates = [_gate(compiled, self.case_sensitive) for _, compiled in self.regexes]
         keys: dict[str, tuple[list[int], list[int]]] = {key: (indices, []) for key, indices in literal_keys.items()}
         for number, gate in enumerate(self._gates):
@@ -323,24 +324,34 @@ _LOWER_OR_DIGIT = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 
 
 def _gate(compiled: re.Pattern, case_sensitive: bool) -> str | None:
-    """A literal of 3+ characters that every match of `compiled` starts with, as the scan sees it; None if unsure.
+    """A literal that every match of `compiled` contains, as the scan sees it; None if unsure or not worth a key.
 
-    Read from the regex's parse: its leading run of plain literals. Only case-sensitive regexes
-    get one (under IGNORECASE, re also equates e.g. 'ſ' with 's', which lower-casing does not),
-    and on a lower-cased scan only an ASCII prefix (its lower case is exact per character).
+    Read from the regex's parse: the longest run of plain literals at its top level (a top-level
+    item is in every match), e.g. "AKIA" of `AKIA[0-9A-Z]{16}`, "@" of an e-mail address. Worth a
+    key: 3+ characters, or punctuation only ("@", "-"), which prose holds far less often than a
+    regex costs to run. Only case-sensitive regexes get one (under IGNORECASE, re also equates
+    e.g. 'ſ' with 's', which lower-casing does not), and on a lower-cased scan only an ASCII run
+    (its lower case is exact per character).
     """
     try:
         parsed = re._parser.parse(compiled.pattern, compiled.flags)
     except Exception:  # a private module: any surprise just means "no gate"
         return None
-    prefix = ""
+    runs, run = [], ""
     for op, argument in parsed:
-        if op is not re._constants.LITERAL:
-            break
-        prefix += chr(argument)
-    if len(prefix) < 3 or parsed.state.flags & re.IGNORECASE or not (case_sensitive or prefix.isascii()):
+        if op is re._constants.LITERAL:
+            run += chr(argument)
+            continue
+        runs.append(run)
+        run = ""
+    runs.append(run)
+    worth = [r for r in runs if len(r) >= 3 or (r and not any(c.isalnum() or c.isspace() for c in r))]
+    if not worth or parsed.state.flags & re.IGNORECASE:
         return None
-    return prefix if case_sensitive else prefix.lower()
+    gate = max(worth, key=len)  # the first of the longest
+    if not (case_sensitive or gate.isascii()):
+        return None
+    return gate if case_sensitive else gate.lower()
 
 
 def _at_word_edges(text: str, start: int, stop: int, pattern: str) -> bool:

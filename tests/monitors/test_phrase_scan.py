@@ -95,6 +95,11 @@ def test_a_regex_runs_only_on_canvases_that_hold_its_literal_prefix(vocab):
     (r"abc*d", None),  # only "ab" is certain
     (r"secret|token", None),  # no single prefix
     (r"Ärger!", None),  # not ASCII: its lower case is not certain per character
+    (r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+\.[A-Za-z]{2,}", "@"),  # contained, not a prefix: punctuation is worth a key
+    (r"\b\d{3}-\d{2}-\d{4}\b", "-"),
+    (r"https?://[^\s]+", "http"),  # the longest run
+    (r"\b(?:\d{4}[ -]?){3}\d{4}\b", None),  # nothing literal at the top level
+    (r"a(?:-|b)c", None),  # 1-letter runs, and "-" only in one branch
 ])
 def test_regex_gates_are_taken_only_when_certain(expression, gate):
     from canvaswatch.monitors.phrases import _gate
