@@ -87,7 +87,8 @@ class RelayStream:
         self.room.set()
         if status is not None and status.over:
             self.done = True
-        self.results.put_nowait((events, status))
+        if events or status is not None:  # most steps raise nothing: Watch need not wake for them
+            self.results.put_nowait((events, status))
 
 
 class WorkerProcess(asyncio.Protocol):
@@ -178,6 +179,8 @@ class WorkerProcess(asyncio.Protocol):
                     stream.deliver(item[1], item[2])
 
     def stop(self, timeout: float) -> None:
+        if self.silent_for(time.monotonic()) > STALL_S:
+            timeout = 0.5  # stuck in a call: it would not read STOP; shutdown need not wait for it
         self.alive = False
         self.send(Frame.STOP, 0)
         if self._writer is not None:
