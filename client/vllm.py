@@ -357,10 +357,13 @@ class Watcher:
 
     def gated_rows(self, input_batch: Any) -> list[int]:
         """Engine thread, before the sampler: the batch rows of requests the gate has ended."""
-        if self.gates is None:
+        gates = self.gates
+        if gates is None:
             return []
-        self.gates.steps_started += 1
-        return self.gates.rows([str(r) for r in list(input_batch.req_ids)[:input_batch.num_reqs]])
+        gates.steps_started += 1
+        if not gates.tripped:  # the usual case: one dict check a step, no per-request work
+            return []
+        return gates.rows([str(r) for r in list(input_batch.req_ids)[:input_batch.num_reqs]])
 
     def suppress(self, output: Any, rows: list[int], input_batch: Any) -> None:
         """Engine thread, after the sampler: the gated rows emit nothing; the scheduler is told to end them."""
