@@ -1,7 +1,7 @@
 """A realistic lexicon against a peer: canvaswatch's lexicon vs protectai's llm-guard 0.3.16, same texts, same patterns (issue 12).
 
     python bench/lexicon_peer.py [--sizes 10,100,1000,10000] [--texts 2000] [--repeats 3]
-                                 [--wire-size 1000] [--peer-seconds 20] [--no-peer] [--no-wire]
+                                 [--wire-size 1000] [--peer-seconds 20] [--no-peer] [--before REV]
 
 Texts: `--texts` REAL English texts of `--tokens` (330) Gemma tokens each, cut
 from prose that ships with this machine's Python, nothing downloaded: the
@@ -43,6 +43,10 @@ server does), on_finish. Timed: canvases/s over all texts, best of
 127.0.0.1, each text one Watch stream of one top-k step and the final message,
 1 and 4 streams at once, with a bare gRPC echo of the same messages in the
 same run as the transport's own ceiling.
+
+`--before REV` also times REV's three lexicon modules on the first
+`--before-texts` texts (the old output check searched one regex per phrase: at
+1,000+ phrases it takes seconds a text), alternating with this tree's.
 
 Same flags: per text, the set of patterns each side flags. The peer's
 verdicts per pattern come from its own match function (llm-guard's
@@ -360,6 +364,42 @@ def wire_run(phrases: list[str], ids: list[list[int]], streams_list: tuple[int, 
             process.wait(timeout=60)
 
 
+def before_worker(job_path: str) -> None:
+    """canvaswatch's side with the lexicon's modules of another revision (job["modules"]): rate as JSON."""
+    import importlib.util
+
+    import canvaswatch.monitors  # noqa: F401  (the package, before its three modules are replaced)
+
+    job = json.loads(Path(job_path).read_text())
+    for name in ("phrase_scan", "phrases", "lexicon"):
+        spec = importlib.util.spec_from_file_location(f"canvaswatch.monitors.{name}", Path(job["modules"]) / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    from canvaswatch.server.bottleneck.vocab import load_vocabulary
+
+    rate, build, flagged = canvaswatch_run(load_vocabulary(), job["phrases"], job["texts"], job["ids"], job["repeats"])
+    print(json.dumps({"rate": rate, "build": build, "flagged": [sorted(f) for f in flagged]}))
+
+
+def before_run(revision: str, phrases: list[str], texts: list[str], ids: list[list[int]], repeats: int,
+               workdir: Path) -> dict:
+    """Rate and flags of `revision`'s monitors/{phrase_scan,phrases,lexicon}.py on the same texts (a subprocess)."""
+    modules = workdir / f"before-{revision}"
+    modules.mkdir(exist_ok=True)
+    root = Path(__file__).resolve().parent.parent
+    for name in ("phrase_scan", "phrases", "lexicon"):
+        source = subprocess.run(["git", "-C", str(root), "show", f"{revision}:monitors/{name}.py"], check=True,
+                                capture_output=True, text=True).stdout
+        (modules / f"{name}.py").write_text(source)
+    job = workdir / "before_job.json"
+    job.write_text(json.dumps({"modules": str(modules), "phrases": phrases, "texts": texts, "ids": ids,
+                               "repeats": repeats}))
+    out = subprocess.run([sys.executable, __file__, "--before-worker", str(job)], check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 # ----------------------------------------------------------------------------------------------
 # The peer's venv and runs, seen from canvaswatch's side.
 
@@ -432,10 +472,19 @@ def main() -> None:
     parser.add_argument("--wire-size", type=int, default=1000, help="phrases for the sidecar run; 0 = no wire run")
     parser.add_argument("--wire-streams", default="1,4")
     parser.add_argument("--workdir", default="/tmp/canvaswatch-lexicon-peer")
+    parser.add_argument("--before", help="also time this git revision's lexicon modules (monitors/phrase_scan.py, "
+                        "phrases.py, lexicon.py) on the first --before-texts texts, alternating: a same-run before/after")
+    parser.add_argument("--before-texts", type=int, default=100)
+    parser.add_argument("--before-sizes", default="10,100,1000",
+                        help="phrase counts of the before/after (the old code needs ~2.5 s a text at 10,000)")
     parser.add_argument("--peer-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--before-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer_worker:
         peer_worker(args.peer_worker)
+        return
+    if args.before_worker:
+        before_worker(args.before_worker)
         return
 
     from canvaswatch.server.bottleneck.vocab import load_vocabulary
@@ -476,6 +525,21 @@ def main() -> None:
         flagged = sum(1 for f in ours if f)
         print(f"| {size} + {len(REGEXES)} | {peer_rate:.1f} | {ours_rate:.0f} | {ours_rate / peer_rate:.1f}x | "
               f"{build:.1f} | {flagged} | {len(lines)} |", flush=True)
+    if args.before:
+        count = min(args.before_texts, len(texts))
+        print(f"\n# before/after: {args.before}'s lexicon modules vs this tree's, the first {count} texts, best of "
+              f"2 before, {args.repeats} after, alternating (before, after, before); flags compared text by text")
+        print("| phrases + regexes | before canvases/s | after canvases/s | after / before | texts whose flags differ |")
+        print("|---|---|---|---|---|")
+        for size in (int(x) for x in args.before_sizes.split(",")):
+            subset = phrases[:size]
+            before = [before_run(args.before, subset, texts[:count], ids[:count], 1, workdir)]
+            after_rate, _, after_flags = canvaswatch_run(vocab, subset, texts[:count], ids[:count], args.repeats)
+            before.append(before_run(args.before, subset, texts[:count], ids[:count], 1, workdir))
+            best = max(b["rate"] for b in before)
+            differ = sum(1 for b, a in zip(before[0]["flagged"], after_flags) if set(b) != a)
+            print(f"| {size} + {len(REGEXES)} | {best:.1f} | {after_rate:.0f} | {after_rate / best:.0f}x | {differ} |",
+                  flush=True)
     if args.wire_size:
         subset = phrases[: args.wire_size]
         streams = tuple(int(x) for x in args.wire_streams.split(","))
