@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from canvaswatch.server.importers.canvas import ROLE_OTHER, ROLE_REASONING, RebuiltRun, run_rng
-from canvaswatch.server.importers.commit_order import order_attributes, rebuild
+from canvaswatch.server.importers.canvas import RebuiltRun, run_rng
+from canvaswatch.server.importers.commit_order import positions_and_locks, rebuild_content
 from canvaswatch.server.importers.fields import CaptureError, Fields, load_json
 from canvaswatch.server.importers.options import ImportOptions
 from canvaswatch.server.importers.text import PAD_ID, TEXT_LIMIT, encode_text, placeholder_ids, ranges
@@ -56,27 +56,13 @@ def _read(path: Path, options: ImportOptions, format_name: str) -> list[RebuiltR
     return [_run(Fields(path.name, f"[{index}]", record), options, format_name) for index, record in enumerate(data)]
 
 
-def content_and_locks(fields: Fields, length: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Content positions (canvas order) and their lock steps, each lock in [0, steps)."""
-    content = fields.ints("content", high=length, what="positions")
-    lock = fields.ints("lock", length=content.size, what="lock steps")
-    if np.unique(content).size != content.size:
-        raise fields.fail("content", "a position is listed twice")
-    if (lock >= steps).any():
-        index = int(np.argmax(lock >= steps))
-        raise CaptureError(fields.file, f"{fields.where('lock')}[{index}]",
-                           f"lock step {int(lock[index])} is beyond T = {steps} steps")
-    order = np.argsort(content, kind="stable")
-    return content[order], lock[order]
-
-
 def _run(fields: Fields, options: ImportOptions, format_name: str) -> RebuiltRun:
     length = options.canvas_length or CANVAS_LENGTH
     bench = fields.string("bench")
     pid = fields.string("pid")
     steps = fields.integer("T", low=1)
     text = fields.string("final_text")
-    content, content_lock = content_and_locks(fields, length, steps)
+    content, content_lock = positions_and_locks(fields, "content", "lock", length, steps)
 
     ids = encode_text(options.text_encoder(), text)
     truncated = len(text) >= TEXT_LIMIT and len(ids) < content.size
@@ -92,15 +78,10 @@ def _run(fields: Fields, options: ImportOptions, format_name: str) -> RebuiltRun
     final[text_positions] = ids
     final[filler] = placeholder_ids(filler, options.placeholder_base, options.vocab_size)
 
-    lock = np.zeros(length, dtype=np.int64)
-    lock[content] = content_lock
-    mask = np.zeros(length, dtype=bool)
-    mask[content] = True
     rng = run_rng(f"{format_name}-{pid}/drafts", options.seed)
-    argmax, decided = rebuild(final, lock, steps, mask, rng,
-                              change_prob=options.change_prob, neighbour_share=options.neighbour_share)
-    roles = np.where(mask, ROLE_REASONING, ROLE_OTHER).astype(np.int8)
-    order, late = order_attributes(content_lock)
+    argmax, decided, roles, order, late = rebuild_content(final, content, content_lock, steps, rng,
+                                                          change_prob=options.change_prob,
+                                                          neighbour_share=options.neighbour_share)
     attributes = {
         "bench": bench, "task": pid, "content_positions": ranges(content), "text_positions": ranges(text_positions),
         "placeholder_positions": ranges(filler), "text_truncated": str(truncated).lower(),

@@ -18,9 +18,9 @@ Rebuilt run (see commit_order.py for the shared rule):
     (channel header, end of turn, padding) lock at step 0;
   - reasoning positions before their lock: drafts (commit_order.py);
   - answer positions before their lock show the answers of `answer_traj`, never
-    drafts: with one answer, that answer (undecided: low probability until its
-    lock); with n > 1 answers the timing is not recorded, so answer j is shown
-    from step floor(j x A / (n - 1)), A = the span's last lock step (the last
+    drafts: with one answer, that answer (a shown answer until its lock:
+    rules.py); with n > 1 answers the timing is not recorded, so answer j is
+    shown from step floor(j x A / (n - 1)), A = the span's last lock step (the last
     answer appears exactly at A). A capture whose n answers cannot change n - 1
     times by step A is refused. Each answer is tokenised (text.py), formatted
     like the final span (thousands separators when the final span has them and
@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from canvaswatch.server.importers.canvas import ROLE_ANSWER, ROLE_OTHER, ROLE_REASONING, RebuiltRun, run_rng
-from canvaswatch.server.importers.commit_order import order_attributes, rebuild
+from canvaswatch.server.importers.commit_order import order_attributes, positions_and_locks, rebuild
 from canvaswatch.server.importers.fields import CaptureError, Fields, load_json
 from canvaswatch.server.importers.options import ImportOptions
 from canvaswatch.server.importers.text import PAD_ID, TextEncoder, encode_text, ranges
@@ -70,26 +70,11 @@ def read(path: Path, options: ImportOptions) -> list[RebuiltRun]:
     return [_run(name, Fields(path.name, name, record), options) for name, record in data.items()]
 
 
-def _positions(fields: Fields, pos_key: str, lock_key: str, length: int,
-               steps: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Positions and their lock steps, sorted by position (each lock below `steps` where it is given)."""
-    positions = fields.ints(pos_key, high=length, what="positions")
-    lock = fields.ints(lock_key, length=positions.size, what="lock steps")
-    if np.unique(positions).size != positions.size:
-        raise fields.fail(pos_key, "a position is listed twice")
-    if steps is not None and (lock >= steps).any():
-        index = int(np.argmax(lock >= steps))
-        raise CaptureError(fields.file, f"{fields.where(lock_key)}[{index}]",
-                           f"lock step {int(lock[index])} is beyond the {steps} steps (T)")
-    order = np.argsort(positions, kind="stable")
-    return positions[order], lock[order]
-
-
 def _run(name: str, fields: Fields, options: ImportOptions) -> RebuiltRun:
     length = options.canvas_length or CANVAS_LENGTH
     final = fields.ints("final_ids", length=length, high=options.vocab_size, what="integers")
-    ans_pos, ans_lock = _positions(fields, "ans_pos", "ans_lock", length, options.steps)
-    cot_pos, cot_lock = _positions(fields, "cot_pos", "cot_lock", length, options.steps)
+    ans_pos, ans_lock = positions_and_locks(fields, "ans_pos", "ans_lock", length, options.steps)
+    cot_pos, cot_lock = positions_and_locks(fields, "cot_pos", "cot_lock", length, options.steps)
     if np.intersect1d(ans_pos, cot_pos).size:
         raise fields.fail("cot_pos", f"position {int(np.intersect1d(ans_pos, cot_pos)[0])} is also in ans_pos")
     answers = fields.strings("answer_traj")

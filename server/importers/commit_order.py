@@ -39,11 +39,46 @@ from __future__ import annotations
 
 import numpy as np
 
+from canvaswatch.server.importers.canvas import ROLE_OTHER, ROLE_REASONING
+from canvaswatch.server.importers.fields import CaptureError, Fields
 from canvaswatch.server.importers.text import placeholder_ids
 
 CHANGE_PROB = 1.0 / 3.0
 NEIGHBOUR_SHARE = 0.2
 MIN_ORDER_POSITIONS = 8
+
+
+def positions_and_locks(fields: Fields, pos_key: str, lock_key: str, length: int,
+                        steps: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """A capture's positions and their lock steps, sorted by position: positions in [0, length),
+    none listed twice, one lock each, every lock below `steps` (T) where it is known."""
+    positions = fields.ints(pos_key, high=length, what="positions")
+    lock = fields.ints(lock_key, length=positions.size, what="lock steps")
+    if np.unique(positions).size != positions.size:
+        raise fields.fail(pos_key, "a position is listed twice")
+    if steps is not None and (lock >= steps).any():
+        index = int(np.argmax(lock >= steps))
+        raise CaptureError(fields.file, f"{fields.where(lock_key)}[{index}]",
+                           f"lock step {int(lock[index])} is beyond T = {steps} steps")
+    order = np.argsort(positions, kind="stable")
+    return positions[order], lock[order]
+
+
+def rebuild_content(final: np.ndarray, content: np.ndarray, content_lock: np.ndarray, steps: int,
+                    rng: np.random.Generator, *, change_prob: float = CHANGE_PROB,
+                    neighbour_share: float = NEIGHBOUR_SHARE
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, str], bool]:
+    """A capture whose only roles are content and the rest (bench_order, poem, films): argmax and
+    decided (`rebuild`), the roles, and the commit-order attributes and label (`order_attributes`)."""
+    length = final.size
+    lock = np.zeros(length, dtype=np.int64)
+    lock[content] = content_lock
+    mask = np.zeros(length, dtype=bool)
+    mask[content] = True
+    argmax, decided = rebuild(final, lock, steps, mask, rng, change_prob=change_prob, neighbour_share=neighbour_share)
+    roles = np.where(mask, ROLE_REASONING, ROLE_OTHER).astype(np.int8)
+    order, late = order_attributes(content_lock)
+    return argmax, decided, roles, order, late
 
 
 def rebuild(final: np.ndarray, lock: np.ndarray, steps: int, content: np.ndarray, rng: np.random.Generator,

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from canvaswatch.server.importers.bench_order import content_and_locks
-from canvaswatch.server.importers.canvas import ROLE_OTHER, ROLE_REASONING, RebuiltRun, run_rng
-from canvaswatch.server.importers.commit_order import order_attributes, rebuild
+from canvaswatch.server.importers.canvas import RebuiltRun, run_rng
+from canvaswatch.server.importers.commit_order import positions_and_locks, rebuild_content
 from canvaswatch.server.importers.fields import CaptureError, Fields, load_json
 from canvaswatch.server.importers.options import ImportOptions
 from canvaswatch.server.importers.text import PAD_ID, placeholder_ids, ranges
@@ -54,20 +53,15 @@ def _run(fields: Fields, index: int, options: ImportOptions) -> RebuiltRun:
     if raw.size == 0:
         raise fields.fail("content", "no content positions")
     length = options.canvas_length or int(raw.max()) + 1
-    content, content_lock = content_and_locks(fields, length, steps)
+    content, content_lock = positions_and_locks(fields, "content", "lock", length, steps)
 
     final = np.full(length, PAD_ID, dtype=np.int64)
     final[content] = placeholder_ids(content, options.placeholder_base, options.vocab_size)
-    lock = np.zeros(length, dtype=np.int64)
-    lock[content] = content_lock
-    mask = np.zeros(length, dtype=bool)
-    mask[content] = True
     name = f"{index:03d}-{task}-d{depth}-s{seed}"
     rng = run_rng(f"{FORMAT}-{name}/drafts", options.seed)
-    argmax, decided = rebuild(final, lock, steps, mask, rng,
-                              change_prob=options.change_prob, neighbour_share=options.neighbour_share)
-    roles = np.where(mask, ROLE_REASONING, ROLE_OTHER).astype(np.int8)
-    order, late = order_attributes(content_lock)
+    argmax, decided, roles, order, late = rebuild_content(final, content, content_lock, steps, rng,
+                                                          change_prob=options.change_prob,
+                                                          neighbour_share=options.neighbour_share)
     attributes = {
         "task": task, "content_positions": ranges(content), "placeholder_positions": ranges(content),
         "filled": "probabilities,alternatives,undecided_argmax,placeholder_tokens",

@@ -10,6 +10,14 @@ in kind, not only in numbers.
     lock step in the commit-order captures): top-1 drawn uniformly in
     [0.90, 0.99]; the kept alternatives share (1 - top-1) x U(0.3, 0.8),
     halving from slot to slot.
+  - shown answer (an answer position before its lock, showing one of the
+    answers the capture recorded; clean.json only): top-1 uniform in
+    [0.45, 0.85], the rest as a decided position's tail. The data's README
+    says answer positions start at 0.0-2.1 nats, never at reasoning's
+    1.2-3.9: an answer the model shows and later revises is held more firmly
+    than a reasoning draft and less than a committed token. The range is the
+    middle of that span, 0.5-1.5 nats (top-1 of a geometric at those
+    entropies, the entropy rule's family).
   - undecided position: top-1 uniform in [0.15, 0.35], each other kept token
     uniform in [0.10, 0.25] and never above the top-1, sorted descending; if
     the kept mass would pass 0.98 the non-top tokens shrink together to fit
@@ -64,6 +72,7 @@ class CommittedRule:
     name: str = "committed"
     decided_top: tuple[float, float] = (0.90, 0.99)
     decided_tail: tuple[float, float] = (0.3, 0.8)
+    shown_answer_top: tuple[float, float] = (0.45, 0.85)
     undecided_top: tuple[float, float] = (0.15, 0.35)
     undecided_other: tuple[float, float] = (0.10, 0.25)
     max_mass: float = 0.98
@@ -71,8 +80,12 @@ class CommittedRule:
     def probabilities(self, run: RebuiltRun, k: int, rng: np.random.Generator) -> np.ndarray:
         steps, length = run.argmax.shape
         shape = (steps, length)
-        decided = run.decided
-        top = np.where(decided, rng.uniform(*self.decided_top, size=shape), rng.uniform(*self.undecided_top, size=shape))
+        # a shown answer takes the decided shape (a firm top-1 and a geometric tail) at a lower top-1
+        shown = ~run.decided & (run.roles == ROLE_ANSWER)[None, :]
+        decided = run.decided | shown
+        top = np.where(run.decided, rng.uniform(*self.decided_top, size=shape),
+                       np.where(shown, rng.uniform(*self.shown_answer_top, size=shape),
+                                rng.uniform(*self.undecided_top, size=shape)))
         probs = np.zeros((steps, length, k), dtype=np.float64)
         probs[..., 0] = top
         if k == 1:
