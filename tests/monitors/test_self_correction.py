@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from canvaswatch.monitors.base import RequestMeta
 from canvaswatch.monitors.self_correction import SelfCorrectionMonitor, SelfCorrectionParams
 from tests.monitors.canvas import canvas_step
@@ -108,3 +110,87 @@ def test_with_the_samplers_mask_drafting_that_was_never_accepted_is_not_a_revisi
     released = [(_with(5, eight), 0.9, [i == 5 for i in range(8)]), (_with(5, eight), 0.5, nothing),
                 (_with(5, seven), 0.9, nothing)]
     assert _run_signals(SelfCorrectionMonitor(SelfCorrectionParams()), released, vocab) == []
+
+
+# --- standing out of the drafting crowd (the real model's answer revisions: never accepted, never settled)
+
+WIDE = [3100 + i for i in range(16)]
+
+
+def _drafting(step: int) -> list[int]:
+    """A canvas of drafts: every position but 0 changes its token every step."""
+    return [WIDE[0]] + [4000 + 16 * step + i for i in range(1, 16)]
+
+
+def _answer_revision(first: int, second: int, answer_prob: float, draft_prob: float = 0.2):
+    """Position 0 shows `first` for two steps and then `second`, at `answer_prob`, among drafts at `draft_prob`."""
+    probs = [answer_prob] + [draft_prob] * 15
+    steps = []
+    for step in range(4):
+        canvas = _drafting(step)
+        canvas[0] = first if step < 2 else second
+        steps.append((canvas, probs))
+    return steps
+
+
+def test_an_answer_held_well_above_the_drafting_crowd_and_rewritten_is_a_revision(vocab):
+    # Real answers are rewritten within the first steps at 0.5-2 nats among drafts at 2-4: never settled.
+    eight, seven = vocab.encode(" eight")[0], vocab.encode(" seven")[0]
+    flags = _run(SelfCorrectionMonitor(SelfCorrectionParams()), _answer_revision(eight, seven, 0.6), vocab=vocab)
+    [flag] = [f for f in flags if 0 in f.evidence[0].positions]
+    assert flag.evidence[0].snippet == "' eight' -> ' seven'"
+    assert flag.attributes["held_by"] == "stood_out"
+    # the drafts themselves (at the crowd's level, changing every step) are never revisions
+    assert all(e.positions == (0,) for f in flags for e in f.evidence)
+
+
+def test_standing_out_is_relative_to_the_crowd_and_needs_a_crowd(vocab):
+    eight, seven = vocab.encode(" eight")[0], vocab.encode(" seven")[0]
+    # as unsure as the drafts around it (0.35 among 0.2: under twice the crowd): drafting, not a revision
+    assert _run(SelfCorrectionMonitor(SelfCorrectionParams()), _answer_revision(eight, seven, 0.35), vocab=vocab) == []
+    # the same answer among drafts that are all as sure as it: no crowd to stand out of
+    assert _run(SelfCorrectionMonitor(SelfCorrectionParams()),
+                _answer_revision(eight, seven, 0.6, draft_prob=0.6), vocab=vocab) == []
+    # the rule turned off
+    assert _run(SelfCorrectionMonitor(SelfCorrectionParams(hold_ratio=0)),
+                _answer_revision(eight, seven, 0.6), vocab=vocab) == []
+    # a crowd smaller than min_crowd
+    assert _run(SelfCorrectionMonitor(SelfCorrectionParams(min_crowd=16)),
+                _answer_revision(eight, seven, 0.6), vocab=vocab) == []
+
+
+def test_standing_out_counts_only_in_the_opening_canvases(vocab):
+    # A draft that firms up later, approaching its lock, and is then replaced is drafting: the same
+    # stand-out two steps into the block is not held (opening_steps = 2 counts steps 0 and 1).
+    eight, seven = vocab.encode(" eight")[0], vocab.encode(" seven")[0]
+    late = [(_drafting(0), [0.2] * 16), (_drafting(1), [0.2] * 16)]
+    for step, (canvas, probs) in enumerate(_answer_revision(eight, seven, 0.6)):
+        late.append(([canvas[0]] + _drafting(step + 2)[1:], probs))
+    assert _run(SelfCorrectionMonitor(SelfCorrectionParams()), late, vocab=vocab) == []
+    assert _run(SelfCorrectionMonitor(SelfCorrectionParams(opening_steps=4)), late, vocab=vocab) != []
+
+
+def test_with_the_mask_the_crowd_is_what_the_sampler_has_not_accepted(vocab):
+    eight, seven = vocab.encode(" eight")[0], vocab.encode(" seven")[0]
+    nothing = [False] * 16
+    steps = [(canvas, probs, nothing) for canvas, probs in _answer_revision(eight, seven, 0.6)]
+    flags = _run_signals(SelfCorrectionMonitor(SelfCorrectionParams()), steps, vocab)
+    assert [f.attributes["held_by"] for f in flags] == ["stood_out"]
+    # every draft accepted (none left drafting): position 0 stands out of nothing, and accepted drafts that
+    # change are revisions of their own (held_by=accepted), never of position 0's stand-out
+    all_but_0 = [False] + [True] * 15
+    steps = [(canvas, probs, all_but_0) for canvas, probs in _answer_revision(eight, seven, 0.6)]
+    flags = _run_signals(SelfCorrectionMonitor(SelfCorrectionParams()), steps, vocab)
+    assert flags and all(0 not in e.positions for f in flags for e in f.evidence)
+    assert {f.attributes["held_by"] for f in flags} == {"accepted"}
+
+
+def test_stand_out_parameters_are_validated():
+    with pytest.raises(ValueError, match="hold_ratio"):
+        SelfCorrectionParams(hold_ratio=0.5)
+    with pytest.raises(ValueError, match="min_crowd"):
+        SelfCorrectionParams(min_crowd=0)
+    with pytest.raises(ValueError, match="opening_steps"):
+        SelfCorrectionParams(opening_steps=-1)
+    with pytest.raises(ValueError, match="crowd_prob"):
+        SelfCorrectionParams(crowd_prob=1.5)
