@@ -6,8 +6,9 @@ workers/threads.py, or a monitor worker process, workers/pool.py) and writes bac
 bytes the runner produced. Stream limits, deadlines, the active-streams gauge and cancellation
 stay here; everything about the messages themselves (order, validation, the verdict, the
 outcome label) is the runner's StreamHandler. Reading runs ahead of the runner by up to WINDOW
-messages, so receiving overlaps the monitors, and a slow runner slows its own stream's reads
-(gRPC flow control then pushes back on the client) instead of queueing without bound.
+messages and WINDOW_BYTES (workers/pool.py), so receiving overlaps the monitors, and a slow
+runner slows its own stream's reads (gRPC flow control then pushes back on the client) instead
+of queueing without bound.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from canvaswatch.server.ops.metrics import Metrics
 from canvaswatch.server.pipeline.stream_handler import Outcome
 from canvaswatch.server.transport.lifecycle import StreamSlots, await_cancellation, watch_call
 from canvaswatch.server.transport.servicer import CanvasMonitorServicer, service_handler
-from canvaswatch.server.workers.pool import WINDOW, MonitorWorkers, RelayStream
+from canvaswatch.server.workers.pool import MonitorWorkers, RelayStream
 from canvaswatch.server.workers.protocol import StreamEnd, StreamStatus
 from canvaswatch.server.workers.threads import StepThreads
 
@@ -67,7 +68,7 @@ class RelayWatch:
     async def _pump(self, request_iterator: AsyncIterator[bytes], stream: RelayStream) -> None:
         try:
             async for raw in self.slots.reads(request_iterator):
-                if stream.in_flight >= WINDOW:
+                if stream.full():
                     await stream.wait_for_room()
                 if stream.done:
                     return

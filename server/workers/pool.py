@@ -31,6 +31,7 @@ shared with the workers through shared memory rather than copied.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import pickle
@@ -51,7 +52,8 @@ from canvaswatch.server.workers.shared_memory import shareable
 
 log = structlog.get_logger(__name__)
 
-WINDOW = 64  # messages a stream may have in flight to its worker
+WINDOW = 64  # messages a stream may have in flight to its runner ...
+WINDOW_BYTES = 16 * 1024 * 1024  # ... and bytes (beyond one message): a stream's read-ahead memory stays bounded
 START_TIMEOUT_S = 300.0
 STALL_S = 1.0  # a worker silent this long with frames outstanding gets no new streams while others can take them
 
@@ -68,22 +70,32 @@ class RelayStream:
     worker: "WorkerProcess"
     results: asyncio.Queue = field(default_factory=asyncio.Queue)
     in_flight: int = 0
+    in_flight_bytes: int = 0
+    sizes: collections.deque = field(default_factory=collections.deque)  # of the messages in flight, in order
     room: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False  # the worker ended the stream (or the front released it)
     finished: bool = False  # the worker has seen the final message
 
     def send(self, raw: bytes) -> None:
         self.in_flight += 1
+        self.in_flight_bytes += len(raw)
+        self.sizes.append(len(raw))
         self.worker.send(Frame.MESSAGE, self.stream_id, raw)
 
+    def full(self, limit: int = WINDOW) -> bool:
+        return self.in_flight >= limit or (self.in_flight_bytes >= WINDOW_BYTES and self.in_flight > 0)
+
     async def wait_for_room(self, limit: int = WINDOW) -> None:
-        """Until fewer than `limit` messages are in flight (limit=1: all answered) or the stream is over."""
-        while self.in_flight >= limit and not self.done:
+        """Until fewer than `limit` messages (and WINDOW_BYTES) are in flight (limit=1: all answered) or the
+        stream is over."""
+        while self.full(limit) and not self.done:
             self.room.clear()
             await self.room.wait()
 
     def deliver(self, events: list[bytes], status: StreamStatus | None) -> None:
         self.in_flight -= 1
+        if self.sizes:  # replies come in order; an END's reply comes after every message's
+            self.in_flight_bytes -= self.sizes.popleft()
         self.room.set()
         if status is not None and status.over:
             self.done = True

@@ -319,3 +319,25 @@ def test_an_unwritable_audit_log_fails_start_with_one_line_naming_the_key(tmp_pa
     [line] = [line for line in done.stderr.splitlines() if line.startswith("canvaswatch:")]
     assert line.startswith(f"canvaswatch: logging.audit_log: cannot write '{blocker}/audit.jsonl'")
     assert "Traceback" not in done.stderr
+
+
+def test_the_read_ahead_window_bounds_bytes_as_well_as_messages():
+    import asyncio
+
+    from canvaswatch.server.workers.pool import WINDOW, WINDOW_BYTES, RelayStream
+
+    worker = types.SimpleNamespace(send=lambda *frame: None)
+
+    async def run() -> None:
+        stream = RelayStream(1, worker)
+        stream.send(b"x" * (WINDOW_BYTES + 1))  # one message always goes, however large
+        assert stream.full()
+        stream.deliver([], None)
+        assert not stream.full() and stream.in_flight_bytes == 0 and stream.results.empty()  # nothing to wake Watch for
+        for _ in range(WINDOW - 1):
+            stream.send(b"y")
+        assert not stream.full()
+        stream.send(b"y")
+        assert stream.full()
+
+    asyncio.run(run())
