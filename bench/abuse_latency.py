@@ -1,0 +1,292 @@
+"""A normal client's latency while other clients abuse the sidecar (issue 14 item 1): p50/p99 idle and under each abuse.
+
+    python bench/abuse_latency.py [--requests 60] [--length 256] [--steps 16] [--rows silent,huge_step,...]
+
+Everything runs on 127.0.0.1: one sidecar subprocess per mode (in-process; and worker mode with
+two monitor processes for the runaway row), with the test monitors of tests/server/slow_monitors.py
+installed through an entry point (each acts only on request ids with its prefix, so the normal
+client is monitored by the default set as usual). The normal client sends `--requests` short
+top-k requests (L = --length, --steps steps each, the calibrated default profile of
+bench/traffic.py) one after another and times each from its first message to its verdict (or to
+its error: a request that waited out its 60 s deadline counts with its 60 s); first
+idle, then while each abuser runs in background threads. Every abuse is bounded in count and
+time (it stops when the normal client is done, and each row is capped at --row-timeout s).
+
+Abuse rows (the issue's table, those in scope here):
+  silent       200 streams that send nothing (slots, first-message deadline)
+  huge_step    2 clients sending one large valid top-k step (L = 65,536, k = 8) after another
+  slow_monitor 4 clients whose requests hit a monitor that sleeps 2 s a step (stopped by the strikes)
+  prompt_ids   4 clients sending requests with 32,768 prompt ids (the bound)
+  flag_storm   2 clients whose requests raise 50 flags a step (verdict and audit bounds)
+  runaway      (worker mode) 1 client whose request sends a monitor into an infinite loop; the worker
+               is killed at server.monitor_hard_deadline_s (5 s here) and replaced
+`--compare-python PY` measures a second sidecar (e.g. the commit before, from its worktree) in the
+same run, without the keys it does not know.
+Target: the normal client's p99 within 2x its idle p99 in the same mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from canvaswatch.client.stream import channel_options
+from canvaswatch.v1 import monitor_pb2 as pb
+from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from throughput import free_port, wait_ready  # noqa: E402
+from traffic import profile_steps  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = ("silent", "huge_step", "slow_monitor", "prompt_ids", "flag_storm", "runaway")
+PLUGINS = {"sleepy": "Sleepy", "runaway": "Runaway", "storm": "Storm"}
+
+
+def start_sidecar(workdir: Path, monitor_processes: int, python: str = sys.executable,
+                  new_keys: bool = True) -> tuple[subprocess.Popen, str]:
+    plugins = workdir / "plugins"
+    if not plugins.exists():
+        dist = plugins / "cw_abuse_monitors-1.0.dist-info"
+        dist.mkdir(parents=True)
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cw-abuse-monitors\nVersion: 1.0\n")
+        (dist / "entry_points.txt").write_text("[canvaswatch.monitors]\n" + "".join(
+            f"{name} = tests.server.slow_monitors:{cls}\n" for name, cls in PLUGINS.items()))
+    config = workdir / f"sidecar-{monitor_processes}-{new_keys}.toml"
+    monitors = "".join(f"[monitors.{name}]\n" for name in
+                       ("lexicon", "self_correction", "non_chronological", "token_smearing", "sequence_smearing",
+                        "intermediate_context", "transparency"))
+    config.write_text(
+        "[server]\nmax_message_bytes = 150994944\n"
+        + ("monitor_budget_hard_ms = 2000.0\nmonitor_hard_deadline_s = 5.0\n" if new_keys else "") +
+        "[dense]\nembeddings = \"\"\n"
+        f"[logging]\naudit_log = \"{workdir}/audit-{monitor_processes}-{new_keys}.jsonl\"\n"
+        f"{monitors}[monitors.sleepy]\nrequest_prefix = \"slow\"\nseconds = 2.0\n"
+        "[monitors.runaway]\nrequest_prefix = \"loop\"\n[monitors.storm]\nrequest_prefix = \"storm\"\nper_step = 50\n")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugins), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([python, "-m", "canvaswatch.server.cli", "serve", "--config", str(config),
+                                "--grpc-port", str(port), "--metrics-port", "-1",
+                                "--monitor-processes", str(monitor_processes)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=open(workdir / f"sidecar-{monitor_processes}.log", "w"))
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_ready(target, timeout=300)
+    except grpc.FutureTimeoutError:
+        process.kill()
+        raise SystemExit(f"the sidecar did not start:\n{(workdir / f'sidecar-{monitor_processes}.log').read_text()[-2000:]}")
+    return process, target
+
+
+def request(stub, steps: list[pb.StepState], request_id: str, length: int, prompt_ids: int = 0,
+            timeout: float = 120.0) -> pb.Verdict:
+    def messages():
+        for i, step in enumerate(steps):
+            if i == 0:
+                first = pb.StepState()
+                first.CopyFrom(step)
+                first.info.CopyFrom(pb.RequestInfo(request_id=request_id, model="abuse-bench", canvas_length=length,
+                                                   prompt_ids=range(prompt_ids)))
+                yield first
+            else:
+                yield step
+        yield pb.StepState(final=True, output_ids=[1000])
+
+    events = list(stub.Watch(messages(), timeout=timeout))
+    return events[-1].verdict
+
+
+class AbuserProcess:
+    """One kind of abuse in its own process (so the abusers' client-side work does not share the normal
+    client's GIL); SIGTERM ends it, and it reports how many of its requests got a verdict."""
+
+    def __init__(self, kind: str, target: str, length: int) -> None:
+        self.process = subprocess.Popen([sys.executable, __file__, "--abuse", kind, "--target", target,
+                                         "--length", str(length)], stdout=subprocess.PIPE, text=True)
+        self.done = self.failed = 0
+
+    def finish(self) -> None:
+        self.process.terminate()
+        try:
+            out, _ = self.process.communicate(timeout=120)
+            self.done, self.failed = (int(x) for x in out.split()[-2:])
+        except (subprocess.TimeoutExpired, ValueError):
+            self.process.kill()
+            self.done, self.failed = -1, -1
+
+
+def abuse_main(kind: str, target: str, length: int) -> None:
+    from canvaswatch.server.bottleneck.vocab import load_vocabulary
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    abuser = Abuser(kind, target, load_vocabulary(), length)
+    abuser.start()
+    print("started", flush=True)
+    stop.wait()
+    abuser.finish()
+    print(abuser.done, abuser.failed, flush=True)
+
+
+class Abuser:
+    """Background threads doing one kind of abuse until stopped; counts what they got back."""
+
+    def __init__(self, kind: str, target: str, vocab, length: int) -> None:
+        self.kind, self.target, self.vocab, self.length = kind, target, vocab, length
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.done = self.failed = 0
+        self.lock = threading.Lock()
+        self.channels: list[grpc.Channel] = []
+        self.calls: list = []
+
+    def start(self) -> None:
+        if self.kind == "silent":
+            channel = grpc.insecure_channel(self.target, options=channel_options())
+            self.channels.append(channel)
+            stub = pb_grpc.CanvasMonitorStub(channel)
+            gate = threading.Event()
+
+            def nothing():
+                gate.wait()  # sends nothing until the row ends
+                return
+                yield  # noqa: unreachable - makes this a generator
+
+            self._gate = gate
+            for _ in range(200):
+                self.calls.append(stub.Watch(nothing(), timeout=600))  # returns at once; gRPC reads nothing()
+            return
+        count, make = {
+            "huge_step": (2, lambda: (profile_steps("default", 65536, 1, self.vocab), 65536, 0, "huge")),
+            "slow_monitor": (4, lambda: (profile_steps("default", 64, 8, self.vocab), 64, 0, "slow")),
+            "prompt_ids": (4, lambda: (profile_steps("default", 64, 4, self.vocab), 64, 32768, "prompt")),
+            "flag_storm": (2, lambda: (profile_steps("default", 64, 16, self.vocab), 64, 0, "storm")),
+            "runaway": (1, lambda: (profile_steps("default", 64, 4, self.vocab), 64, 0, "loop")),
+        }[self.kind]
+        steps, length, prompt_ids, prefix = make()
+        for index in range(count):
+            thread = threading.Thread(target=self._loop, args=(index, steps, length, prompt_ids, prefix), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _loop(self, index: int, steps, length: int, prompt_ids: int, prefix: str) -> None:
+        channel = grpc.insecure_channel(self.target, options=channel_options())
+        self.channels.append(channel)
+        stub = pb_grpc.CanvasMonitorStub(channel)
+        number = 0
+        while not self.stop.is_set():
+            number += 1
+            try:
+                request(stub, steps, f"{prefix}-{index}-{number}", length, prompt_ids, timeout=60)
+                ok = True
+            except grpc.RpcError:
+                ok = False
+            with self.lock:
+                self.done += ok
+                self.failed += not ok
+
+    def finish(self) -> None:
+        self.stop.set()
+        if self.kind == "silent":
+            self._gate.set()
+            for call in self.calls:
+                call.cancel()
+        for thread in self.threads:
+            thread.join(timeout=90)
+        for channel in self.channels:
+            channel.close()
+
+
+def normal_client(target: str, steps, length: int, count: int, label: str) -> tuple[list[float], int]:
+    channel = grpc.insecure_channel(target, options=channel_options())
+    stub = pb_grpc.CanvasMonitorStub(channel)
+    latencies, errors = [], 0
+    for number in range(count):
+        started = time.perf_counter()
+        try:
+            request(stub, steps, f"normal-{label}-{number}", length, timeout=60)
+        except grpc.RpcError:
+            errors += 1  # its time still counts: a request that waited out its deadline is the worst latency
+        latencies.append(time.perf_counter() - started)
+    channel.close()
+    return latencies, errors
+
+
+def p(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=60)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--row-timeout", type=float, default=120.0)
+    parser.add_argument("--compare-python", help="also measure a sidecar run by this interpreter (another commit's "
+                        "worktree; without the budget keys it may not know), same rows, same normal client")
+    parser.add_argument("--abuse", help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.abuse:
+        abuse_main(args.abuse, args.target, args.length)
+        return
+    from canvaswatch.server.bottleneck.vocab import load_vocabulary
+
+    vocab = load_vocabulary()
+    steps = profile_steps("default", args.length, args.steps, vocab)
+    rows = args.rows.split(",")
+    print(f"# normal client: {args.requests} requests one after another, L={args.length}, {args.steps} top-k steps each "
+          f"(default profile), default monitors; {os.cpu_count()} cores, everything on this machine")
+    print("| sidecar | mode | abuse | normal p50 ms | normal p99 ms | p99 / idle p99 | normal errors | abuser requests ok / failed |")
+    print("|---|---|---|---|---|---|---|---|")
+    sidecars = [("this", sys.executable, True)] + ([("compare", args.compare_python, False)] if args.compare_python else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        for (label, python, new_keys), mode in ((sidecar, mode) for mode in (0, 2) for sidecar in sidecars):
+            mode_rows = [r for r in rows if (r == "runaway") == (mode == 2)]
+            if not mode_rows:
+                continue
+            process, target = start_sidecar(Path(tmp), mode, python, new_keys)
+            try:
+                normal_client(target, steps, args.length, 5, "warm")
+                idle, errors = normal_client(target, steps, args.length, args.requests, "idle")
+                idle99 = p(idle, 0.99)
+                print(f"| {label} | {mode} | none (idle) | {p(idle, 0.5) * 1e3:.1f} | {idle99 * 1e3:.1f} | 1.00 | {errors} | - |", flush=True)
+                for kind in mode_rows:
+                    abuser = AbuserProcess(kind, target, args.length)
+                    while abuser.process.stdout.readline().strip() not in ("started", ""):
+                        pass  # its start-up logs (the vocabulary) come first
+                    time.sleep(1.0)  # the abuse is under way before the normal client starts
+                    result: dict = {}
+                    runner = threading.Thread(target=lambda: result.update(
+                        zip(("lat", "err"), normal_client(target, steps, args.length, args.requests, kind))), daemon=True)
+                    runner.start()
+                    runner.join(args.row_timeout)
+                    abuser.finish()
+                    runner.join(60)
+                    lat, err = result.get("lat", []), result.get("err", args.requests)
+                    print(f"| {label} | {mode} | {kind} | {p(lat, 0.5) * 1e3:.1f} | {p(lat, 0.99) * 1e3:.1f} | "
+                          f"{p(lat, 0.99) / idle99:.2f} | {err} | {abuser.done} / {abuser.failed} |", flush=True)
+                    time.sleep(1.0)
+            finally:
+                process.terminate()
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
+
+if __name__ == "__main__":
+    main()
