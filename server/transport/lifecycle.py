@@ -128,8 +128,9 @@ class StreamSlots:
 
         The deadlines cost a message one float store: a sweeper task checks every stream's read a few
         times a second and cancels one past its deadline, instead of a timer armed and disarmed per
-        message (the asyncio.timeout this replaces cost ~10 us a message). A deadline runs only while
-        the read waits, not while the consumer handles a message (a slow monitor is not the client's).
+        message (the asyncio.timeout this replaces cost ~15 us a message on the 2-core dev box,
+        BENCHMARKS.md). A deadline runs only while the read waits, not while the consumer handles a
+        message (a slow monitor is not the client's fault).
         """
         loop = asyncio.get_running_loop()
         iterator = request_iterator.__aiter__()
