@@ -33,9 +33,9 @@ class Outcome(str, enum.Enum):
     ERROR = "error"  # the sidecar failed (a bug, a monitor worker that died)
 
 
-def is_heavy(message: pb.StepState) -> bool:
-    """Work that should leave an event loop: dense decoding (large torch ops) and the finish."""
-    return message.final or message.WhichOneof("state") in _DENSE_FORMS
+def is_dense(message: pb.StepState) -> bool:
+    """A dense step (logits or embeddings): a [L, V] matrix in memory while it is decoded."""
+    return message.WhichOneof("state") in _DENSE_FORMS
 
 
 class StreamHandler:

@@ -15,14 +15,12 @@ import structlog
 
 from canvaswatch.server.errors import Refusal, StepError
 from canvaswatch.server.pipeline.engine import Engine
-from canvaswatch.server.pipeline.stream_handler import Outcome, StreamHandler
+from canvaswatch.server.pipeline.stream_handler import Outcome, StreamHandler, is_dense
 from canvaswatch.server.transport.messages import Undecodable
 from canvaswatch.server.workers.protocol import Frame, StreamEnd, StreamStatus
 from canvaswatch.v1 import monitor_pb2 as pb
 
 log = structlog.get_logger(__name__)
-
-_DENSE_FORMS = ("logits", "embeddings")
 
 
 class StreamTable:
@@ -55,7 +53,7 @@ class StreamTable:
                     raise Undecodable(pb.StepState.DESCRIPTOR.full_name, len(body)).refusal(f"message[{handler.index}]") from None
                 # The stream stays open after its final message: a message after it is an error.
                 # FINISHED tells the front not to wait for a cancellation when input ends.
-                if self.dense_slots is not None and message.WhichOneof("state") in _DENSE_FORMS:
+                if self.dense_slots is not None and is_dense(message):
                     with self.dense_slots:
                         fed = handler.feed(message)
                 else:
