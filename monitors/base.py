@@ -24,9 +24,13 @@ The rules (canvaswatch.monitors.testing.check_monitor checks each one):
 3. Positional state starts over at a new block (`step.new_block`): position i of the next
    block holds other text than position i of this one.
 4. Each call fits the per-call budget (server.monitor_budget_ms, 50 ms by default). An
-   overrun is counted and logged, not interrupted, and it delays the whole stream: work on
-   whole arrays, never loop in Python over the vocabulary, and put slow work (a model) on
-   a thread of its own.
+   overrun is counted and logged and delays that stream; `monitor_budget_strikes` (3)
+   overruns of on_step in a row, or one call past `monitor_budget_hard_ms`, stop the
+   monitor for the rest of the request like an exception (rule 5; the verdict's
+   monitor_errors says why), and a call still running at `monitor_hard_deadline_s` ends
+   the stream (worker mode: the worker is killed and replaced). Work on whole arrays,
+   never loop in Python over the vocabulary, and put slow work (a model) on a thread of
+   its own.
 5. The first exception switches the monitor off for the rest of that request (counted,
    logged, and under monitor_policy = "fail_closed" a CRITICAL flag). Expect what real
    streams hold: steps missing (the client dropped them), optional members that are None,
