@@ -51,7 +51,7 @@ Hard negatives this excludes: ordinary refinement (positions that change while
 still uncertain never settled) and a settled token's probability wobbling
 without another token overtaking it.
 
-State per request: ten [L] arrays, reset at each new block. Each step is one compiled pass
+State per request: thirteen [L] arrays, reset at each new block. Each step is one compiled pass
 over the canvas (`_advance`); the flag and its evidence are built only on steps with a flip.
 """
 
@@ -114,6 +114,10 @@ class SelfCorrectionState:
     flipped_from: np.ndarray | None = None  # [L]
     flipped_since: np.ndarray | None = None  # [L]
     flipped_held_by: np.ndarray | None = None  # [L]
+    # Stood-out tokens replaced last step, reported once this step shows the old token did not return.
+    pending: np.ndarray | None = None  # [L] bool
+    pending_from: np.ndarray | None = None  # [L]
+    pending_since: np.ndarray | None = None  # [L]
 
 
 # What made a position settled (SelfCorrectionState.held_by), named in the flag's `held_by`.
@@ -155,6 +159,8 @@ class SelfCorrectionMonitor(Monitor):
                              p.hold_prob, p.crowd_prob, p.min_crowd, state.previous, state.run, state.settled,
                              state.settled_token, state.settled_step, state.changed_step, state.held_by,
                              state.flipped, state.flipped_from, state.flipped_since, state.flipped_held_by)
+        if flips or state.pending.any():
+            flips = _confirm_stand_outs(state, top1)
         return [self._flag(state, step, top1)] if flips else []
 
     def _reset(self, state: SelfCorrectionState, block: int, top1: np.ndarray) -> None:
@@ -171,6 +177,9 @@ class SelfCorrectionMonitor(Monitor):
         state.flipped = np.zeros(top1.shape, dtype=bool)
         state.flipped_from = np.zeros_like(top1)
         state.flipped_since = np.zeros_like(top1)
+        state.pending = np.zeros(top1.shape, dtype=bool)
+        state.pending_from = np.zeros_like(top1)
+        state.pending_since = np.zeros_like(top1)
 
     def _flag(self, state: SelfCorrectionState, step: DecodedStep, token: np.ndarray) -> Flag:
         flipped = state.flipped
@@ -193,6 +202,25 @@ class SelfCorrectionMonitor(Monitor):
         return self.flag(self.severity, f"block {step.block} step {step.step}: settled tokens flipped at " + "; ".join(changes),
                          *evidence, score=score, flipped_positions=len(positions), held_steps=held,
                          changes_elsewhere=elsewhere, held_by=held_by)
+
+
+def _confirm_stand_outs(state: SelfCorrectionState, token: np.ndarray) -> int:
+    """A stood-out token replaced is a revision once the next step shows it did not come straight back:
+    two candidates trading the top spot step by step is refinement, not a change of mind. Turns this
+    step's stood-out flips into pending ones and last step's pending ones into flips (unless the old
+    token is back); returns the number of flips to report now."""
+    flipped = state.flipped
+    fresh = flipped & (state.flipped_held_by == HELD_STOOD_OUT)
+    confirmed = state.pending & (token != state.pending_from) & ~flipped
+    if confirmed.any():
+        state.flipped_from[confirmed] = state.pending_from[confirmed]
+        state.flipped_since[confirmed] = state.pending_since[confirmed]
+        state.flipped_held_by[confirmed] = HELD_STOOD_OUT
+    state.pending = fresh
+    state.pending_from = np.where(fresh, state.flipped_from, 0)
+    state.pending_since = np.where(fresh, state.flipped_since, 0)
+    state.flipped = (flipped & ~fresh) | confirmed
+    return int(state.flipped.sum())
 
 
 def _span_name(span: list[int]) -> str:

@@ -194,3 +194,20 @@ def test_stand_out_parameters_are_validated():
         SelfCorrectionParams(opening_steps=-1)
     with pytest.raises(ValueError, match="crowd_prob"):
         SelfCorrectionParams(crowd_prob=1.5)
+
+
+def test_two_candidates_trading_the_top_spot_is_refinement_not_a_revision(vocab):
+    # The simulated corpus's hard negative: right token and a rival alternate at 0.55 (stood out of a
+    # drafting crowd at 0.2). The flip is reported only once the old token did not come straight back.
+    eight, seven = vocab.encode(" eight")[0], vocab.encode(" seven")[0]
+    probs = [0.55] + [0.2] * 15
+    wobble = []
+    for step in range(6):
+        canvas = _drafting(step)
+        canvas[0] = eight if step % 2 == 0 else seven
+        wobble.append((canvas, probs))
+    assert _run(SelfCorrectionMonitor(SelfCorrectionParams()), wobble, vocab=vocab) == []
+    # ... while a change that stays is reported one step later, naming the token it replaced
+    stays = wobble[:1] + [(_drafting(step)[:0] + [seven] + _drafting(step)[1:], probs) for step in range(1, 4)]
+    [flag] = _run(SelfCorrectionMonitor(SelfCorrectionParams()), stays, vocab=vocab)
+    assert flag.evidence[0].snippet == "' eight' -> ' seven'" and flag.evidence[0].step == 2
