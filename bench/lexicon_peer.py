@@ -285,12 +285,11 @@ def wire_run(phrases: list[str], ids: list[list[int]], streams_list: tuple[int, 
              workdir: Path) -> tuple[dict[int, tuple[float, float]], list[set[str]]]:
     """Per stream count (sidecar canvases/s, echo canvases/s), medians; and the sidecar's flagged patterns per text."""
     import statistics
-    import threading
 
     import grpc
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from throughput import free_port, wait_ready
+    from throughput import free_port, run_streams, wait_ready
 
     from canvaswatch.client.stream import channel_options
     from canvaswatch.client.tensors import encode_tensor
@@ -322,29 +321,18 @@ def wire_run(phrases: list[str], ids: list[list[int]], streams_list: tuple[int, 
         def drive(target: str, streams: int, collect: list | None) -> float:
             channel = grpc.insecure_channel(target, options=channel_options())
             stub = pb_grpc.CanvasMonitorStub(channel)
-            errors: list[BaseException] = []
-
             def worker(offset: int) -> None:
-                try:
-                    for index in range(offset, len(messages), streams):
-                        events = list(stub.Watch(iter(messages[index]), timeout=120))
-                        if not events or not events[-1].HasField("verdict"):
-                            raise RuntimeError(f"text {index}: no verdict")
-                        if collect is not None:
-                            collect[index] = {f.attributes["pattern"] for f in events[-1].verdict.flags}
-                except BaseException as err:  # a failed stream must fail the benchmark, not look fast
-                    errors.append(err)
+                for index in range(offset, len(messages), streams):
+                    events = list(stub.Watch(iter(messages[index]), timeout=120))
+                    if not events or not events[-1].HasField("verdict"):
+                        raise RuntimeError(f"text {index}: no verdict")
+                    if collect is not None:
+                        collect[index] = {f.attributes["pattern"] for f in events[-1].verdict.flags}
 
-            threads = [threading.Thread(target=worker, args=(s,)) for s in range(streams)]
-            start = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            elapsed = time.perf_counter() - start
-            channel.close()
-            if errors:
-                raise RuntimeError(f"{len(errors)} stream(s) failed: {errors[0]}")
+            try:
+                elapsed = run_streams(worker, streams)
+            finally:
+                channel.close()
             return len(messages) / elapsed
 
         flagged: list = [None] * len(messages)

@@ -40,6 +40,29 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from traffic import PROFILE_NAMES, profile_steps  # noqa: E402
 
 
+def run_streams(worker, count: int) -> float:
+    """Seconds for `count` threads running worker(0..count-1) at once; raises if any failed
+    (a failed stream must fail the benchmark, not look fast)."""
+    errors: list[BaseException] = []
+
+    def guarded(index: int) -> None:
+        try:
+            worker(index)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} stream(s) failed: {errors[0]}")
+    return elapsed
+
+
 class EchoServicer(pb_grpc.CanvasMonitorServicer):
     async def Watch(self, request_iterator, context):
         request_id, count = "", 0
@@ -119,23 +142,7 @@ def drive(target: str, steps: list[pb.StepState], streams: int, length: int) -> 
         events = list(stub.Watch(messages(), timeout=600))
         assert events[-1].HasField("verdict"), events[-1]
 
-    errors: list[BaseException] = []
-
-    def guarded(index: int) -> None:
-        try:
-            one(index)
-        except BaseException as err:  # a failed stream must fail the benchmark, not look fast
-            errors.append(err)
-
-    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(streams)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"{len(errors)} stream(s) failed: {errors[0]}")
+    elapsed = run_streams(one, streams)
     channel.close()
     return streams * len(steps) / elapsed, streams * payload / elapsed / 1e6
 
