@@ -10,14 +10,12 @@ requests run beside it.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from canvaswatch.v1 import monitor_pb2 as pb
-from tests.client.test_vllm_plugin import installed, vllm_python  # noqa: F401  (module-scoped fixtures)
+from tests.client.test_vllm_plugin import installed, run_engine, vllm_python  # noqa: F401  (module-scoped fixtures)
 from tests.conftest import start_sidecar
 
 ENGINE = Path(__file__).with_name("vllm_cpu_gate_engine.py")
@@ -30,18 +28,9 @@ def test_a_planted_critical_phrase_ends_its_vllm_request_and_clean_requests_pass
     phrase_ids = vocab.encode(" " + PHRASE)
     running = start_sidecar(vocab, tmp_path, {"monitors": {"lexicon": {"patterns": [PHRASE], "regex": [],
                                                                        "severity": "critical"}}})
-    out = tmp_path / "engine.json"
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", str(tmp_path)),
-           "CANVASWATCH_VLLM_TARGET": running.target, "CANVASWATCH_VLLM_MAX_PENDING": "1000",
-           "CANVASWATCH_VLLM_GATE": "abort", "CANVASWATCH_VLLM_GATE_SEVERITY": "CRITICAL",
-           "CANVASWATCH_TEST_PHRASE_IDS": json.dumps(phrase_ids)}
-    try:
-        done = subprocess.run([installed, str(ENGINE), str(out)], capture_output=True, text=True, env=env,
-                              cwd=tmp_path, timeout=900)
-    finally:
-        running.thread.stop()
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    result = json.loads(out.read_text())
+    result = run_engine(installed, ENGINE, running, tmp_path, {
+        "CANVASWATCH_VLLM_MAX_PENDING": "1000", "CANVASWATCH_VLLM_GATE": "abort",
+        "CANVASWATCH_VLLM_GATE_SEVERITY": "CRITICAL", "CANVASWATCH_TEST_PHRASE_IDS": json.dumps(phrase_ids)})
     canvas, blocks, truth = result["canvas"], result["blocks"], result["truth"]
     assert result["flushed"] and result["counters"].get("errors", 0) == 0, result["counters"]
 

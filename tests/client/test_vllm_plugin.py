@@ -85,22 +85,27 @@ def _accepted_by_rule(entropy: list[float], bound: float) -> list[int]:
     return accepted
 
 
+def run_engine(python: str, script: Path, running, tmp_path: Path, settings: dict[str, str]) -> dict:
+    """Run a CPU vLLM engine script in the vLLM venv against the running sidecar (then stopped) with the
+    plugin's CANVASWATCH_VLLM_* `settings`; returns the JSON the script wrote."""
+    out = tmp_path / "engine.json"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", str(tmp_path)),
+           "CANVASWATCH_VLLM_TARGET": running.target, **settings}
+    try:
+        done = subprocess.run([python, str(script), str(out)], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=900)
+    finally:
+        running.thread.stop()
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    return json.loads(out.read_text())
+
 @pytest.mark.slow
 def test_plugin_streams_every_step_of_concurrent_vllm_requests_to_a_real_sidecar(installed, vocab, tmp_path, monkeypatch):
     install_entry_point(tmp_path, monkeypatch, "recorder", "tests.recording_monitor:Recorder")
     recording_monitor.RECORDED.clear()
     running = start_sidecar(vocab, tmp_path, {"monitors": {"recorder": {}, "lexicon": {}, "self_correction": {}}})
-    out = tmp_path / "engine.json"
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", str(tmp_path)),
-           "CANVASWATCH_VLLM_TARGET": running.target, "CANVASWATCH_VLLM_K": "8",
-           "CANVASWATCH_VLLM_MAX_PENDING": "1000", "CANVASWATCH_VLLM_DROP_POLICY": "oldest"}
-    try:
-        done = subprocess.run([installed, str(ENGINE), str(out)], capture_output=True, text=True, env=env,
-                              cwd=tmp_path, timeout=900)
-    finally:
-        running.thread.stop()
-    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-    result = json.loads(out.read_text())
+    result = run_engine(installed, ENGINE, running, tmp_path, {
+        "CANVASWATCH_VLLM_K": "8", "CANVASWATCH_VLLM_MAX_PENDING": "1000", "CANVASWATCH_VLLM_DROP_POLICY": "oldest"})
     truth, verdicts = result["truth"], result["verdicts"]
     vocab_size, canvas, bound = result["vocab"], result["canvas"], result["entropy_bound"]
     assert result["flushed"] and result["counters"].get("errors", 0) == 0, result["counters"]
