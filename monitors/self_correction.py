@@ -30,7 +30,9 @@ crowd. At each step the crowd is the positions still drafting (top-1 below
 `crowd_prob`, and not accepted where the mask is sent); a position whose top-1
 is at least `hold_ratio` times the crowd's mean top-1 (and at least
 `hold_prob`, above the 0.15-0.35 of a reasoning draft at 2-3 nats) holds a definite view the rest of the canvas does not, and a
-later replacement of that token is a revision. This is what the real model's
+later replacement of that token is a revision, reported one step later once
+the old token has not come straight back (candidates trading the top spot
+step by step are refinement). This is what the real model's
 answer revisions look like (BENCHMARKS.md, real trajectories): in
 anim_curves.json the answer positions of revised problems sit at 0.05-2 nats
 while the reasoning drafts around them start at 1.2-3.9; the answer is
