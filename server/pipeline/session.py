@@ -212,16 +212,23 @@ class Session:
                 self._overrun(monitor, phase, elapsed)
 
     def _failed(self, monitor: Monitor, phase: str, err: Exception) -> None:
-        self.disabled.add(monitor.name)
-        self.states.pop(monitor.name, None)
         self.metrics.monitor_errors.labels(monitor.name, "exception").inc()
-        self.errors.append(f"{monitor.name}: {phase} raised {type(err).__name__}: {err}"[:MAX_ERROR_CHARS])
         log.error("monitor_failed", request_id=self.meta.request_id, monitor=monitor.name, phase=phase,
                   error=f"{type(err).__name__}: {err}")
+        self._switch_off(monitor.name, f"{phase} raised {type(err).__name__}: {err}",
+                         f"monitor failed in {phase}", {"error": type(err).__name__})
+
+    def _switch_off(self, name: str, error: str, why: str, attributes: dict[str, str]) -> None:
+        """`name` off for the rest of this request (an exception or a stop): its state dropped, `error` in
+        the verdict's monitor_errors, and under fail_closed a CRITICAL flag (the verdict cannot look clean
+        when a monitor did not run)."""
+        self.disabled.add(name)
+        self.states.pop(name, None)
+        self.strikes.pop(name, None)
+        self.errors.append(f"{name}: {error}"[:MAX_ERROR_CHARS])
         if self.settings.policy == "fail_closed":
-            self._record([Flag(monitor=monitor.name, severity=Severity.CRITICAL,
-                               reason=f"monitor failed in {phase} and the policy is fail_closed",
-                               score=1.0, attributes={"error": type(err).__name__})])
+            self._record([Flag(monitor=name, severity=Severity.CRITICAL, reason=f"{why} and the policy is fail_closed",
+                               score=1.0, attributes=attributes)])
 
     def _overrun(self, monitor: Monitor, phase: str, elapsed: float) -> None:
         """A call over the budget: counted; under the strike policy, the monitor is stopped for this request."""
@@ -246,17 +253,11 @@ class Session:
     def stop(self, monitor: Monitor, reason: str, detail: str) -> None:
         """Switch `monitor` off for the rest of this request: state dropped, named in the verdict, counted,
         and under fail_closed a CRITICAL flag (the verdict cannot look clean when a monitor did not run)."""
-        name = monitor.name
-        self.disabled.add(name)
-        self.states.pop(name, None)
-        self.strikes.pop(name, None)
-        self.metrics.monitors_stopped.labels(name, reason).inc()
-        self.errors.append(f"{name}: stopped for this request ({reason}): {detail}"[:MAX_ERROR_CHARS])
-        log.warning("monitor_stopped", request_id=self.meta.request_id, monitor=name, reason=reason, detail=detail)
-        if self.settings.policy == "fail_closed":
-            self._record([Flag(monitor=name, severity=Severity.CRITICAL,
-                               reason=f"monitor stopped ({reason}) and the policy is fail_closed",
-                               score=1.0, attributes={"stopped": reason})])
+        self.metrics.monitors_stopped.labels(monitor.name, reason).inc()
+        log.warning("monitor_stopped", request_id=self.meta.request_id, monitor=monitor.name, reason=reason,
+                    detail=detail)
+        self._switch_off(monitor.name, f"stopped for this request ({reason}): {detail}",
+                         f"monitor stopped ({reason})", {"stopped": reason})
 
 
 def wire_size(flag: Flag) -> int:
