@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -149,24 +149,32 @@ def suppress(output: Any, rows: list[int], input_batch: Any) -> None:
 
 # ---- vLLM's side: the model runner (worker) and the scheduler (engine core) ----------------------
 
+def _wrap_once(module: Any, where: str, class_name: str, method: str, wrap: Callable[[Any], Any]) -> None:
+    """Replace `class_name.method` in vLLM's module `where` by wrap(original), once per class
+    (the plugin may be loaded again in the same process); a class vLLM no longer has disables the gate, loudly."""
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        log.error("canvaswatch gate disabled: vLLM's %s has no %s", where, class_name)
+        return
+    if getattr(cls, "_canvaswatch_gate", False):
+        return
+    setattr(cls, method, wrap(getattr(cls, method)))
+    cls._canvaswatch_gate = True
+
+
 def patch_runner(module: Any) -> None:
     """Wrap GPUModelRunner.sample_tokens: hand the step's tripped requests to the scheduler."""
-    runner_cls = getattr(module, "GPUModelRunner", None)
-    if runner_cls is None or getattr(runner_cls, "_canvaswatch_gate", False):
-        if runner_cls is None:
-            log.error("canvaswatch gate disabled: vLLM's %s has no GPUModelRunner", RUNNER_MODULE)
-        return
-    original = runner_cls.sample_tokens
 
-    def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, *args, **kwargs)
-        watcher = getattr(getattr(self, "model_state", None), "_canvaswatch", None)
-        if watcher is not None and result is not None:
-            hand_over(result, watcher)
-        return result
+    def wrap(original: Any) -> Any:
+        def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = original(self, *args, **kwargs)
+            watcher = getattr(getattr(self, "model_state", None), "_canvaswatch", None)
+            if watcher is not None and result is not None:
+                hand_over(result, watcher)
+            return result
+        return sample_tokens
 
-    runner_cls.sample_tokens = sample_tokens
-    runner_cls._canvaswatch_gate = True
+    _wrap_once(module, RUNNER_MODULE, "GPUModelRunner", "sample_tokens", wrap)
 
 
 def hand_over(result: Any, watcher: Any) -> None:
@@ -189,22 +197,17 @@ def gated_of(model_runner_output: Any) -> dict[str, str] | None:
 
 def patch_scheduler(module: Any) -> None:
     """Wrap Scheduler.update_from_output (its subclasses call it): end the requests the worker gated."""
-    scheduler_cls = getattr(module, "Scheduler", None)
-    if scheduler_cls is None or getattr(scheduler_cls, "_canvaswatch_gate", False):
-        if scheduler_cls is None:
-            log.error("canvaswatch gate disabled: vLLM's %s has no Scheduler", SCHEDULER_MODULE)
-        return
-    original = scheduler_cls.update_from_output
 
-    def update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any) -> Any:
-        outputs = original(self, scheduler_output, model_runner_output)
-        gated = gated_of(model_runner_output)
-        if gated:
-            finish_gated(self, gated, outputs)
-        return outputs
+    def wrap(original: Any) -> Any:
+        def update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any) -> Any:
+            outputs = original(self, scheduler_output, model_runner_output)
+            gated = gated_of(model_runner_output)
+            if gated:
+                finish_gated(self, gated, outputs)
+            return outputs
+        return update_from_output
 
-    scheduler_cls.update_from_output = update_from_output
-    scheduler_cls._canvaswatch_gate = True
+    _wrap_once(module, SCHEDULER_MODULE, "Scheduler", "update_from_output", wrap)
 
 
 def finish_gated(scheduler: Any, gated: dict[str, str], outputs: dict[int, Any]) -> list[str]:
