@@ -3,7 +3,8 @@
 The event loop serves every stream, health and signals, so it does no per-step work: Watch
 relays each stream's raw bytes to a step thread (in-process, workers/threads.py) or a monitor
 worker process (workers/pool.py), which parses, decodes, monitors and serialises
-(transport/relay.py); Check runs on a step thread; ListMonitors is a lookup. Errors end only
+(transport/relay.py); Check runs on a step thread; ListMonitors is a lookup; GetVerdict answers
+from the recent verdicts Watch sent (transport/verdicts.py). Errors end only
 their own stream, with a status that fits and a message naming the field.
 """
 
@@ -21,6 +22,7 @@ from canvaswatch.server.pipeline.wire import verdict_to_pb
 from canvaswatch.server.transport.lifecycle import StreamSlots
 from canvaswatch.server.transport.messages import Undecodable, tolerant
 from canvaswatch.server.transport.status import SERVICE_NAME, grpc_status
+from canvaswatch.server.transport.verdicts import RecentVerdicts
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 
@@ -38,6 +40,7 @@ class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
         self.threads: StepThreads | None = None  # set by the sidecar once built (they borrow engines from here)
         self._users: dict[Engine, int] = {}  # calls running on each engine
         self._retired: list[Engine] = []  # replaced engines that calls still use; closed when the last ends
+        self.verdicts = RecentVerdicts()  # every Watch verdict, for GetVerdict (transport/verdicts.py)
 
     def use(self, engine: Engine) -> None:
         """New calls go to `engine`; calls already open finish on the old one, which is closed after them."""
@@ -70,7 +73,7 @@ class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
         try:
             if isinstance(request, Undecodable):
                 raise request.refusal("request")
-            verdict = await self.threads.call(engine.check_trace, request)
+            verdict = await self.threads.check(engine, request)  # under server.monitor_hard_deadline_s
         except StepError as err:
             await context.abort(grpc_status(err.refusal), err.message)
         finally:
@@ -86,8 +89,9 @@ class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
 def service_handler(servicer: CanvasMonitorServicer, relayed_watch) -> grpc.GenericRpcHandler:
     """The CanvasMonitor service, its requests parsed by us (transport/messages.py) so that bytes which are
     not the message get INVALID_ARGUMENT, not UNKNOWN. `relayed_watch`: Watch on raw bytes, which a step
-    thread or a monitor worker process parses (transport/relay.py)."""
-    watch = grpc.stream_stream_rpc_method_handler(relayed_watch)
+    thread or a monitor worker process parses (transport/relay.py); the verdicts it sends are kept for
+    GetVerdict (transport/verdicts.py)."""
+    watch = grpc.stream_stream_rpc_method_handler(servicer.verdicts.recording(relayed_watch))
     return grpc.method_handlers_generic_handler(SERVICE_NAME, {
         "Watch": watch,
         "Check": grpc.unary_unary_rpc_method_handler(
@@ -95,4 +99,7 @@ def service_handler(servicer: CanvasMonitorServicer, relayed_watch) -> grpc.Gene
         "ListMonitors": grpc.unary_unary_rpc_method_handler(
             servicer.ListMonitors, request_deserializer=tolerant(pb.ListMonitorsRequest),
             response_serializer=pb.ListMonitorsResponse.SerializeToString),
+        "GetVerdict": grpc.unary_unary_rpc_method_handler(
+            servicer.verdicts.GetVerdict, request_deserializer=tolerant(pb.VerdictRequest),
+            response_serializer=pb.VerdictReply.SerializeToString),
     })

@@ -181,6 +181,22 @@ class Trace(_message.Message):
     steps: _containers.RepeatedCompositeFieldContainer[StepState]
     def __init__(self, info: _Optional[_Union[RequestInfo, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[StepState, _Mapping]]] = ...) -> None: ...
 
+class VerdictRequest(_message.Message):
+    __slots__ = ("request_id", "wait_s")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    wait_s: float
+    def __init__(self, request_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+
+class VerdictReply(_message.Message):
+    __slots__ = ("found", "verdict")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    verdict: Verdict
+    def __init__(self, found: _Optional[bool] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
+
 class ListMonitorsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

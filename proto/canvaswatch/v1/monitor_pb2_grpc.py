@@ -49,6 +49,11 @@ class CanvasMonitorStub:
                 request_serializer=canvaswatch_dot_v1_dot_monitor__pb2.ListMonitorsRequest.SerializeToString,
                 response_deserializer=canvaswatch_dot_v1_dot_monitor__pb2.ListMonitorsResponse.FromString,
                 _registered_method=True)
+        self.GetVerdict = channel.unary_unary(
+                '/canvaswatch.v1.CanvasMonitor/GetVerdict',
+                request_serializer=canvaswatch_dot_v1_dot_monitor__pb2.VerdictRequest.SerializeToString,
+                response_deserializer=canvaswatch_dot_v1_dot_monitor__pb2.VerdictReply.FromString,
+                _registered_method=True)
 
 
 class CanvasMonitorServicer:
@@ -75,6 +80,20 @@ class CanvasMonitorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetVerdict(self, request, context):
+        """Added in v1.2: the verdict of a recent Watch stream, by its request_id,
+        for a serving frontend that holds a finished request's output until it
+        is judged (docs/serving.md, "gate = hold"). Answers at once when the
+        verdict is known; otherwise waits for it until `wait_s` or the call's
+        deadline, whichever is sooner, and answers `found = false`. The sidecar
+        keeps a bounded number of recent verdicts (the oldest are forgotten), per
+        bearer token: a caller sees only verdicts of streams opened with its own
+        token. Same authorization as Watch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CanvasMonitorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +111,11 @@ def add_CanvasMonitorServicer_to_server(servicer, server):
                     servicer.ListMonitors,
                     request_deserializer=canvaswatch_dot_v1_dot_monitor__pb2.ListMonitorsRequest.FromString,
                     response_serializer=canvaswatch_dot_v1_dot_monitor__pb2.ListMonitorsResponse.SerializeToString,
+            ),
+            'GetVerdict': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVerdict,
+                    request_deserializer=canvaswatch_dot_v1_dot_monitor__pb2.VerdictRequest.FromString,
+                    response_serializer=canvaswatch_dot_v1_dot_monitor__pb2.VerdictReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +199,33 @@ class CanvasMonitor:
             '/canvaswatch.v1.CanvasMonitor/ListMonitors',
             canvaswatch_dot_v1_dot_monitor__pb2.ListMonitorsRequest.SerializeToString,
             canvaswatch_dot_v1_dot_monitor__pb2.ListMonitorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVerdict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/canvaswatch.v1.CanvasMonitor/GetVerdict',
+            canvaswatch_dot_v1_dot_monitor__pb2.VerdictRequest.SerializeToString,
+            canvaswatch_dot_v1_dot_monitor__pb2.VerdictReply.FromString,
             options,
             channel_credentials,
             insecure,
