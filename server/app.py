@@ -94,11 +94,13 @@ class Sidecar:
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        def serving_changed(serving: bool) -> None:
+        def serving_changed(_: bool) -> None:
             """No worker up / a step thread stuck, and back: the service (readiness) says so; "" (liveness)
-            stays SERVING, so a probe routes traffic elsewhere without restarting a process that recovers."""
+            stays SERVING, so a probe routes traffic elsewhere without restarting a process that recovers.
+            Both are asked each time: in worker mode a Check's stuck thread and a replaced worker overlap."""
             if self.slots is not None and self.slots.draining:
                 return  # shutting down: NOT_SERVING stays
+            serving = not threads.stuck and (self.workers is None or any(w.alive for w in self.workers.workers))
             status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
             asyncio.get_running_loop().create_task(health_servicer.set(SERVICE_NAME, status))
 

@@ -10,6 +10,7 @@ session or touches another stream.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import structlog
 import torch
@@ -148,11 +149,13 @@ class Engine:
         session.history.flags = list(verdict.flags)
         return session.history
 
-    def check_trace(self, trace: pb.Trace) -> SessionVerdict:
-        """A whole recorded trace, in order; the first step may rely on trace.info."""
-        return self._check(trace, keep_history=False)[0]
+    def check_trace(self, trace: pb.Trace, opened: Callable[[Session], None] | None = None) -> SessionVerdict:
+        """A whole recorded trace, in order; the first step may rely on trace.info. `opened` gets the
+        session once it exists (the Check RPC's hard-deadline watchdog reads which monitor is running)."""
+        return self._check(trace, keep_history=False, opened=opened)[0]
 
-    def _check(self, trace: pb.Trace, keep_history: bool) -> tuple[SessionVerdict, Session]:
+    def _check(self, trace: pb.Trace, keep_history: bool,
+               opened: Callable[[Session], None] | None = None) -> tuple[SessionVerdict, Session]:
         if not trace.steps:
             raise invalid("steps: the trace has no steps")
         first = trace.steps[0]
@@ -160,6 +163,8 @@ class Engine:
         if not info.request_id and not info.canvas_length:
             raise invalid("info: required on the trace or its first step")
         session = self.open(info, "info", keep_history=keep_history)
+        if opened is not None:
+            opened(session)
         for index, message in enumerate(trace.steps):
             where = f"steps[{index}]"
             self.step(session, message, where)

@@ -16,7 +16,9 @@ A Python thread cannot be killed. A step still running past server.monitor_hard_
 runaway monitor) ends its stream with UNAVAILABLE naming the monitor, counts
 canvaswatch_monitors_stopped{reason="hard_deadline"}, and leaves the thread behind
 (canvaswatch_stuck_step_threads; health says NOT_SERVING while any is stuck). Should it ever
-return, it exits. The threads are daemon threads, so a stuck one does not keep the process from
+return, it exits. A Check call (a whole trace on one step thread, StepThreads.check) is under the
+same deadline and ends the same way; it runs here in worker mode too (monitor_processes > 0), so
+there it is the one place where a runaway leaves a stuck thread in the gRPC process. The threads are daemon threads, so a stuck one does not keep the process from
 exiting at shutdown (docs/operations.md says what can and cannot be guaranteed in-process).
 """
 
@@ -32,9 +34,12 @@ from typing import Any, Callable
 
 import structlog
 
-from canvaswatch.server.errors import Refusal
+from canvaswatch.server.errors import Refusal, StepError
 from canvaswatch.server.ops.metrics import Metrics
 from canvaswatch.server.pipeline.engine import Engine
+from canvaswatch.server.pipeline.session import Session, SessionVerdict
+from canvaswatch.server.pipeline.stream_handler import Outcome
+from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.server.workers.pool import RelayStream
 from canvaswatch.server.workers.protocol import Frame, StreamEnd, StreamStatus
 from canvaswatch.server.workers.streams import StreamTable
@@ -42,7 +47,7 @@ from canvaswatch.server.workers.streams import StreamTable
 log = structlog.get_logger(__name__)
 
 _RETURN = -1  # runner-only frame kinds: the stream is released (the runner goes back to the idle pool) ...
-_CALL = -2  # ... or run a function (Check) off the loop
+_CALL = -2  # ... or check a whole trace (Check) off the loop
 MAX_IDLE = 32  # idle runners kept for the next streams; more exit
 
 
@@ -56,6 +61,11 @@ class StepRunner:
         self.table: StreamTable | None = None  # the thread's side
         self.busy_since: float | None = None  # monotonic start of the frame being handled (the watchdog reads it)
         self.abandoned = False
+        # busy_since and abandoned change together under this lock, so a call that returns just as the
+        # watchdog gives up on it is either answered or abandoned, never both or neither.
+        self.lock = threading.Lock()
+        self.session: Session | None = None  # a Check's session, once open (the thread sets it, the watchdog reads it)
+        self.check: asyncio.Future | None = None  # the loop's side: the Check awaiting this runner
         self.thread = threading.Thread(target=self._run, name=f"canvaswatch-step-{number}", daemon=True)
         self.thread.start()
 
@@ -64,6 +74,9 @@ class StepRunner:
         self.inbox.put((kind, stream_id, body))
 
     def running_monitor(self) -> str | None:
+        session = self.session
+        if session is not None:
+            return session.running
         table = self.table
         if table is None:
             return None
@@ -92,26 +105,48 @@ class StepRunner:
                     loop.call_soon_threadsafe(pool.returned, self, engine)
                     continue
                 if kind == _CALL:
-                    function, args, future = body
+                    engine, trace, future = body
+                    self.busy_since = time.monotonic()
                     try:
-                        result = function(*args)
+                        outcome = (engine.check_trace(trace, opened=self._opened), None)
                     except BaseException as err:  # noqa: BLE001 - handed to the awaiting coroutine
-                        loop.call_soon_threadsafe(_settle, future, None, err)
-                    else:
-                        loop.call_soon_threadsafe(_settle, future, result, None)
-                    continue
+                        outcome = (None, err)
+                    if self._done():
+                        self.session = None
+                        loop.call_soon_threadsafe(_settle, future, *outcome)
+                        continue
+                    loop.call_soon_threadsafe(pool.came_back, self)
+                    return
                 if kind == Frame.STOP:
                     return
                 self.busy_since = time.monotonic()
                 reply = self.table.handle(kind, stream_id, body) if self.table is not None else None
-                self.busy_since = None
-                if self.abandoned:  # it came back after the watchdog gave up on it: nobody waits; leave
+                if not self._done():  # it came back after the watchdog gave up on it: nobody waits; leave
                     loop.call_soon_threadsafe(pool.came_back, self)
                     return
                 if reply is not None:
                     replies.append(reply)
             if replies:
                 loop.call_soon_threadsafe(pool.deliver, self, replies)
+
+    def _opened(self, session: Session) -> None:
+        self.session = session
+
+    def _done(self) -> bool:
+        """On the thread, after a frame or a call: False if the watchdog gave up on it meanwhile."""
+        with self.lock:
+            self.busy_since = None
+            return not self.abandoned
+
+    def give_up(self, now: float, deadline_s: float) -> float | None:
+        """On the loop (the watchdog): abandon the runner if its frame or call has run past `deadline_s`;
+        how long it had run, or None if it is within the deadline (or idle)."""
+        with self.lock:
+            since = self.busy_since
+            if since is None or self.abandoned or now - since <= deadline_s:
+                return None
+            self.abandoned = True
+            return now - since
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
@@ -175,15 +210,20 @@ class StepThreads:
             return
         runner.send(_RETURN, 0, stream.engine)  # type: ignore[attr-defined]
 
-    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
-        """`function(*args)` on a step thread (Check: a whole trace's monitors, off the loop)."""
+    async def check(self, engine: Engine, trace: pb.Trace) -> SessionVerdict:
+        """`engine.check_trace(trace)` on a step thread (Check: a whole trace's monitors, off the loop).
+
+        Under server.monitor_hard_deadline_s like a Watch step: past it the call raises StepError
+        (UNAVAILABLE, naming the running monitor) and the thread is left behind as stuck."""
         runner = self._runner()
-        future = self.loop.create_future()
-        runner.send(_CALL, 0, (function, args, future))
+        future = runner.check = self.loop.create_future()
+        runner.send(_CALL, 0, (engine, trace, future))
         try:
             return await future
         finally:
-            runner.send(_RETURN, 0, None)
+            runner.check = None
+            if not runner.abandoned:  # (a cancelled Check: the runner goes back once the call has returned)
+                runner.send(_RETURN, 0, None)
 
     # on the loop, from the runners
     def deliver(self, runner: StepRunner, replies: list[tuple]) -> None:
@@ -218,22 +258,32 @@ class StepThreads:
             await asyncio.sleep(every)
             now = time.monotonic()
             for runner in list(self.busy):
-                since = runner.busy_since
-                if since is not None and now - since > self.hard_deadline_s and not runner.abandoned:
-                    self._abandon(runner, now - since)
+                seconds = runner.give_up(now, self.hard_deadline_s)
+                if seconds is not None:
+                    self._abandon(runner, seconds)
 
     def _abandon(self, runner: StepRunner, seconds: float) -> None:
-        runner.abandoned = True
         self.busy.discard(runner)
         self.stuck.add(runner)
         self.metrics.stuck_threads.inc()
         monitor = runner.running_monitor()
         self.metrics.monitors_stopped.labels(monitor or "none", "hard_deadline").inc()
-        what = f"monitor {monitor!r}" if monitor else "a step (decoding or sinks, no monitor)"
-        message = (f"{what} ran {seconds:.1f} s, past server.monitor_hard_deadline_s = {self.hard_deadline_s:g}: the request "
-                   "was not monitored to its end (in-process, the thread cannot be stopped; worker mode, "
-                   "server.monitor_processes > 0, kills and replaces a stuck worker)")
-        log.error("step_thread_stuck", monitor=monitor, seconds=round(seconds, 1), thread=runner.thread.name)
+        what = f"monitor {monitor!r}" if monitor else "a step outside any monitor's on_step (decoding, sinks or a monitor's start)"
+        where = "Check: " if runner.check is not None else ""
+        remedy = ("Check runs in the gRPC process in every mode, and the thread cannot be stopped; send the trace "
+                  "over Watch with server.monitor_processes > 0 to run monitors you did not write"
+                  if where else "in-process, the thread cannot be stopped; worker mode, server.monitor_processes > 0, "
+                  "kills and replaces a stuck worker")
+        message = (f"{where}{what} ran {seconds:.1f} s, past server.monitor_hard_deadline_s = {self.hard_deadline_s:g}: "
+                   f"the request was not monitored to its end ({remedy})")
+        log.error("step_thread_stuck", monitor=monitor, seconds=round(seconds, 1), thread=runner.thread.name,
+                  call="Check" if where else "Watch")
+        check = runner.check
+        if check is not None and not check.done():
+            session = runner.session
+            model = session.model_label if session is not None else self.metrics.model_label("")
+            self.metrics.requests.labels(model, Outcome.ERROR.value).inc()  # a Watch's is counted by the relay
+            check.set_exception(StepError(message, Refusal.UNAVAILABLE))
         stream = runner.stream
         if stream is not None and not stream.done:
             stream.in_flight = 1  # deliver() counts one message back

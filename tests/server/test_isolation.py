@@ -28,6 +28,7 @@ from canvaswatch.monitors.base import Monitor, RequestMeta, Severity
 from canvaswatch.server.config import ConfigError, parse_config
 from canvaswatch.server.ops.metrics import Metrics
 from canvaswatch.server.pipeline.session import Session, SessionSettings
+from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 from tests.conftest import install_entry_point, start_sidecar
 from tests.server import slow_monitors
 
@@ -233,6 +234,62 @@ def test_a_runaway_monitor_in_a_worker_gets_the_worker_killed_and_replaced(vocab
             _wait_until(lambda: _health(channel) == health_pb2.HealthCheckResponse.SERVING, timeout=180)
             assert replay(_trace(vocab, "after"), channel).steps_seen > 0
             assert "canvaswatch_monitor_workers_killed_total 1.0" in running.metrics_text()
+    finally:
+        running.thread.stop()
+
+
+# --- Check: a whole trace on one step thread, under the same budgets and hard deadline ------------
+
+def _check(channel, trace, timeout: float = 60.0):
+    return pb_grpc.CanvasMonitorStub(channel).Check(trace, timeout=timeout)
+
+
+def test_check_applies_the_budget_strikes_like_watch(vocab, tmp_path, slow_plugins):
+    running = start_sidecar(vocab, tmp_path, {
+        "server": {"monitor_budget_ms": 20.0, "monitor_budget_strikes": 2, "monitor_budget_hard_ms": 5000.0},
+        "monitors": {"sleepy": {"request_prefix": "slow", "seconds": 0.1}, "lexicon": {}},
+    })
+    try:
+        with running.channel() as channel:
+            slow, fast = _check(channel, _trace(vocab, "slow-c")), _check(channel, _trace(vocab, "fast-c"))
+        [error] = slow.monitor_errors
+        assert error.startswith("sleepy: stopped for this request (over_budget)")
+        assert list(fast.monitor_errors) == []
+        assert 'canvaswatch_monitors_stopped_total{monitor="sleepy",reason="over_budget"} 1.0' in running.metrics_text()
+    finally:
+        running.thread.stop()
+
+
+@pytest.mark.parametrize("processes", [0, 1], ids=["in_process", "worker_mode"])
+def test_a_runaway_monitor_in_check_ends_the_call_and_health_says_so_until_it_returns(vocab, tmp_path, slow_plugins,
+                                                                                    processes):
+    """Check runs on a step thread of the gRPC process in both modes (with monitor_processes > 0 too): past
+    server.monitor_hard_deadline_s it ends UNAVAILABLE naming the monitor, the thread is left behind as stuck
+    (counted; readiness NOT_SERVING), and Watch and other Checks go on (in worker mode Watch is the workers')."""
+    running = start_sidecar(vocab, tmp_path, {
+        "server": {"monitor_processes": processes, "monitor_budget_hard_ms": 200.0, "monitor_hard_deadline_s": 1.0},
+        "monitors": {"runaway": {"request_prefix": "loop"}, "lexicon": {}},
+    })
+    try:
+        with running.channel() as channel:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                _check(channel, _trace(vocab, "loop-c"))
+            assert time.monotonic() - started < 30  # the watchdog, not the client's deadline, ended it
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            details = refused.value.details()
+            assert details.startswith("Check: monitor 'runaway' ran ") and "server.monitor_hard_deadline_s = 1:" in details
+            assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING  # a thread is stuck
+            assert _check(channel, _trace(vocab, "meanwhile-c")).steps_seen > 0  # the rest still serve
+            assert replay(_trace(vocab, "meanwhile-w"), channel).steps_seen > 0
+            metrics = running.metrics_text()
+            assert 'canvaswatch_monitors_stopped_total{monitor="runaway",reason="hard_deadline"} 1.0' in metrics
+            assert "canvaswatch_stuck_step_threads 1.0" in metrics
+            assert 'outcome="error"} 1.0' in metrics
+            slow_monitors.RELEASE.set()  # the call returns after all: the thread leaves, health recovers
+            _wait_until(lambda: _health(channel) == health_pb2.HealthCheckResponse.SERVING)
+            assert "canvaswatch_stuck_step_threads 0.0" in running.metrics_text()
+            assert _check(channel, _trace(vocab, "after-c")).steps_seen > 0
     finally:
         running.thread.stop()
 
