@@ -118,19 +118,28 @@ class Gate:
                 verdicts.append(stream.result(max(0.0, deadline - time.monotonic())))
             except Exception:  # no verdict in time, or the stream failed: the sidecar is not answering
                 missing.append(stream.request_id)
-        severe = [f for v in verdicts for f in v.flags if self._block_at is not None and f.severity >= self._block_at]
-        if severe:
-            self.decisions["blocked_verdict"] += 1
-            raise GenerationBlocked("verdict", sorted({v.request_id for v in verdicts}), severe)
-        if missing:
-            if self.policy.on_timeout == "closed":
-                self.decisions["blocked_on_timeout"] += 1
-                raise GenerationBlocked("timeout", missing, [])
-            self.decisions["released_on_timeout"] += 1
-            log.warning("canvaswatch gate released output without a verdict for %s (fail-open)", ", ".join(missing))
-            return verdicts
-        self.decisions["released"] += 1
+        decision, flags = self.decide(verdicts, missing)
+        if decision == "blocked_verdict":
+            raise GenerationBlocked("verdict", sorted({v.request_id for v in verdicts}), flags)
+        if decision == "blocked_on_timeout":
+            raise GenerationBlocked("timeout", missing, [])
         return verdicts
 
+    def decide(self, verdicts: Sequence[pb.Verdict], missing: Sequence[str]) -> tuple[str, list[pb.Flag]]:
+        """The hold's decision once the verdicts are in (or the budget ran out for `missing` request ids),
+        without waiting: ("released" | "blocked_verdict" | "released_on_timeout" | "blocked_on_timeout",
+        the flags that blocked it). Counted in `decisions`; a fail-open release is logged as a warning."""
+        severe = [f for v in verdicts for f in v.flags if self._block_at is not None and f.severity >= self._block_at]
+        if severe:
+            decision = "blocked_verdict"
+        elif missing:
+            decision = "blocked_on_timeout" if self.policy.on_timeout == "closed" else "released_on_timeout"
+        else:
+            decision = "released"
+        with self._lock:
+            self.decisions[decision] += 1
+        if decision == "released_on_timeout":
+            log.warning("canvaswatch gate released output without a verdict for %s (fail-open)", ", ".join(missing))
+        return decision, severe
 
 __all__ = ["Gate", "GatePolicy", "GenerationBlocked"]

@@ -34,6 +34,8 @@ How it attaches (vLLM 0.33.0, read from its code):
   under "<id>#2". Verdicts are logged (logger "canvaswatch.vllm") and kept in `Watcher.verdicts`.
 - Gate mode (`gate = "abort"`): a flag at or above `gate_severity` ends its request at the next engine
   step, with finish_reason "abort" and a stop_reason naming the flags (canvaswatch.client.vllm_gate).
+  `gate = "hold"`: vLLM's frontend withholds each request's output until its verdict, within
+  `gate_budget_s` (canvaswatch.client.vllm_hold); the worker streams as without a gate.
 
 Nothing here imports vLLM at module import time: `import canvaswatch.client.vllm` works with the
 light client alone, and vLLM is imported when the plugin attaches.
@@ -63,6 +65,8 @@ from canvaswatch.client.token_bottleneck import from_candidates
 from canvaswatch.client.vllm_gate import (RUNNER_MODULE, SCHEDULER_MODULE, RequestGates, patch_runner, patch_scheduler,
                                           policy_for, suppress)
 from canvaswatch.client.vllm_config import PluginConfig, load_config
+from canvaswatch.client.vllm_hold import (ASYNC_LLM_MODULE, LLM_ENGINE_MODULE, OUTPUT_PROCESSOR_MODULE, SidecarVerdicts,
+                                          patch_engine, patch_output_processor)
 from canvaswatch.v1 import monitor_pb2 as pb
 
 log = logging.getLogger("canvaswatch.vllm")
@@ -104,6 +108,14 @@ def install(config: PluginConfig) -> None:
     if config.gate == "abort":
         # the worker hands gated requests to the scheduler, which ends them (canvaswatch.client.vllm_gate)
         hooks += [(RUNNER_MODULE, patch_runner), (SCHEDULER_MODULE, patch_scheduler)]
+    elif config.gate == "hold":
+        # the frontend withholds each request's output until its verdict (canvaswatch.client.vllm_hold)
+        config_of = functools.partial(_installed.__getitem__, "config")
+        hooks += [(OUTPUT_PROCESSOR_MODULE, patch_output_processor),
+                  (LLM_ENGINE_MODULE, functools.partial(patch_engine, class_name="LLMEngine", config_of=config_of,
+                                                        verdicts=SidecarVerdicts)),
+                  (ASYNC_LLM_MODULE, functools.partial(patch_engine, class_name="AsyncLLM", config_of=config_of,
+                                                       verdicts=SidecarVerdicts))]
     for name, patch in hooks:
         if name in sys.modules:
             patch(sys.modules[name])

@@ -21,10 +21,15 @@ checked at start-up and an error names the key and where it came from.
     verdict_timeout_s   30        how long a finished request's stream waits for its verdict
     gate                off       "abort": a flag at or above gate_severity arriving mid-denoising ends
                                   the request (finish_reason "abort"; see canvaswatch.client.vllm_gate);
-                                  "off": monitor only. "hold" is refused: see docs/serving.md
+                                  "hold": a request's output reaches its caller only after its verdict
+                                  (canvaswatch.client.vllm_hold); "off": monitor only
     gate_severity       CRITICAL  (abort) the least severe flag that ends a request: INFO, WARNING, CRITICAL
     gate_fail           open      (abort) when the request's stream to the sidecar fails (sidecar down):
                                   "open" serves it unjudged (counted, logged), "closed" ends it too
+    gate_block_at       CRITICAL  (hold) a verdict with a flag at or above this withholds the output
+    gate_budget_s       2         (hold) the longest a finished request's output waits for its verdict (0 < s <= 30)
+    gate_on_timeout     open      (hold) no verdict in the budget: "open" releases (counted, logged),
+                                  "closed" withholds
 
 No dependency beyond the standard library: it is read in every vLLM process.
 """
@@ -40,7 +45,10 @@ from typing import Any, Mapping
 
 ENV_PREFIX = "CANVASWATCH_VLLM_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
-GATE_MODES = ("off", "abort")
+GATE_MODES = ("off", "abort", "hold")
+ABORT_KEYS = ("gate_severity", "gate_fail")
+HOLD_KEYS = ("gate_block_at", "gate_budget_s", "gate_on_timeout")
+MAX_BUDGET_S = 30.0  # the sidecar waits at most 30 s in one GetVerdict call (server/transport/verdicts.py)
 SEVERITIES = ("INFO", "WARNING", "CRITICAL")
 
 
@@ -64,6 +72,9 @@ class PluginConfig:
     gate: str = "off"
     gate_fail: str = "open"
     gate_severity: str = "CRITICAL"
+    gate_block_at: str = "CRITICAL"
+    gate_budget_s: float = 2.0
+    gate_on_timeout: str = "open"
 
     @property
     def enabled(self) -> bool:
@@ -141,15 +152,25 @@ def _validated(values: dict[str, Any], sources: dict[str, str]) -> PluginConfig:
         raise fail("verdict_timeout_s", f"must be a finite number of seconds > 0, got {config.verdict_timeout_s}")
     if config.target and (":" not in config.target or config.target.startswith(":")):
         raise fail("target", f"must be host:port, got {config.target!r}")
-    if config.gate == "hold":
-        # Holding a committed block for its verdict cannot be done inside vLLM's engine step without
-        # stalling every other request of the batch (docs/serving.md says why and what to use instead).
-        raise fail("gate", "'hold' is not available in the vLLM plugin (docs/serving.md, \"Gate mode in vLLM\"); "
-                           "use 'abort', or 'off'")
     if config.gate not in GATE_MODES:
         raise fail("gate", f"must be one of {', '.join(GATE_MODES)}, got {config.gate!r}")
+    # A key of the other gate mode is a mistake worth stopping for: the operator believes it does something.
+    # (With gate = "off" they are ignored, so a gate can be switched off without editing the file.)
+    for key in ABORT_KEYS + HOLD_KEYS:
+        mode = "abort" if key in ABORT_KEYS else "hold"
+        if key in sources and config.gate not in ("off", mode):
+            raise fail(key, f"only used with gate = '{mode}', but gate is {config.gate!r}")
     if config.gate_fail not in ("open", "closed"):
         raise fail("gate_fail", f"must be 'open' or 'closed', got {config.gate_fail!r}")
-    if config.gate_severity.upper() not in SEVERITIES:
-        raise fail("gate_severity", f"must be one of {', '.join(SEVERITIES)}, got {config.gate_severity!r}")
-    return replace(config, gate_severity=config.gate_severity.upper())
+    for key in ("gate_severity", "gate_block_at"):
+        if getattr(config, key).upper() not in SEVERITIES:
+            raise fail(key, f"must be one of {', '.join(SEVERITIES)}, got {getattr(config, key)!r}")
+    if not (math.isfinite(config.gate_budget_s) and 0 < config.gate_budget_s <= MAX_BUDGET_S):
+        raise fail("gate_budget_s", f"must be seconds in (0, {MAX_BUDGET_S:g}], got {config.gate_budget_s}")
+    if config.gate == "hold" and config.gate_budget_s > config.verdict_timeout_s:
+        # the worker closes a finished request's stream after verdict_timeout_s: a longer hold waits for nothing
+        raise fail("gate_budget_s", f"must not exceed verdict_timeout_s ({config.verdict_timeout_s:g}), "
+                                    f"got {config.gate_budget_s}")
+    if config.gate_on_timeout not in ("open", "closed"):
+        raise fail("gate_on_timeout", f"must be 'open' or 'closed', got {config.gate_on_timeout!r}")
+    return replace(config, gate_severity=config.gate_severity.upper(), gate_block_at=config.gate_block_at.upper())

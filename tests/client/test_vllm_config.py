@@ -40,15 +40,42 @@ def test_bad_values_name_the_variable(environ, names):
         load_config(environ)
 
 
-def test_gate_abort_is_accepted_hold_is_refused_with_the_reason_named():
+def test_gate_modes_and_their_keys():
     config = load_config({"CANVASWATCH_VLLM_TARGET": "h:1", "CANVASWATCH_VLLM_GATE": "abort",
                           "CANVASWATCH_VLLM_GATE_SEVERITY": "warning", "CANVASWATCH_VLLM_GATE_FAIL": "closed"})
     assert (config.gate, config.gate_severity, config.gate_fail) == ("abort", "WARNING", "closed")
-    with pytest.raises(PluginConfigError, match=r"CANVASWATCH_VLLM_GATE: 'hold' is not available in the vLLM plugin "
-                                                r"\(docs/serving.md"):
-        load_config({"CANVASWATCH_VLLM_TARGET": "h:1", "CANVASWATCH_VLLM_GATE": "hold"})
-    with pytest.raises(PluginConfigError, match="CANVASWATCH_VLLM_GATE: must be one of off, abort"):
+    config = load_config({"CANVASWATCH_VLLM_TARGET": "h:1", "CANVASWATCH_VLLM_GATE": "hold",
+                          "CANVASWATCH_VLLM_GATE_BLOCK_AT": "warning", "CANVASWATCH_VLLM_GATE_BUDGET_S": "0.5",
+                          "CANVASWATCH_VLLM_GATE_ON_TIMEOUT": "closed"})
+    assert (config.gate, config.gate_block_at, config.gate_budget_s, config.gate_on_timeout) == \
+        ("hold", "WARNING", 0.5, "closed")
+    held = load_config({"CANVASWATCH_VLLM_TARGET": "h:1", "CANVASWATCH_VLLM_GATE": "hold"})
+    assert (held.gate_block_at, held.gate_budget_s, held.gate_on_timeout) == ("CRITICAL", 2.0, "open")
+    # gate = off ignores either mode's keys, so the gate can be switched off without editing the file
+    assert load_config({"CANVASWATCH_VLLM_GATE_BUDGET_S": "1", "CANVASWATCH_VLLM_GATE_SEVERITY": "INFO"}).gate == "off"
+    with pytest.raises(PluginConfigError, match="CANVASWATCH_VLLM_GATE: must be one of off, abort, hold"):
         load_config({"CANVASWATCH_VLLM_TARGET": "h:1", "CANVASWATCH_VLLM_GATE": "block"})
+
+
+@pytest.mark.parametrize("environ, line", [
+    ({"CANVASWATCH_VLLM_GATE": "abort", "CANVASWATCH_VLLM_GATE_BUDGET_S": "1"},
+     "CANVASWATCH_VLLM_GATE_BUDGET_S: only used with gate = 'hold', but gate is 'abort'"),
+    ({"CANVASWATCH_VLLM_GATE": "hold", "CANVASWATCH_VLLM_GATE_FAIL": "closed"},
+     "CANVASWATCH_VLLM_GATE_FAIL: only used with gate = 'abort', but gate is 'hold'"),
+    ({"CANVASWATCH_VLLM_GATE": "hold", "CANVASWATCH_VLLM_GATE_BUDGET_S": "0"},
+     r"CANVASWATCH_VLLM_GATE_BUDGET_S: must be seconds in \(0, 30\], got 0.0"),
+    ({"CANVASWATCH_VLLM_GATE": "hold", "CANVASWATCH_VLLM_GATE_BUDGET_S": "inf"}, "CANVASWATCH_VLLM_GATE_BUDGET_S: must be"),
+    ({"CANVASWATCH_VLLM_GATE": "hold", "CANVASWATCH_VLLM_GATE_BUDGET_S": "20", "CANVASWATCH_VLLM_VERDICT_TIMEOUT_S": "10"},
+     r"CANVASWATCH_VLLM_GATE_BUDGET_S: must not exceed verdict_timeout_s \(10\)"),
+    ({"CANVASWATCH_VLLM_GATE": "hold", "CANVASWATCH_VLLM_GATE_BLOCK_AT": "severe"},
+     "CANVASWATCH_VLLM_GATE_BLOCK_AT: must be one of INFO, WARNING, CRITICAL"),
+    ({"CANVASWATCH_VLLM_GATE": "hold", "CANVASWATCH_VLLM_GATE_ON_TIMEOUT": "maybe"},
+     "CANVASWATCH_VLLM_GATE_ON_TIMEOUT: must be 'open' or 'closed'"),
+])
+def test_bad_gate_combinations_are_refused_in_one_line_naming_the_key(environ, line):
+    with pytest.raises(PluginConfigError, match=line) as refused:
+        load_config({"CANVASWATCH_VLLM_TARGET": "h:1", **environ})
+    assert "\n" not in str(refused.value)
 
 
 def test_file_errors_name_the_file_and_key(tmp_path):
