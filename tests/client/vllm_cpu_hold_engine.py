@@ -5,7 +5,8 @@ Run by tests/client/test_vllm_hold.py with the Python of the vLLM venv, never im
 Usage: python vllm_cpu_hold_engine.py OUT.json. Environment: CANVASWATCH_VLLM_TARGET (the sidecar the
 worker streams to and the main frontend asks), CANVASWATCH_VLLM_GATE=hold and its keys,
 CANVASWATCH_TEST_SILENT (a server that accepts calls and never answers), CANVASWATCH_TEST_BENCH_N (bench
-mode: that many one-block requests through the main frontend, 8 at a time, nothing else).
+mode: that many one-block requests through the main frontend and as many through a frontend without the
+hold, alternated, 8 at a time, nothing else).
 
 Real, beyond what tests/client/vllm_cpu_engine.py lists: the plugin's patches of vLLM's OutputProcessor,
 LLMEngine and AsyncLLM, installed by the entry point when this process imports those modules (checked);
@@ -75,7 +76,8 @@ class _Frontend:
 
         self.name, self.hold, self.loop = name, hold, loop
         self.op = output_processor_cls(None, log_stats=False)
-        attach(self.op, hold)
+        if hold is not None:  # None: vLLM's OutputProcessor as it is (the bench's baseline)
+            attach(self.op, hold)
         self.received: dict[str, list[dict]] = {}
         self.tasks: list[asyncio.Task] = []
         self.process_calls = 0
@@ -130,7 +132,10 @@ def main(out_path: str) -> None:
     silent = os.environ.get("CANVASWATCH_TEST_SILENT", "")
     plan: list[tuple[str, str, int, RequestOutputKind]] = []  # (request id, frontend, blocks, output kind)
     if bench_n:
-        plan = [(f"bench-{i:03d}", "main", 1, RequestOutputKind.FINAL_ONLY) for i in range(bench_n)]
+        # alternate: held requests, and requests through an OutputProcessor without the hold (the baseline)
+        frontends["plain"] = on_loop(_Frontend, "plain", None, op_module.OutputProcessor, loop)
+        plan = [(f"bench-{i:03d}", "main" if i % 2 == 0 else "plain", 1, RequestOutputKind.FINAL_ONLY)
+                for i in range(2 * bench_n)]
     else:
         for on_timeout in ("open", "closed"):
             silent_config = dataclasses.replace(config, target=silent, gate_budget_s=0.5, gate_on_timeout=on_timeout)
@@ -269,10 +274,11 @@ def main(out_path: str) -> None:
         "finished_at": finished_at, "cleared_at": engine.cleared_at, "held_steps": held_steps,
         "engine_steps": engine.steps, "engine_done": engine_done,
         "in_batch": engine.in_batch,
-        "decisions": {name: dict(f.hold.gate.decisions) for name, f in frontends.items()},
-        "counters": {name: dict(f.hold.counters) for name, f in frontends.items()},
+        "decisions": {name: dict(f.hold.gate.decisions) for name, f in frontends.items() if f.hold},
+        "counters": {name: dict(f.hold.counters) for name, f in frontends.items() if f.hold},
         "process_calls": {name: f.process_calls for name, f in frontends.items()},
-        "pending": {name: f.hold.pending for name, f in frontends.items()},
+        "pending": {name: f.hold.pending for name, f in frontends.items() if f.hold},
+        "frontend_of": where,
         "verdicts": {v.request_id: {"max_severity": int(v.max_severity), "flags": [f.monitor for f in v.flags]}
                      for v in watcher.verdicts},
         "watcher": dict(watcher.counters), "sync": sync_result, "budget_s": config.gate_budget_s,
