@@ -67,6 +67,7 @@ from canvaswatch.client.vllm_gate import (RUNNER_MODULE, SCHEDULER_MODULE, Reque
 from canvaswatch.client.vllm_config import PluginConfig, load_config
 from canvaswatch.client.vllm_hold import (ASYNC_LLM_MODULE, LLM_ENGINE_MODULE, OUTPUT_PROCESSOR_MODULE, SidecarVerdicts,
                                           patch_engine, patch_output_processor)
+from canvaswatch.client.vllm_hold import patch_scheduler as patch_hold_scheduler
 from canvaswatch.v1 import monitor_pb2 as pb
 
 log = logging.getLogger("canvaswatch.vllm")
@@ -111,7 +112,7 @@ def install(config: PluginConfig) -> None:
     elif config.gate == "hold":
         # the frontend withholds each request's output until its verdict (canvaswatch.client.vllm_hold)
         config_of = functools.partial(_installed.__getitem__, "config")
-        hooks += [(OUTPUT_PROCESSOR_MODULE, patch_output_processor),
+        hooks += [(OUTPUT_PROCESSOR_MODULE, patch_output_processor), (SCHEDULER_MODULE, patch_hold_scheduler),
                   (LLM_ENGINE_MODULE, functools.partial(patch_engine, class_name="LLMEngine", config_of=config_of,
                                                         verdicts=SidecarVerdicts)),
                   (ASYNC_LLM_MODULE, functools.partial(patch_engine, class_name="AsyncLLM", config_of=config_of,
@@ -573,21 +574,24 @@ class Watcher:
                 if emitted[row] > 0:
                     request.outputs.extend(tile.argmax[row, :emitted[row]].tolist())
 
+    def _open_stream(self, request: _Request, width: int) -> None:
+        info = pb.RequestInfo(
+            request_id=request.stream_id, model=self.model, tenant=self.config.tenant,
+            prompt_ids=request.prompt_ids, canvas_length=width,
+            total_steps=int(self.states.max_denoising_steps),
+            attributes={"k": str(self.config.k), "engine": "vllm", "vllm_version": self.vllm_version,
+                        "vllm_request_id": request.req_id,
+                        **({"top_p": str(self.config.top_p)} if self.config.top_p else {})})
+        if self.gates is not None:
+            self.gates.open(request.req_id)
+        request.stream = WatchStream(self.channel, info, max_pending=self.config.max_pending,
+                                     drop_policy=self.config.drop_policy, metadata=self.config.metadata(),
+                                     on_event=functools.partial(self._on_event, request.req_id))
+
     def _send_step(self, request: _Request, tile: TileRecord, row: int) -> None:
-        width = int(tile.ids.shape[1])
         if request.stream is None:
-            info = pb.RequestInfo(
-                request_id=request.stream_id, model=self.model, tenant=self.config.tenant,
-                prompt_ids=request.prompt_ids, canvas_length=width,
-                total_steps=int(self.states.max_denoising_steps),
-                attributes={"k": str(self.config.k), "engine": "vllm", "vllm_version": self.vllm_version,
-                            "vllm_request_id": request.req_id,
-                            **({"top_p": str(self.config.top_p)} if self.config.top_p else {})})
-            if self.gates is not None:
-                self.gates.open(request.req_id)
-            request.stream = WatchStream(self.channel, info, max_pending=self.config.max_pending,
-                                         drop_policy=self.config.drop_policy, metadata=self.config.metadata(),
-                                         on_event=functools.partial(self._on_event, request.req_id))
+            self._open_stream(request, int(tile.ids.shape[1]))
+        assert request.stream is not None
         lost = self._take_lost(request)
         if lost:
             request.stream.count_dropped(lost)
@@ -624,7 +628,12 @@ class Watcher:
             # here, in queue order, not in remove_request: a step queued before the removal may still open it
             self.gates.close(request.req_id)
         if request.stream is None:
-            return  # removed before its first denoising step: nothing was streamed
+            if self.config.gate != "hold":
+                return  # removed before its first denoising step: nothing was streamed
+            # Hold mode: the frontend waits for a verdict of every stream of the request (<id>, <id>#2 after
+            # a preemption, ...), so even a stream with no step gets one (the sidecar judges the prompt alone).
+            self._open_stream(request, int(self.states.canvas.shape[-1]))
+            assert request.stream is not None
         lost = self._take_lost(request)
         if lost:
             request.stream.count_dropped(lost)

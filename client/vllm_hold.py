@@ -56,6 +56,8 @@ from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 log = logging.getLogger("canvaswatch.vllm")
 
 OUTPUT_PROCESSOR_MODULE = "vllm.v1.engine.output_processor"
+SCHEDULER_MODULE = "vllm.v1.core.sched.scheduler"
+STREAMS_KEY = "canvaswatch_streams"  # in a finished EngineCoreOutput's kv_transfer_params: the request's stream count
 LLM_ENGINE_MODULE = "vllm.v1.engine.llm_engine"
 ASYNC_LLM_MODULE = "vllm.v1.engine.async_llm"
 ARCHITECTURE = "DiffusionGemma"  # vLLM's DiffusionGemmaForBlockDiffusion
@@ -108,6 +110,7 @@ class _Group:
     req_ids: list[str] = field(default_factory=list)
     output: Any = None
     finished_at: float = 0.0
+    asks: list[str] = field(default_factory=list)  # the stream ids asked for: <id>, and <id>#2... after preemptions
     answers: dict[str, tuple[pb.Verdict | None, str]] = field(default_factory=dict)
 
 
@@ -126,6 +129,7 @@ class Hold:
         self._by_req: dict[str, _Group] = {}
         self._lock = threading.Lock()
         self.ready: collections.deque = collections.deque()  # LLMEngine's released outputs, for its next step()
+        self.streams: dict[str, int] = {}  # request id -> its stream count, when vLLM preempted it (STREAMS_KEY)
         self._ready_event = threading.Event()
 
     # -- what the OutputProcessor wrappers call (the frontend's thread / event loop) -----------------
@@ -167,10 +171,13 @@ class Hold:
         if not any(completion.token_ids for completion in getattr(group.output, "outputs", ())):
             self._finish(group, "released_empty", [], "")  # nothing was generated: nothing to judge
             return
-        for req_id in list(group.req_ids):
-            answer = functools.partial(self._answered, group, req_id)
+        # the worker streams a request preempted and resumed n - 1 times as <id>, <id>#2, ..., <id>#n
+        group.asks = [stream for req_id in group.req_ids
+                      for stream in [req_id] + [f"{req_id}#{n}" for n in range(2, self.streams.pop(req_id, 1) + 1)]]
+        for stream_id in list(group.asks):
+            answer = functools.partial(self._answered, group, stream_id)
             try:
-                self.verdicts.ask(req_id, self.budget_s, answer)
+                self.verdicts.ask(stream_id, self.budget_s, answer)
             except Exception as err:  # the channel itself failed: no verdict, as if the sidecar were down
                 answer(None, f"{type(err).__name__}: {err}")
 
@@ -205,7 +212,7 @@ class Hold:
     def _answered(self, group: _Group, req_id: str, verdict: pb.Verdict | None, why: str) -> None:
         with self._lock:
             group.answers[req_id] = (verdict, why)
-            if len(group.answers) < len(group.req_ids) or group.key not in self._groups:
+            if len(group.answers) < len(group.asks) or group.key not in self._groups:
                 return
         verdicts = [v for v, _ in group.answers.values() if v is not None]
         missing = [r for r, (v, _) in group.answers.items() if v is None]
@@ -316,9 +323,11 @@ def patch_output_processor(module: Any) -> None:
         return wrapped
 
     def process_outputs(original: Any) -> Any:
-        def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-            result = original(self, *args, **kwargs)
+        def wrapped(self: Any, engine_core_outputs: Any, *args: Any, **kwargs: Any) -> Any:
             hold = hold_of(self)
+            if hold is not None:
+                take_stream_counts(engine_core_outputs, hold.streams)
+            result = original(self, engine_core_outputs, *args, **kwargs)
             if hold is None or not (result.request_outputs or hold.ready):
                 return result
             kept = []
@@ -352,6 +361,65 @@ def patch_output_processor(module: Any) -> None:
                          ("abort_requests", abort_requests), ("has_unfinished_requests", has_unfinished_requests)):
         _wrap(cls, method, wrap)
     cls._canvaswatch_hold_patched = True
+
+
+def take_stream_counts(engine_core_outputs: Any, into: dict[str, int]) -> None:
+    """Frontend: move STREAMS_KEY out of the outputs' kv_transfer_params (the caller never sees it) into `into`."""
+    for output in engine_core_outputs:
+        params = output.kv_transfer_params
+        if params and STREAMS_KEY in params:
+            into[output.request_id] = int(params[STREAMS_KEY])
+            rest = {key: value for key, value in params.items() if key != STREAMS_KEY}
+            output.kv_transfer_params = rest or None
+
+
+def patch_scheduler(module: Any) -> None:
+    """Engine core: tell the frontend how many streams a preempted request had, on its finished output.
+
+    The worker streams a request preempted and resumed as <id>, then <id>#2, ...; only the scheduler knows
+    that it was preempted (`Request.num_preemptions`), so `_free_request` (every finished request passes
+    there) notes the count and `update_from_output` puts it in the finished `EngineCoreOutput`'s
+    `kv_transfer_params` (a dict vLLM carries to the frontend process), which the frontend takes out again.
+    Requests never preempted (nearly all) cost one attribute read each when they finish.
+    """
+    cls = getattr(module, "Scheduler", None)
+    if cls is None or not hasattr(cls, "_free_request"):
+        log.error("canvaswatch gate hold: vLLM's %s has no Scheduler._free_request; preempted requests are held on "
+                  "the verdict of their first stream only", SCHEDULER_MODULE)
+        return
+    if getattr(cls, "_canvaswatch_hold_patched", False):
+        return
+
+    def free_request(original: Any) -> Any:
+        def wrapped(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+            preemptions = getattr(request, "num_preemptions", 0)
+            if preemptions:
+                self.__dict__.setdefault("_canvaswatch_streams", {})[request.request_id] = preemptions + 1
+            return original(self, request, *args, **kwargs)
+        return wrapped
+
+    def update_from_output(original: Any) -> Any:
+        def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+            outputs = original(self, *args, **kwargs)
+            streams = self.__dict__.get("_canvaswatch_streams")
+            if streams:
+                tag_stream_counts(outputs, streams)
+                streams.clear()  # what is left finished outside this step's outputs (an abort): no caller to tell
+            return outputs
+        return wrapped
+
+    _wrap(cls, "_free_request", free_request)
+    _wrap(cls, "update_from_output", update_from_output)
+    cls._canvaswatch_hold_patched = True
+
+
+def tag_stream_counts(outputs: dict[int, Any], streams: dict[str, int]) -> None:
+    """Engine core: STREAMS_KEY into the kv_transfer_params of each finished output whose request was preempted."""
+    for engine_core_outputs in outputs.values():
+        for output in engine_core_outputs.outputs:
+            count = streams.get(output.request_id)
+            if count is not None and output.finish_reason is not None:
+                output.kv_transfer_params = {**(output.kv_transfer_params or {}), STREAMS_KEY: count}
 
 
 def _delta_kind() -> Any:
@@ -417,4 +485,4 @@ def _idle_step(original: Any) -> Any:
 
 
 __all__ = ["Hold", "SidecarVerdicts", "VerdictSource", "attach", "hold_of", "patch_engine", "patch_output_processor",
-           "withheld"]
+           "patch_scheduler", "tag_stream_counts", "take_stream_counts", "withheld"]

@@ -11,6 +11,7 @@ from canvaswatch.monitors.base import Evidence, Monitor
 class TriggerParams:
     at_step: int = 1
     request_prefix: str = "gate-bad"
+    also_prefix: str = ""  # a second prefix (e.g. "req#" for the resumed stream of a preempted request only)
 
 
 class Trigger(Monitor):
@@ -20,7 +21,9 @@ class Trigger(Monitor):
     Params = TriggerParams
 
     def start(self, request):
-        return request.request_id.startswith(self.params.request_prefix)
+        rid = request.request_id
+        return rid.startswith(self.params.request_prefix) or bool(self.params.also_prefix and
+                                                                   rid.startswith(self.params.also_prefix))
 
     def on_step(self, state, step):
         if state and step.block == 0 and step.step == self.params.at_step:

@@ -1,7 +1,7 @@
 """Hold mode in the vLLM plugin against real vLLM 0.33.0 on the CPU and a real sidecar: output waits for its verdict.
 
 The sidecar runs here on an ephemeral loopback port with a planted trigger (tests/trigger_monitor.py:
-CRITICAL at block 0, step 1 of requests named "bad-*", a flag nothing in the canvas shows), and a second
+CRITICAL at block 0, step 1 of streams named "bad-*" or "pre#*", a flag nothing in the canvas shows), and a second
 server that accepts GetVerdict and never answers stands in for a hung sidecar.
 tests/client/vllm_cpu_hold_engine.py drives vLLM's DiffusionSampler and model state in an engine thread
 and vLLM's OutputProcessor and RequestOutputCollectors in an AsyncLLM-style frontend (fixtures shared with
@@ -43,7 +43,8 @@ def silent_sidecar() -> tuple[grpc.Server, str]:
 def test_hold_releases_output_only_after_its_verdict_without_delaying_the_batch(installed, vocab, tmp_path,  # noqa: F811
                                                                                   monkeypatch):
     install_entry_point(tmp_path, monkeypatch, "trigger", "tests.trigger_monitor:Trigger")
-    running = start_sidecar(vocab, tmp_path, {"monitors": {"trigger": {"at_step": 1, "request_prefix": "bad-"}}})
+    running = start_sidecar(vocab, tmp_path, {"monitors": {"trigger": {"at_step": 1, "request_prefix": "bad-",
+                                                                       "also_prefix": "pre#"}}})
     silent, silent_target = silent_sidecar()
     try:
         result = run_engine(installed, ENGINE, running, tmp_path, {
@@ -74,7 +75,14 @@ def test_hold_releases_output_only_after_its_verdict_without_delaying_the_batch(
     for clean in ("clean-a", "clean-long"):
         assert verdicts[clean]["flags"] == [], verdicts[clean]
         assert received[clean][0]["token_ids"] == truth[clean] and received[clean][0]["finish_reason"] == "length"
-    assert result["decisions"]["main"] == {"blocked_verdict": 1, "released": 2}, result["decisions"]
+    assert result["decisions"]["main"] == {"blocked_verdict": 2, "released": 2}, result["decisions"]
+
+    # A request preempted and resumed streams as "pre", then "pre#2"; the trigger is in the resumed stream only.
+    # The engine core told the frontend (kv_transfer_params, taken out before the caller sees it) to wait for both.
+    assert verdicts["pre"]["flags"] == [] and verdicts["pre#2"]["flags"] == ["trigger"], verdicts
+    pre = received["pre"][0]
+    assert pre["token_ids"] == [] and pre["stop_reason"] == "canvaswatch gate: withheld (trigger CRITICAL)", pre
+    assert all(got[0]["kv_transfer_params"] is None for got in received.values())
 
     # A sidecar that never answers: open releases after the budget (counted), closed withholds.
     opened, closed = received["silent-open"][0], received["silent-closed"][0]

@@ -94,7 +94,10 @@ def main(out_path: str) -> None:
     import vllm.v1.engine.output_processor as op_module
 
     assert getattr(dg, "_canvaswatch_patched", False), "the canvaswatch plugin did not attach through its entry point"
-    for cls in (op_module.OutputProcessor, llm_engine_module.LLMEngine, async_llm_module.AsyncLLM):
+    import vllm.v1.core.sched.scheduler as scheduler_module
+
+    for cls in (op_module.OutputProcessor, llm_engine_module.LLMEngine, async_llm_module.AsyncLLM,
+                scheduler_module.Scheduler):
         assert getattr(cls, "_canvaswatch_hold_patched", False), f"{cls.__name__} not patched for hold"
     base._init_tensor_parallel()
     from vllm import SamplingParams
@@ -102,7 +105,22 @@ def main(out_path: str) -> None:
     from vllm.v1.engine import EngineCoreOutput, EngineCoreRequest, FinishReason
 
     from canvaswatch.client.vllm_config import load_config
-    from canvaswatch.client.vllm_hold import Hold, SidecarVerdicts, hold_of, patch_engine
+    from vllm.v1.engine import EngineCoreOutputs
+    from vllm.v1.request import Request, RequestStatus
+
+    from canvaswatch.client.vllm_hold import Hold, SidecarVerdicts, hold_of, patch_engine, patch_scheduler
+
+    class SchedulerStandIn:
+        """The two Scheduler methods the plugin wraps in hold mode, as vLLM's do them for this engine's outputs."""
+
+        def _free_request(self, request, delay_free_blocks=False):
+            return None
+
+        def update_from_output(self, outputs):
+            return {0: EngineCoreOutputs(outputs=outputs)} if outputs else {}
+
+    patch_scheduler(SimpleNamespace(Scheduler=SchedulerStandIn))  # the wrappers vLLM's Scheduler got (checked above)
+    scheduler = SchedulerStandIn()
 
     config = load_config()
     state, sampler, watcher = _build(dg)
@@ -145,6 +163,8 @@ def main(out_path: str) -> None:
         # for two blocks after it, so the engine's steps while bad-async is held can be counted
         plan = [("bad-async", "main", 2, RequestOutputKind.DELTA), ("clean-a", "main", 2, RequestOutputKind.DELTA),
                 ("clean-long", "main", 4, RequestOutputKind.CUMULATIVE),
+                ("pre", "main", 2, RequestOutputKind.DELTA),  # preempted at step 1, resumed at 3: the trigger is in
+                                                               # its resumed stream "pre#2" only
                 ("silent-open", "open", 1, RequestOutputKind.FINAL_ONLY),
                 ("silent-closed", "closed", 1, RequestOutputKind.FINAL_ONLY)]
 
@@ -155,6 +175,7 @@ def main(out_path: str) -> None:
             completion = output.outputs[0]
             got.append({"finished": output.finished, "token_ids": list(completion.token_ids),
                         "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason,
+                        "kv_transfer_params": output.kv_transfer_params,
                         "engine_step": engine.steps, "at": time.perf_counter()})
             if output.finished:
                 return
@@ -179,6 +200,10 @@ def main(out_path: str) -> None:
         assert not result.request_outputs  # AsyncLLM's invariant: outputs went to their queues
 
     where = {req_id: name for req_id, name, _, _ in plan}
+    vllm_requests = {req_id: Request(req_id, [2, 7], SamplingParams(max_tokens=blocks * base.CANVAS), None)
+                     for req_id, _, blocks, _ in plan}
+    blocks_of = {req_id: blocks for req_id, _, blocks, _ in plan}
+    emitted: dict[str, list[int]] = {}  # request id -> tokens handed to the frontend (all its streams)
     pending = list(plan)
     committed_before: dict[str, int] = {}
     held_steps: dict[str, list[int]] = {}  # engine steps that ran while a request's output was held
@@ -196,20 +221,33 @@ def main(out_path: str) -> None:
         if not engine.requests:
             engine.steps += 1  # the step that only cleared finished requests (vLLM runs it too)
             continue
+        if engine.steps == 1 and "pre" in engine.requests:  # vLLM preempts it: the worker removes it, its stream ends
+            engine.remove("pre")
+            vllm_requests["pre"].num_preemptions += 1
+        if engine.steps == 3 and "pre" in committed_before and "pre" not in engine.requests and "pre" not in finished_at:
+            engine.add("pre", prompt=[2, 7], blocks=blocks_of["pre"], seed=99)  # resumed: streams as "pre#2"
+            engine.prefill()
         ids = list(engine.requests)
+        streams = {r: engine.requests[r]["stream"] for r in ids}
         engine.decode()
         now = time.perf_counter()
-        per_frontend: dict[str, list] = {}
+        finished_outputs, per_frontend = [], {}
         for req_id in ids:
-            committed = len(engine.truth[req_id]["committed"])
-            new = engine.truth[req_id]["committed"][committed_before[req_id]:committed]
-            committed_before[req_id] = committed
+            committed = engine.truth[streams[req_id]]["committed"]
+            new = committed[committed_before.get(streams[req_id], 0):]
+            committed_before[streams[req_id]] = len(committed)
+            emitted.setdefault(req_id, []).extend(new)
             done = req_id not in engine.requests
             if done:
                 finished_at[req_id] = (engine.steps, now)
+                vllm_requests[req_id].status = RequestStatus.FINISHED_LENGTH_CAPPED
+                scheduler._free_request(vllm_requests[req_id])
             if new or done:
-                per_frontend.setdefault(where[req_id], []).append(EngineCoreOutput(
+                finished_outputs.append(EngineCoreOutput(
                     request_id=req_id, new_token_ids=list(new), finish_reason=FinishReason.LENGTH if done else None))
+        for eco in scheduler.update_from_output(finished_outputs).values():  # the engine core tags preempted ones
+            for output in eco.outputs:
+                per_frontend.setdefault(where[output.request_id], []).append(output)
         for name, outputs in per_frontend.items():
             loop.call_soon_threadsafe(frontend_process, frontends[name], outputs)  # never waits for the frontend
         for req_id, (step, _) in finished_at.items():
@@ -254,7 +292,7 @@ def main(out_path: str) -> None:
                 pooling_params=None, arrival_time=time.time(), lora_request=None, cache_salt=None,
                 data_parallel_rank=None, external_req_id=f"llm-{req_id}"), None)
         first = llm.output_processor.process_outputs([
-            EngineCoreOutput(request_id=r, new_token_ids=engine.truth[r]["committed"], finish_reason=FinishReason.LENGTH)
+            EngineCoreOutput(request_id=r, new_token_ids=emitted[r], finish_reason=FinishReason.LENGTH)
             for r in ("bad-async", "clean-a")]).request_outputs
         released += first  # the verdicts are long known here, so an answer may come back within that very call
         steps = 0
@@ -269,7 +307,7 @@ def main(out_path: str) -> None:
                        "decisions": dict(hold_of(llm.output_processor).gate.decisions)}
 
     result = {
-        "flushed": flushed, "truth": {r: engine.truth[r]["committed"] for r in where},
+        "flushed": flushed, "truth": emitted,
         "received": {r: frontends[n].received[r] for r, n, _, _ in plan},
         "finished_at": finished_at, "cleared_at": engine.cleared_at, "held_steps": held_steps,
         "engine_steps": engine.steps, "engine_done": engine_done,
