@@ -64,43 +64,78 @@ class WorkerStartError(RuntimeError):
 
 @dataclass
 class RelayStream:
-    """The front's end of one stream: its worker, its window, and what came back."""
+    """The front's end of one stream: its runner, its window, and what came back.
+
+    Each window counter has one writer, so a step thread (workers/threads.py) can answer a message
+    that raised nothing without waking the event loop: the loop counts what it sends and the replies
+    it takes (deliver); a step thread counts the replies it kept to itself (`quiet`) and the bytes of
+    every message it handled (`runner_bytes`), and wakes the loop only while the pump waits for room
+    (`waiting`). Under the GIL, a `+= 1` with a single writer loses nothing, and whichever of the
+    pump's check and the thread's count comes second sees the other. A worker process's replies all
+    come through deliver, which frees their bytes from `sizes`.
+    """
 
     stream_id: int
     worker: "WorkerProcess"
     results: asyncio.Queue = field(default_factory=asyncio.Queue)
-    in_flight: int = 0
-    in_flight_bytes: int = 0
-    sizes: collections.deque = field(default_factory=collections.deque)  # of the messages in flight, in order
+    sizes: collections.deque | None = field(default_factory=collections.deque)  # worker mode: in flight, in order
+    sent: int = 0
+    sent_bytes: int = 0
+    delivered: int = 0  # replies the loop took
+    freed_bytes: int = 0  # worker mode: bytes of the messages those replies answered
+    quiet: int = 0  # step thread: replies with no events and no status, never delivered
+    runner_bytes: int = 0  # step thread: bytes of every message it handled
     room: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: bool = False  # the pump waits for room: a quiet reply must wake it
     done: bool = False  # the worker ended the stream (or the front released it)
     finished: bool = False  # the worker has seen the final message
 
+    @property
+    def in_flight(self) -> int:
+        return self.sent - self.delivered - self.quiet
+
+    @property
+    def in_flight_bytes(self) -> int:
+        return self.sent_bytes - self.freed_bytes - self.runner_bytes
+
     def send(self, raw: bytes) -> None:
-        self.in_flight += 1
-        self.in_flight_bytes += len(raw)
-        self.sizes.append(len(raw))
+        self.sent += 1
+        self.sent_bytes += len(raw)
+        if self.sizes is not None:
+            self.sizes.append(len(raw))
         self.worker.send(Frame.MESSAGE, self.stream_id, raw)
 
     def full(self, limit: int = WINDOW) -> bool:
-        return self.in_flight >= limit or (self.in_flight_bytes >= WINDOW_BYTES and self.in_flight > 0)
+        in_flight = self.in_flight
+        return in_flight >= limit or (in_flight > 0 and self.in_flight_bytes >= WINDOW_BYTES)
 
     async def wait_for_room(self, limit: int = WINDOW) -> None:
         """Until fewer than `limit` messages (and WINDOW_BYTES) are in flight (limit=1: all answered) or the
         stream is over."""
         while self.full(limit) and not self.done:
             self.room.clear()
-            await self.room.wait()
+            self.waiting = True  # announced before the re-check, so a quiet reply counted after it wakes us
+            try:
+                if self.full(limit) and not self.done:
+                    await self.room.wait()
+            finally:
+                self.waiting = False
 
     def deliver(self, events: list[bytes], status: StreamStatus | None) -> None:
-        self.in_flight -= 1
+        self.delivered += 1
         if self.sizes:  # replies come in order; an END's reply comes after every message's
-            self.in_flight_bytes -= self.sizes.popleft()
+            self.freed_bytes += self.sizes.popleft()
         self.room.set()
         if status is not None and status.over:
             self.done = True
         if events or status is not None:  # most steps raise nothing: Watch need not wake for them
             self.results.put_nowait((events, status))
+
+    def lose(self, status: StreamStatus) -> None:
+        """The runner is gone (a worker died, a step thread was given up on): end the stream with `status`."""
+        self.done = True
+        self.room.set()
+        self.results.put_nowait(([], status))
 
 
 class WorkerProcess(asyncio.Protocol):
@@ -309,8 +344,7 @@ class MonitorWorkers:
         message = (worker.killed_because or
                    f"monitor worker {worker.index} exited (exit code {worker.process.exitcode}); retry the request")
         for stream in list(worker.streams.values()):
-            stream.in_flight = 1  # deliver() counts one message back
-            stream.deliver([], StreamStatus(StreamEnd.LOST, Refusal.UNAVAILABLE, message))
+            stream.lose(StreamStatus(StreamEnd.LOST, Refusal.UNAVAILABLE, message))
         self.retired_metrics = [*self.retired_metrics, worker.metrics]
         worker.metrics = []
         replacement = WorkerProcess(self, worker.index)

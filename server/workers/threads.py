@@ -94,10 +94,11 @@ class StepRunner:
                     batch.append(inbox.get_nowait())
                 except queue.Empty:
                     break
-            replies = []
+            replies, wake = [], None
             for kind, stream_id, body in batch:
                 if kind == Frame.OPEN:
-                    self.table = StreamTable(body, dense_slots=pool.dense_slots)
+                    engine, relay = body
+                    self.table = StreamTable(engine, dense_slots=pool.dense_slots)
                     self.table.handle(kind, stream_id, b"")
                     continue
                 if kind == _RETURN:
@@ -124,10 +125,21 @@ class StepRunner:
                 if not self._done():  # it came back after the watchdog gave up on it: nobody waits; leave
                     loop.call_soon_threadsafe(pool.came_back, self)
                     return
+                if kind == Frame.MESSAGE:
+                    relay.runner_bytes += len(body)
+                    if reply is not None and not reply[1] and reply[2] is None:
+                        # Nothing for Watch: counted here, and the loop is woken only if the pump waits for room
+                        # (RelayStream says why this is safe). Most steps end here: no wake-up of the loop each.
+                        relay.quiet += 1
+                        if relay.waiting:
+                            wake = relay
+                        continue
                 if reply is not None:
                     replies.append(reply)
             if replies:
                 loop.call_soon_threadsafe(pool.deliver, self, replies)
+            elif wake is not None:
+                loop.call_soon_threadsafe(wake.room.set)
 
     def _opened(self, session: Session) -> None:
         self.session = session
@@ -189,10 +201,10 @@ class StepThreads:
     def open_stream(self) -> RelayStream:
         runner = self._runner()
         engine = self.borrow()
-        stream = RelayStream(next(self._ids), runner)
+        stream = RelayStream(next(self._ids), runner, sizes=None)  # the thread counts bytes itself
         stream.engine = engine  # type: ignore[attr-defined] - given back when the runner lets go of it
         runner.stream = stream
-        runner.send(Frame.OPEN, stream.stream_id, engine)
+        runner.send(Frame.OPEN, stream.stream_id, (engine, stream))
         return stream
 
     def end_input(self, stream: RelayStream) -> None:
@@ -286,8 +298,7 @@ class StepThreads:
             check.set_exception(StepError(message, Refusal.UNAVAILABLE))
         stream = runner.stream
         if stream is not None and not stream.done:
-            stream.in_flight = 1  # deliver() counts one message back
-            stream.deliver([], StreamStatus(StreamEnd.LOST, Refusal.UNAVAILABLE, message))
+            stream.lose(StreamStatus(StreamEnd.LOST, Refusal.UNAVAILABLE, message))
         if len(self.stuck) == 1:
             self.on_serving_change(False)
 
