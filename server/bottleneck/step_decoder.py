@@ -101,7 +101,6 @@ class StepDecoder:
         try:
             if form == "topk":
                 ids_np, probs_np, residual_np, residual_sum = self._read_topk(message.topk, canvas_length, where)
-                ids, probs, residual = torch.from_numpy(ids_np), torch.from_numpy(probs_np), torch.from_numpy(residual_np)
             elif form == "logits":
                 ids, probs, residual = self._read_logits(message.logits, canvas_length, where)
             else:
@@ -114,17 +113,19 @@ class StepDecoder:
         except TensorFormatError as err:
             raise invalid(f"{where}.{err}") from None
         self._timers[form].observe(time.perf_counter() - started)
-        step = DecodedStep(
+        if form == "topk":  # the hot path: NumPy all the way (monitors read NumPy views)
+            return DecodedStep.from_numpy(
+                ids_np, probs_np, block=message.block, step=message.step, vocab=self.vocab,
+                residual=residual_np, canvas_ids=None if canvas is None else canvas.numpy(), residual_sum=residual_sum,
+                accepted=signals.accepted, entropy=signals.entropy, argmax_ids=signals.argmax_ids,
+                temperature=signals.temperature,
+            )
+        return DecodedStep(
             block=message.block, step=message.step, ids=ids, probs=probs, vocab=self.vocab,
             residual=residual, canvas_ids=canvas, hidden=hidden, residual_sum=residual_sum,
             accepted=signals.accepted, entropy=signals.entropy, argmax_ids=signals.argmax_ids,
             temperature=signals.temperature,
         )
-        if form == "topk":
-            # The NumPy arrays the torch tensors were made from: every monitor reads these, and
-            # asking torch for them again costs ~1-2 us a call. (Primes the cached properties.)
-            step.__dict__["ids_np"], step.__dict__["probs_np"] = ids_np, probs_np
-        return step
 
     def _read_topk(self, topk: pb.TopK, length: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
         """ids [L, k] int64, probs [L, k] float32 (owned, writable), residual [L] float32 and its sum."""

@@ -112,7 +112,9 @@ def test_the_step_view_reads_numpy_whichever_form_the_arrays_came_in():
                              canvas_ids=torch.tensor([3, 9]))
     from_numpy = DecodedStep(block=0, step=0, ids=ids.numpy(), probs=probs.numpy(), vocab=vocab,
                              residual=np.array([0.25, 0.25], dtype=np.float32), canvas_ids=np.array([3, 9]))
-    for step in (from_torch, from_numpy):
+    fast = DecodedStep.from_numpy(ids.numpy(), probs.numpy(), block=0, step=0, vocab=vocab,
+                                  residual=np.array([0.25, 0.25], dtype=np.float32), canvas_ids=np.array([3, 9]))
+    for step in (from_torch, from_numpy, fast):
         assert isinstance(step.ids_np, np.ndarray) and step.ids_np.tolist() == [[3, 4], [5, 0]]
         assert isinstance(step.probs_np, np.ndarray) and step.probs_np[:, 0].tolist() == [0.5, 0.75]
         assert isinstance(step.residual, np.ndarray) and step.residual_mean == 0.25
@@ -121,3 +123,24 @@ def test_the_step_view_reads_numpy_whichever_form_the_arrays_came_in():
         assert step.new_block is False and step.accepted is None and step.hidden is None
         # the server's torch form stays available to it
         assert step.ids.dtype == torch.int64 and step.top1.tolist() == [3, 5]
+
+
+def test_the_fast_constructor_builds_what_the_constructor_builds():
+    ids = np.array([[3, 4], [5, 0]], dtype=np.int64)
+    probs = np.array([[0.5, 0.25], [0.75, 0.0]], dtype=np.float32)
+    given = dict(block=2, step=7, vocab=Pieces(), residual=np.array([0.25, 0.25], dtype=np.float32), residual_sum=0.5,
+                 accepted=np.array([True, False]), entropy=np.array([0.1, 2.0], dtype=np.float32),
+                 argmax_ids=np.array([3, 5]), temperature=0.7)
+    slow, fast = DecodedStep(ids=ids, probs=probs, **given), DecodedStep.from_numpy(ids, probs, **given)
+    for name in DecodedStep.__dataclass_fields__:
+        mine, theirs = getattr(fast, name), getattr(slow, name)
+        if isinstance(theirs, (np.ndarray, torch.Tensor)):
+            assert type(mine) is type(theirs) and mine.tolist() == theirs.tolist(), name
+        else:
+            assert mine == theirs, name
+    assert fast.ids_np is ids and fast.probs_np is probs  # views, no copies
+    assert fast.new_block is False and fast.canvas_ids is None and fast.hidden is None  # defaults filled in
+    with pytest.raises(TypeError, match="missing.*'step'"):
+        DecodedStep.from_numpy(ids, probs, block=0, vocab=Pieces())
+    with pytest.raises(AttributeError):  # still frozen
+        fast.step = 3
