@@ -107,6 +107,9 @@ class Engine:
                 monitor.on_finish(state, FinalCanvas(output_ids=(), text="", steps_seen=2, steps_dropped=0))
             except Exception as err:  # noqa: BLE001 - warm-up must never stop a start-up
                 log.debug("warm_up_skipped", monitor=monitor.name, error=f"{type(err).__name__}: {err}")
+        # The final canvas's text (finish decodes the output ids): otherwise the text kernel is first loaded
+        # (~10 ms from the disk cache, ~0.5 s to compile without one) inside the first request's final message.
+        self.vocab.decode(tuple(int(token) for token in ids[:, 0]))
 
     def open(self, info: pb.RequestInfo, where: str, keep_history: bool = False) -> Session:
         meta = request_meta(info, where, self.config.server.max_prompt_ids)

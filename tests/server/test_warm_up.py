@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 from prometheus_client import generate_latest
 
@@ -32,3 +34,22 @@ def test_warm_up_builds_the_phrase_tables_and_leaves_no_trace(vocab, tmp_path):
     assert _samples(engine) == before  # no step, decode, flag or request counted
     assert not (tmp_path / "audit.jsonl").exists() or (tmp_path / "audit.jsonl").read_text() == ""
     engine.close()
+
+
+def test_warm_up_compiles_the_text_kernel_for_the_final_canvas_too(tmp_path):
+    # In a fresh process: the kernel's compiled specialisations are process-wide, and other tests fill them.
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "from canvaswatch.server.bottleneck import vocab as v\n"
+        "from canvaswatch.server.bottleneck.dense import DenseDecoder\n"
+        "from canvaswatch.server.config import default_config\n"
+        "from canvaswatch.server.pipeline.engine import Engine\n"
+        "vocab = v.load_vocabulary()\n"
+        "Engine(default_config(), vocab, dense=DenseDecoder(None, vocab.size)).warm_up()\n"
+        "print(sorted(str(signature[0]) for signature in v._gather_pieces.signatures))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    layouts = done.stdout.strip().splitlines()[-1]
+    # the final message's output ids arrive contiguous (finish decodes them): ready before the first request
+    assert "array(int64, 1d, C)" in layouts, layouts
