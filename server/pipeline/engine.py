@@ -80,7 +80,7 @@ class Engine:
             sinks.append(AuditSink(audit))
         if self.reports is not None:
             sinks.append(ReportSink(self.reports, self.vocab))
-        sinks.append(LogSink(log_content=config.logging.log_content))
+        sinks.append(LogSink(log_content=config.logging.log_content, max_per_monitor=config.server.max_flags_per_monitor))
         return sinks
 
     def warm_up(self) -> None:
