@@ -18,11 +18,18 @@ Abuse rows (the issue's table, those in scope here):
   slow_monitor 4 clients whose requests hit a monitor that sleeps 2 s a step (stopped by the strikes)
   prompt_ids   4 clients sending requests with 32,768 prompt ids (the bound)
   flag_storm   2 clients whose requests raise 50 flags a step (verdict and audit bounds)
+  cpu_hog      (a control, not an abuse of the sidecar) one process spinning pure Python: one core taken
+               from the machine, no request sent; what sharing the cores alone costs the normal client
   runaway      (worker mode) 1 client whose request sends a monitor into an infinite loop; the worker
                is killed at server.monitor_hard_deadline_s (5 s here) and replaced
 `--compare-python PY` measures a second sidecar (e.g. the commit before, from its worktree) in the
-same run, without the keys it does not know.
-Target: the normal client's p99 within 2x its idle p99 in the same mode.
+same run, without the keys it does not know; `--switch-ms` / `--compare-switch-ms` start either
+sidecar with that sys.setswitchinterval (how long a thread running Python keeps the GIL when
+another wants it; Python's default is 5 ms). With a second sidecar, both run at once (the idle one
+costs nothing) and take turns row by row (A B, then B A, ...), so the machine's drift falls on
+both; `--repeats N` goes round the rows N times.
+Target: the normal client's p99 within 2x its idle p99 in the same mode, the idle p99 measured in
+the same run (and, with --repeats, in the same round).
 """
 
 from __future__ import annotations
@@ -48,12 +55,12 @@ from throughput import free_port, wait_ready  # noqa: E402
 from traffic import profile_steps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = ("silent", "huge_step", "slow_monitor", "prompt_ids", "flag_storm", "runaway")
+ROWS = ("silent", "huge_step", "slow_monitor", "prompt_ids", "flag_storm", "cpu_hog", "runaway")
 PLUGINS = {"sleepy": "Sleepy", "runaway": "Runaway", "storm": "Storm"}
 
 
 def start_sidecar(workdir: Path, monitor_processes: int, python: str = sys.executable,
-                  new_keys: bool = True) -> tuple[subprocess.Popen, str]:
+                  new_keys: bool = True, switch_ms: float | None = None, name: str = "this") -> tuple[subprocess.Popen, str]:
     plugins = workdir / "plugins"
     if not plugins.exists():
         dist = plugins / "cw_abuse_monitors-1.0.dist-info"
@@ -61,7 +68,7 @@ def start_sidecar(workdir: Path, monitor_processes: int, python: str = sys.execu
         (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cw-abuse-monitors\nVersion: 1.0\n")
         (dist / "entry_points.txt").write_text("[canvaswatch.monitors]\n" + "".join(
             f"{name} = tests.server.slow_monitors:{cls}\n" for name, cls in PLUGINS.items()))
-    config = workdir / f"sidecar-{monitor_processes}-{new_keys}.toml"
+    config = workdir / f"sidecar-{monitor_processes}-{name}.toml"
     monitors = "".join(f"[monitors.{name}]\n" for name in
                        ("lexicon", "self_correction", "non_chronological", "token_smearing", "sequence_smearing",
                         "intermediate_context", "transparency"))
@@ -69,21 +76,26 @@ def start_sidecar(workdir: Path, monitor_processes: int, python: str = sys.execu
         "[server]\nmax_message_bytes = 150994944\n"
         + ("monitor_budget_hard_ms = 2000.0\nmonitor_hard_deadline_s = 5.0\n" if new_keys else "") +
         "[dense]\nembeddings = \"\"\n"
-        f"[logging]\naudit_log = \"{workdir}/audit-{monitor_processes}-{new_keys}.jsonl\"\n"
+        f"[logging]\naudit_log = \"{workdir}/audit-{monitor_processes}-{name}.jsonl\"\n"
         f"{monitors}[monitors.sleepy]\nrequest_prefix = \"slow\"\nseconds = 2.0\n"
         "[monitors.runaway]\nrequest_prefix = \"loop\"\n[monitors.storm]\nrequest_prefix = \"storm\"\nper_step = 50\n")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugins), str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([python, "-m", "canvaswatch.server.cli", "serve", "--config", str(config),
+    command = ["-m", "canvaswatch.server.cli"]
+    if switch_ms is not None:
+        command = ["-c", f"import runpy, sys; sys.setswitchinterval({switch_ms / 1000!r}); "
+                         "runpy.run_module('canvaswatch.server.cli', run_name='__main__', alter_sys=True)"]
+    log_path = workdir / f"sidecar-{monitor_processes}-{name}.log"
+    process = subprocess.Popen([python, *command, "serve", "--config", str(config),
                                 "--grpc-port", str(port), "--metrics-port", "-1",
                                 "--monitor-processes", str(monitor_processes)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=open(workdir / f"sidecar-{monitor_processes}.log", "w"))
+                               env=env, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
     target = f"127.0.0.1:{port}"
     try:
         wait_ready(target, timeout=300)
     except grpc.FutureTimeoutError:
         process.kill()
-        raise SystemExit(f"the sidecar did not start:\n{(workdir / f'sidecar-{monitor_processes}.log').read_text()[-2000:]}")
+        raise SystemExit(f"the sidecar did not start:\n{log_path.read_text()[-2000:]}")
     return process, target
 
 
@@ -165,6 +177,15 @@ class Abuser:
             for _ in range(200):
                 self.calls.append(stub.Watch(nothing(), timeout=600))  # returns at once; gRPC reads nothing()
             return
+        if self.kind == "cpu_hog":
+            def spin():
+                while not self.stop.is_set():
+                    sum(range(1000))
+
+            thread = threading.Thread(target=spin, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+            return
         count, make = {
             "huge_step": (2, lambda: (profile_steps("default", 65536, 1, self.vocab), 65536, 0, "huge")),
             "slow_monitor": (4, lambda: (profile_steps("default", 64, 8, self.vocab), 64, 0, "slow")),
@@ -228,6 +249,21 @@ def p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def run_row(kind: str, target: str, steps, args) -> tuple[list[float], int, AbuserProcess]:
+    abuser = AbuserProcess(kind, target, args.length)
+    while abuser.process.stdout.readline().strip() not in ("started", ""):
+        pass  # its start-up logs (the vocabulary) come first
+    time.sleep(1.0)  # the abuse is under way before the normal client starts
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(
+        zip(("lat", "err"), normal_client(target, steps, args.length, args.requests, kind))), daemon=True)
+    runner.start()
+    runner.join(args.row_timeout)
+    abuser.finish()
+    runner.join(60)
+    return result.get("lat", []), result.get("err", args.requests), abuser
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=60)
@@ -235,8 +271,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--row-timeout", type=float, default=120.0)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the rows (each with its own idle row)")
+    parser.add_argument("--switch-ms", type=float, help="this sidecar's sys.setswitchinterval, ms (default: its own)")
     parser.add_argument("--compare-python", help="also measure a sidecar run by this interpreter (another commit's "
                         "worktree; without the budget keys it may not know), same rows, same normal client")
+    parser.add_argument("--compare-new-keys", action="store_true", help="give the --compare-python sidecar the "
+                        "budget keys too (it knows them)")
+    parser.add_argument("--compare-switch-ms", type=float, help="also measure a sidecar (this interpreter unless "
+                        "--compare-python) with this sys.setswitchinterval, ms")
     parser.add_argument("--abuse", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -250,42 +292,53 @@ def main() -> None:
     rows = args.rows.split(",")
     print(f"# normal client: {args.requests} requests one after another, L={args.length}, {args.steps} top-k steps each "
           f"(default profile), default monitors; {os.cpu_count()} cores, everything on this machine")
-    print("| sidecar | mode | abuse | normal p50 ms | normal p99 ms | p99 / idle p99 | normal errors | abuser requests ok / failed |")
-    print("|---|---|---|---|---|---|---|---|")
-    sidecars = [("this", sys.executable, True)] + ([("compare", args.compare_python, False)] if args.compare_python else [])
+    print("| round | sidecar | mode | abuse | normal p50 ms | normal p99 ms | p99 / idle p99 | normal errors | abuser requests ok / failed |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    sidecars = [("this" + (f" (switch {args.switch_ms:g} ms)" if args.switch_ms is not None else ""),
+                 sys.executable, True, args.switch_ms)]
+    if args.compare_python or args.compare_switch_ms is not None:
+        sidecars.append(("compare" + (f" (switch {args.compare_switch_ms:g} ms)" if args.compare_switch_ms is not None else ""),
+                         args.compare_python or sys.executable, args.compare_new_keys or not args.compare_python,
+                         args.compare_switch_ms))
     with tempfile.TemporaryDirectory() as tmp:
-        for (label, python, new_keys), mode in ((sidecar, mode) for mode in (0, 2) for sidecar in sidecars):
+        for mode in (0, 2):
             mode_rows = [r for r in rows if (r == "runaway") == (mode == 2)]
             if not mode_rows:
                 continue
-            process, target = start_sidecar(Path(tmp), mode, python, new_keys)
+            running = []
             try:
-                normal_client(target, steps, args.length, 5, "warm")
-                idle, errors = normal_client(target, steps, args.length, args.requests, "idle")
-                idle99 = p(idle, 0.99)
-                print(f"| {label} | {mode} | none (idle) | {p(idle, 0.5) * 1e3:.1f} | {idle99 * 1e3:.1f} | 1.00 | {errors} | - |", flush=True)
-                for kind in mode_rows:
-                    abuser = AbuserProcess(kind, target, args.length)
-                    while abuser.process.stdout.readline().strip() not in ("started", ""):
-                        pass  # its start-up logs (the vocabulary) come first
-                    time.sleep(1.0)  # the abuse is under way before the normal client starts
-                    result: dict = {}
-                    runner = threading.Thread(target=lambda: result.update(
-                        zip(("lat", "err"), normal_client(target, steps, args.length, args.requests, kind))), daemon=True)
-                    runner.start()
-                    runner.join(args.row_timeout)
-                    abuser.finish()
-                    runner.join(60)
-                    lat, err = result.get("lat", []), result.get("err", args.requests)
-                    print(f"| {label} | {mode} | {kind} | {p(lat, 0.5) * 1e3:.1f} | {p(lat, 0.99) * 1e3:.1f} | "
-                          f"{p(lat, 0.99) / idle99:.2f} | {err} | {abuser.done} / {abuser.failed} |", flush=True)
-                    time.sleep(1.0)
+                for number, (label, python, new_keys, switch_ms) in enumerate(sidecars):
+                    running.append(start_sidecar(Path(tmp), mode, python, new_keys, switch_ms, name=f"s{number}"))
+                for _, target in running:
+                    normal_client(target, steps, args.length, 5, "warm")
+                turn = 0
+                for round_ in range(1, args.repeats + 1):
+                    idle99 = {}
+                    for kind in ["idle", *mode_rows]:
+                        order = list(range(len(sidecars)))
+                        if turn % 2:
+                            order.reverse()  # A B, B A, ...: drift falls on both
+                        turn += 1
+                        for index in order:
+                            label, target = sidecars[index][0], running[index][1]
+                            if kind == "idle":
+                                idle, errors = normal_client(target, steps, args.length, args.requests, "idle")
+                                idle99[index] = p(idle, 0.99)
+                                print(f"| {round_} | {label} | {mode} | none (idle) | {p(idle, 0.5) * 1e3:.1f} | "
+                                      f"{idle99[index] * 1e3:.1f} | 1.00 | {errors} | - |", flush=True)
+                                continue
+                            lat, err, abuser = run_row(kind, target, steps, args)
+                            print(f"| {round_} | {label} | {mode} | {kind} | {p(lat, 0.5) * 1e3:.1f} | {p(lat, 0.99) * 1e3:.1f} | "
+                                  f"{p(lat, 0.99) / idle99[index]:.2f} | {err} | {abuser.done} / {abuser.failed} |", flush=True)
+                            time.sleep(1.0)
             finally:
-                process.terminate()
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+                for process, _ in running:
+                    process.terminate()
+                for process, _ in running:
+                    try:
+                        process.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
 
 
 if __name__ == "__main__":
