@@ -1,10 +1,10 @@
 """Gate mode in the vLLM plugin against real vLLM 0.33.0 on the CPU and a real sidecar: a severe flag ends its request.
 
 The sidecar runs here on an ephemeral loopback port with the lexicon watching one phrase at CRITICAL;
-tests/client/vllm_cpu_gate_engine.py drives vLLM's DiffusionSampler and model state in the vLLM venv
-(fixtures shared with test_vllm_plugin.py: the venv, built once per machine, and this checkout's
-wheel installed into it). One request plants the phrase in its first denoising steps; two clean
-requests run beside it.
+tests/client/vllm_cpu_gate_engine.py drives vLLM's own DiffusionScheduler (as its engine core does),
+DiffusionSampler and model state in the vLLM venv (fixtures shared with test_vllm_plugin.py: the venv,
+built once per machine, and this checkout's wheel installed into it). One request plants the phrase
+in its first denoising steps; two clean requests run beside it.
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ def test_a_planted_critical_phrase_ends_its_vllm_request_and_clean_requests_pass
     canvas, blocks, truth = result["canvas"], result["blocks"], result["truth"]
     assert result["flushed"] and result["counters"].get("errors", 0) == 0, result["counters"]
 
+    assert result["scheduler"] == "DiffusionScheduler"
+
     # The planted request, and only it, was ended by the gate, as vLLM ends an aborted request,
     # with a reason its caller reads in CompletionOutput.stop_reason.
-    assert set(result["ended"]) == {"req-G"}, result["ended"]
+    assert {req_id for req_id, end in result["ended"].items() if end["trip_step"] is not None} == {"req-G"}
     ended = result["ended"]["req-G"]
     assert ended["finish_reason"] == "abort" and ended["new_token_ids"] == []
     assert ended["stop_reason"] == "canvaswatch gate: lexicon CRITICAL", ended
@@ -48,6 +50,8 @@ def test_a_planted_critical_phrase_ends_its_vllm_request_and_clean_requests_pass
     # The phrase was planted in block 0's first steps: the flag came before the request's last canvas
     # (six blocks), which it never committed.
     assert len(truth["req-G"]["committed"]) < blocks["req-G"] * canvas
+    # What vLLM's scheduler emitted for it, all told: the canvases committed before the flag, nothing after.
+    assert result["received"]["req-G"] == truth["req-G"]["committed"]
     assert result["decisions"] == {"blocked_flag": 1, "blocked_unavailable": 0}
     assert result["counters"]["gated_steps"] == 1
 
@@ -55,10 +59,13 @@ def test_a_planted_critical_phrase_ends_its_vllm_request_and_clean_requests_pass
     verdicts = result["verdicts"]
     for clean in ("req-A", "req-B"):
         assert len(truth[clean]["committed"]) == blocks[clean] * canvas, clean
+        # the scheduler finished it at max_tokens and emitted every committed canvas, in order
+        assert result["ended"][clean]["finish_reason"] == "length" and result["ended"][clean]["stop_reason"] is None
+        assert result["received"][clean] == truth[clean]["committed"], clean
         assert verdicts[clean]["max_severity"] < pb.CRITICAL and verdicts[clean]["flags"] == [], verdicts[clean]
         assert verdicts[clean]["steps_seen"] == len(truth[clean]["steps"])
     # The gated request's stream still ends with its final message (what was committed): its verdict has the flag.
     assert verdicts["req-G"]["max_severity"] == pb.CRITICAL and "lexicon" in verdicts["req-G"]["flags"]
     print(f"\nvLLM CPU gate: flag arrived after engine step {ended['trip_step']}, request ended at step "
-          f"{ended['engine_step']}, {len(truth['req-G']['committed']) // canvas} of {blocks['req-G']} blocks committed; "
-          f"run {result['seconds']:.1f} s")
+          f"{ended['engine_step']}, {len(truth['req-G']['committed']) // canvas} of {blocks['req-G']} blocks "
+          f"committed; {result['scheduler']} ran {result['scheduler_steps']} steps; run {result['seconds']:.1f} s")

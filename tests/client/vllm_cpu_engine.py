@@ -59,44 +59,10 @@ def main(out_path: str) -> None:
     assert getattr(dg, "_canvaswatch_patched", False), "the canvaswatch plugin did not attach through its entry point"
     _init_tensor_parallel()
     from vllm import SamplingParams
-    from vllm.v1.worker.gpu.sample.logprob import LogprobTokenIdsState
-    from vllm.v1.worker.gpu.sample.states import SamplingStates
 
-    device = torch.device("cpu")
-    torch.manual_seed(0)
-    embed = torch.randn(VOCAB, HIDDEN) * 0.02
-    model = SimpleNamespace(model=SimpleNamespace(
-        embed_tokens=SimpleNamespace(weight=embed, shard_indices=SimpleNamespace(org_vocab_start_index=0,
-                                                                                 org_vocab_end_index=VOCAB)),
-        normalizer=torch.tensor(HIDDEN ** 0.5)))
-    model_config = SimpleNamespace(
-        get_inputs_embeds_size=lambda: HIDDEN, dtype=torch.float32, hf_text_config=SimpleNamespace(hidden_size=HIDDEN),
-        try_get_generation_config=lambda: dict(GEN_CONFIG), get_vocab_size=lambda: VOCAB, max_model_len=4096,
-        enable_prompt_embeds=False, served_model_name="tiny-diffusion-gemma-cpu")
-    vllm_config = SimpleNamespace(
-        model_config=model_config,
-        scheduler_config=SimpleNamespace(max_num_seqs=MAX_REQS, max_num_batched_tokens=MAX_REQS * CANVAS),
-        diffusion_config=SimpleNamespace(canvas_length=CANVAS, max_denoising_steps=MAX_STEPS))
-    state = dg.DiffusionGemmaModelState(vllm_config, model, None, device)
-    base = SimpleNamespace(sampling_states=SamplingStates(MAX_REQS, VOCAB),
-                           logprob_token_ids_state=LogprobTokenIdsState(MAX_REQS, device),
-                           req_states=SimpleNamespace(draft_tokens=torch.zeros(MAX_REQS, CANVAS, dtype=torch.int64)),
-                           logprobs_mode="raw_logprobs")
-    sampler, _ = state.custom_sampler(base)  # the plugin's wrapper around vLLM's DiffusionSampler
-    watcher = getattr(state, "_canvaswatch", None)
-    assert watcher is not None and type(sampler).__name__ == "WatchingSampler", type(sampler)
-    assert type(sampler._inner).__name__ == "DiffusionSampler"
-
-    # The sampler's own row statistics, per tile, seen from outside the plugin.
+    state, sampler, watcher = build(dg)
     captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    stats_fn = dg.sample_row_stats_reference
-
-    def witness_stats(logits, temps, canvas_len, probs_dtype):
-        result = stats_fn(logits, temps, canvas_len, probs_dtype)
-        captured.append((temps.clone(), result[1].clone(), result[2].clone()))
-        return result
-
-    dg.sample_row_stats_reference = witness_stats
+    witness_row_stats(dg, captured)
 
     engine = _Engine(state, sampler, SamplingParams, captured)
     # Five requests, four at once: A and B run two blocks each (B with its own top_k=5), C is aborted
@@ -138,6 +104,57 @@ def main(out_path: str) -> None:
     watcher.close()
     with open(out_path, "w", encoding="utf-8") as handle:
         json.dump(result, handle)
+
+
+
+def build(dg):
+    """vLLM's DiffusionGemmaModelState on a stand-in model, and the sampler its custom_sampler returns.
+
+    `dg`: vLLM's diffusion_gemma module, after load_general_plugins() (so the sampler is the plugin's
+    WatchingSampler around vLLM's DiffusionSampler). Returns (model state, sampler, the plugin's watcher).
+    """
+    from vllm.v1.worker.gpu.sample.logprob import LogprobTokenIdsState
+    from vllm.v1.worker.gpu.sample.states import SamplingStates
+
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    embed = torch.randn(VOCAB, HIDDEN) * 0.02
+    model = SimpleNamespace(model=SimpleNamespace(
+        embed_tokens=SimpleNamespace(weight=embed, shard_indices=SimpleNamespace(org_vocab_start_index=0,
+                                                                                 org_vocab_end_index=VOCAB)),
+        normalizer=torch.tensor(HIDDEN ** 0.5)))
+    model_config = SimpleNamespace(
+        get_inputs_embeds_size=lambda: HIDDEN, dtype=torch.float32, hf_text_config=SimpleNamespace(hidden_size=HIDDEN),
+        try_get_generation_config=lambda: dict(GEN_CONFIG), get_vocab_size=lambda: VOCAB, max_model_len=4096,
+        enable_prompt_embeds=False, served_model_name="tiny-diffusion-gemma-cpu")
+    vllm_config = SimpleNamespace(
+        model_config=model_config,
+        scheduler_config=SimpleNamespace(max_num_seqs=MAX_REQS, max_num_batched_tokens=MAX_REQS * CANVAS),
+        diffusion_config=SimpleNamespace(canvas_length=CANVAS, max_denoising_steps=MAX_STEPS))
+    state = dg.DiffusionGemmaModelState(vllm_config, model, None, device)
+    base = SimpleNamespace(sampling_states=SamplingStates(MAX_REQS, VOCAB),
+                           logprob_token_ids_state=LogprobTokenIdsState(MAX_REQS, device),
+                           req_states=SimpleNamespace(draft_tokens=torch.zeros(MAX_REQS, CANVAS, dtype=torch.int64)),
+                           logprobs_mode="raw_logprobs")
+    sampler, _ = state.custom_sampler(base)  # the plugin's wrapper around vLLM's DiffusionSampler
+    watcher = getattr(state, "_canvaswatch", None)
+    assert watcher is not None and type(sampler).__name__ == "WatchingSampler", type(sampler)
+    assert type(sampler._inner).__name__ == "DiffusionSampler"
+    return state, sampler, watcher
+
+
+def witness_row_stats(dg, captured: list) -> None:
+    """Record the sampler's own row statistics, seen from outside the plugin: wrap vLLM's
+    `sample_row_stats_reference` so each call (one per tile) appends (temperatures, samples, entropies)
+    to `captured`, the list `_Engine.decode` reads and clears every step."""
+    stats_fn = dg.sample_row_stats_reference
+
+    def witness_stats(logits, temps, canvas_len, probs_dtype):
+        result = stats_fn(logits, temps, canvas_len, probs_dtype)
+        captured.append((temps.clone(), result[1].clone(), result[2].clone()))
+        return result
+
+    dg.sample_row_stats_reference = witness_stats
 
 
 class _Engine:

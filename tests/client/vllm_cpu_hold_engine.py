@@ -35,7 +35,6 @@ from types import SimpleNamespace
 import torch
 
 import vllm_cpu_engine as base  # noqa: E402  (the CPU patches; run as a script, its directory is on sys.path)
-from vllm_cpu_gate_engine import _build  # noqa: E402
 
 torch.set_num_threads(1)  # two cores shared with the sidecar on the test machine
 
@@ -123,17 +122,10 @@ def main(out_path: str) -> None:
     scheduler = SchedulerStandIn()
 
     config = load_config()
-    state, sampler, watcher = _build(dg)
+    state, sampler, watcher = base.build(dg)
     assert watcher.gates is None, "hold mode must not turn on the abort gate's worker side"
     engine = _DeferredEngine(state, sampler, SamplingParams, [])
-    stats_fn = dg.sample_row_stats_reference
-
-    def witness_stats(logits, temps, canvas_len, probs_dtype):
-        result = stats_fn(logits, temps, canvas_len, probs_dtype)
-        engine.captured.append((temps.clone(), result[1].clone(), result[2].clone()))
-        return result
-
-    dg.sample_row_stats_reference = witness_stats
+    base.witness_row_stats(dg, engine.captured)
 
     loop = asyncio.new_event_loop()
     loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
