@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from canvaswatch.monitors.compiled import kernel
+from canvaswatch.monitors.compiled import kernel, sized
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ def sorted_members(ids: list[int]) -> np.ndarray:
     return np.unique(np.asarray(ids, dtype=np.int64))
 
 
-@kernel
+@kernel(gil_free_twin=True)
 def advance_runs(run, flagged, fire, holds, min_steps):
     """Count one step into every (offset, position) run; returns how many reached min_steps for the first time.
 
@@ -93,4 +93,4 @@ class OffsetRuns:
 
     def advance(self, min_steps: int) -> int:
         """Count `holds` (filled by the monitor for this step) into the runs; how many fired."""
-        return advance_runs(self.run, self.flagged, self.fire, self.holds, min_steps)
+        return sized(advance_runs, self.run.shape[1])(self.run, self.flagged, self.fire, self.holds, min_steps)

@@ -9,11 +9,24 @@ rare steps that flag.
 
 `kernel` is numba's `njit` with the on-disk cache (a process loads a compiled
 kernel in milliseconds instead of compiling it for ~0.5 s), or without it where
-no cache directory is writable (logged once). Kernels keep the
-GIL: each runs for a few microseconds, less than a hand-over of the GIL to
-gRPC's poller thread and back can cost (the throughput benchmark measured the
-same or better without nogil, within its noise). NUMBA_DISABLE_JIT=1 runs
+no cache directory is writable (logged once). NUMBA_DISABLE_JIT=1 runs
 every kernel as plain Python (slow; for debugging).
+
+The GIL. On ordinary canvases a kernel keeps it: each runs for microseconds,
+less than handing the GIL to another thread and getting it back costs (with
+every kernel releasing it, the throughput benchmark ran 6-25% slower with 8
+streams, L = 256-1024). A canvas of LARGE_CANVAS positions or more is another
+matter: at L = 65,536 one kernel runs for 1-3 ms, a step's kernels ~8 ms, and
+holding the GIL through them stalls every other stream's threads (a normal
+client's p99 under the abuse benchmark's huge steps: 75-87 ms held, 50-51 ms
+released). So a kernel declared with `gil_free_twin=True` gets a twin compiled
+with nogil, and its caller picks one by size: `sized(kernel, L)(...)`. A twin
+runs without the GIL, possibly beside the same kernel on another thread, so it
+must write only arrays of its own call or of its own request (never a table
+shared by streams). `compile_twins()`, after a warm-up, compiles each twin for
+the signatures its kernel was compiled for, so no request compiles one while
+holding the GIL (a signature first seen on a large canvas still would, once per
+machine: the disk cache keeps it).
 
 Rule: a kernel calls no kernel of another module; Python chains them
 (`prefetch`, an intrinsic of a few instructions, is the exception). The cache is
@@ -26,6 +39,7 @@ of this file's decorator recompiles nothing already cached: clear the
 
 from __future__ import annotations
 
+from types import FunctionType
 from typing import Callable
 
 import numba
@@ -38,16 +52,39 @@ log = structlog.get_logger(__name__)
 _uncached: list[str] = []
 
 
-def kernel(function: Callable) -> Callable:
+LARGE_CANVAS = 8192  # positions from which `sized` picks a kernel's GIL-free twin
+_TWIN_SUFFIX = "__gil_free"  # the twin's qualified name, so the disk cache keeps it apart (numba keys on the name)
+_twins: list[tuple[Callable, Callable]] = []  # (kernel, twin), for compile_twins
+
+
+def kernel(function: Callable | None = None, *, gil_free_twin: bool = False) -> Callable:
     """numba.njit with the disk cache; compiled in memory only where numba finds no writable cache directory.
 
     numba needs its cache directory writable even to read it (it checks with a temporary file),
     and raises at decoration when neither NUMBA_CACHE_DIR, the package's __pycache__ nor a
     user cache directory is: e.g. a read-only root filesystem. The sidecar must start there
     too, compiling at start-up instead (~3.5 s).
+
+    gil_free_twin: also compile (lazily) a twin that releases the GIL, for `sized` to pick on large
+    canvases; read the module's note on the GIL for what such a kernel may write.
     """
+    if function is None:
+        return lambda f: kernel(f, gil_free_twin=gil_free_twin)
+    compiled = _njit(function)
+    if gil_free_twin:
+        twin_function = FunctionType(function.__code__, function.__globals__, function.__name__,
+                                           function.__defaults__, function.__closure__)
+        twin_function.__qualname__ = function.__qualname__ + _TWIN_SUFFIX
+        twin_function.__module__ = function.__module__
+        twin = _njit(twin_function, nogil=True)
+        compiled.gil_free = twin
+        _twins.append((compiled, twin))
+    return compiled
+
+
+def _njit(function: Callable, **options) -> Callable:
     try:
-        return numba.njit(cache=True)(function)
+        return numba.njit(cache=True, **options)(function)
     except RuntimeError as err:  # "cannot cache function ...: no locator available"
         if "no locator" not in str(err):
             raise
@@ -55,7 +92,24 @@ def kernel(function: Callable) -> Callable:
             log.warning("kernel_cache_unavailable", reason=str(err),
                         fix="set NUMBA_CACHE_DIR to a writable directory")
         _uncached.append(function.__qualname__)
-        return numba.njit(function)
+        return numba.njit(**options)(function)
+
+
+def is_large(positions: int) -> bool:
+    """A canvas whose kernels run without the GIL (read at each call, so a test can lower the bound)."""
+    return positions >= LARGE_CANVAS
+
+
+def sized(compiled: Callable, positions: int) -> Callable:
+    """The kernel itself below LARGE_CANVAS positions, its GIL-free twin from there on."""
+    return compiled.gil_free if is_large(positions) else compiled
+
+
+def compile_twins() -> None:
+    """Compile every twin for the signatures its kernel has been compiled for (call after a warm-up)."""
+    for compiled, twin in _twins:
+        for signature in getattr(compiled, "signatures", ()):  # none under NUMBA_DISABLE_JIT
+            twin.compile(signature)
 
 
 @intrinsic

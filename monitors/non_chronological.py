@@ -34,7 +34,7 @@ import torch
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, Monitor, RequestMeta, Severity
 from canvaswatch.monitors.canvas_ops import isin, spearman
-from canvaswatch.monitors.compiled import kernel
+from canvaswatch.monitors.compiled import kernel, sized
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class NonChronologicalMonitor(Monitor):
             previous = np.full_like(top1, -1)  # matches no token: nothing holds over from another block
         else:
             previous = state.previous
-        _update_commits(top1, committed, previous, state.commit, step.step)
+        sized(_update_commits, len(top1))(top1, committed, previous, state.commit, step.step)
         state.previous = top1
         state.block, state.last = step.block, step
         return flags
@@ -136,7 +136,7 @@ class NonChronologicalMonitor(Monitor):
         )]
 
 
-@kernel
+@kernel(gil_free_twin=True)
 def _update_commits(top1, committed, previous, commit, step):
     """A committed position keeps its commit step while its token holds, else commits now; -1 while not committed."""
     for i in range(top1.shape[0]):

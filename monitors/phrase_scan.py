@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from canvaswatch.monitors.base import Vocabulary, lower_keeping_length
-from canvaswatch.monitors.compiled import kernel, prefetch
+from canvaswatch.monitors.compiled import kernel, prefetch, sized
 
 MAX_CODES = 255  # codes are bytes; 0 stands for every character outside the phrases
 MAX_TABLE = 1 << 22  # states x (codes + 1) int32 entries: 16 MB
@@ -58,7 +58,7 @@ class CompiledScan:
         room = 64  # per call, not per scanner: streams may scan at once on other threads
         while True:
             ends, keys = np.empty(room, dtype=np.int64), np.empty(room, dtype=np.int64)
-            count = _scan(ids, self.starts, self.codes, self.delta, self.out_start, self.out_key, ends, keys)
+            count = sized(_scan, len(ids))(ids, self.starts, self.codes, self.delta, self.out_start, self.out_key, ends, keys)
             if count < 0:
                 raise IndexError(f"token id outside the vocabulary [0, {len(self.starts) - 1})")
             if count <= room:
@@ -203,7 +203,7 @@ def _piece_codes(pieces: Sequence[str], code_of: dict[str, int]) -> tuple[np.nda
 _AHEAD_OFFSETS, _AHEAD_CODES = 16, 8
 
 
-@kernel
+@kernel(gil_free_twin=True)
 def _scan(ids, starts, codes, delta, out_start, out_key, hits_end, hits_key):
     """Walk the tokens' codes through the automaton; returns the hit count (-1: an id outside the table)."""
     count_ids = ids.shape[0]

@@ -44,7 +44,7 @@ import numpy as np
 import structlog
 
 from canvaswatch.monitors.base import DecodedStep, Vocabulary
-from canvaswatch.monitors.compiled import kernel, prefetch
+from canvaswatch.monitors.compiled import is_large, kernel, prefetch
 from canvaswatch.monitors.phrase_scan import CompiledScan, TextScan, vocabulary_pieces
 
 log = structlog.get_logger(__name__)
@@ -434,17 +434,22 @@ def _lattice_hits(ids: np.ndarray, probs: np.ndarray, lattice: _Lattice,
                   threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """(start position, sequence number) of every sequence whose tokens are kept at consecutive positions."""
     room = 64  # per call: streams may match at once on other threads
+    walk, active, stamp, next_stamp = _walk_lattice, lattice.active, lattice.stamp, lattice.next_stamp
+    if is_large(len(ids)):
+        # The GIL-free twin may run beside another stream's walk: it gets scratch of its own, not the lattice's.
+        walk, nodes = _walk_lattice.gil_free, len(lattice.stamp)
+        active, stamp, next_stamp = np.empty(2 * nodes, np.int64), np.full(nodes, -1, np.int64), np.zeros(1, np.int64)
     while True:
         starts, sequences = np.empty(room, dtype=np.int64), np.empty(room, dtype=np.int64)
-        count = _walk_lattice(ids, probs, threshold, lattice.column_of, lattice.child_start, lattice.child_column,
-                              lattice.child_node, lattice.depth, lattice.out_start, lattice.out_sequence,
-                              lattice.active, lattice.stamp, lattice.next_stamp, starts, sequences)
+        count = walk(ids, probs, threshold, lattice.column_of, lattice.child_start, lattice.child_column,
+                     lattice.child_node, lattice.depth, lattice.out_start, lattice.out_sequence,
+                     active, stamp, next_stamp, starts, sequences)
         if count <= room:
             return starts[:count], sequences[:count]
         room = count  # a canvas full of watched phrases: walk again with room for every hit
 
 
-@kernel
+@kernel(gil_free_twin=True)
 def _walk_lattice(ids, probs, threshold, column_of, child_start, child_column, child_node, depth, out_start,
                   out_sequence, active, stamp, next_stamp, hits_start, hits_sequence):
     """Walk the canvas's kept pattern tokens through the trie; returns the hit count.

@@ -65,7 +65,7 @@ from typing import ClassVar
 import numpy as np
 
 from canvaswatch.monitors.canvas_ops import contiguous_spans
-from canvaswatch.monitors.compiled import kernel
+from canvaswatch.monitors.compiled import kernel, sized
 from canvaswatch.monitors.base import DecodedStep, Evidence, Flag, Monitor, RequestMeta, Severity
 
 
@@ -152,12 +152,12 @@ class SelfCorrectionMonitor(Monitor):
         if step.accepted is not None:
             if step.argmax_ids is not None:
                 top1 = step.argmax_ids.astype(top1.dtype, copy=False)
-            flips = _advance_accepted(top1, prob, step.accepted, step.step, ratio, p.hold_prob, p.crowd_prob,
+            flips = sized(_advance_accepted, len(top1))(top1, prob, step.accepted, step.step, ratio, p.hold_prob, p.crowd_prob,
                                       p.min_crowd, state.previous, state.settled, state.settled_token,
                                       state.settled_step, state.changed_step, state.held_by, state.flipped,
                                       state.flipped_from, state.flipped_since, state.flipped_held_by)
         else:
-            flips = _advance(top1, prob, step.step, p.settle_prob, p.flip_prob, p.settle_steps, ratio,
+            flips = sized(_advance, len(top1))(top1, prob, step.step, p.settle_prob, p.flip_prob, p.settle_steps, ratio,
                              p.hold_prob, p.crowd_prob, p.min_crowd, state.previous, state.run, state.settled,
                              state.settled_token, state.settled_step, state.changed_step, state.held_by,
                              state.flipped, state.flipped_from, state.flipped_since, state.flipped_held_by)
@@ -247,7 +247,7 @@ def _stand_out_level(prob, drafting, hold_ratio, hold_prob, crowd_prob, min_crow
     return max(hold_prob, hold_ratio * total / n)
 
 
-@kernel
+@kernel(gil_free_twin=True)
 def _advance(top1, prob, step, settle_prob, flip_prob, settle_steps, hold_ratio, hold_prob, crowd_prob, min_crowd,
              previous, run, settled, settled_token, settled_step, changed_step, held_by, flipped, flipped_from,
              flipped_since, flipped_held_by):
@@ -293,7 +293,7 @@ def _advance(top1, prob, step, settle_prob, flip_prob, settle_steps, hold_ratio,
     return flips
 
 
-@kernel
+@kernel(gil_free_twin=True)
 def _advance_accepted(token, prob, accepted, step, hold_ratio, hold_prob, crowd_prob, min_crowd, previous, settled,
                       settled_token, settled_step, changed_step, held_by, flipped, flipped_from, flipped_since,
                       flipped_held_by):

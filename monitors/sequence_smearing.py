@@ -25,7 +25,7 @@ import numpy as np
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, Flag, Monitor, RequestMeta, Severity
 from canvaswatch.monitors.canvas_ops import OffsetRuns, sorted_members
-from canvaswatch.monitors.compiled import kernel
+from canvaswatch.monitors.compiled import kernel, sized
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class SequenceSmearingMonitor(Monitor):
         p = self.params
         top1, prob = step.ids_np[:, 0], step.probs_np[:, 0]
         state.begin_step(step.block, p.max_shift, step.canvas_length)
-        _smear_phrases(top1, prob, self._ignore, p.min_prob, p.max_prob, p.min_length, state.holds)
+        sized(_smear_phrases, len(top1))(top1, prob, self._ignore, p.min_prob, p.max_prob, p.min_length, state.holds)
         fires = state.advance(p.min_steps)
         if not fires:
             return []
@@ -87,7 +87,7 @@ class SequenceSmearingMonitor(Monitor):
         )
 
 
-@kernel
+@kernel(gil_free_twin=True)
 def _smear_phrases(top1, prob, ignore, min_prob, max_prob, min_length, holds):
     """holds[s - 1, q]: the phrase at q..q+m-1 stands again at shift s, undecided, not one token repeated."""
     length = top1.shape[0]

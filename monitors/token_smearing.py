@@ -25,7 +25,7 @@ import numpy as np
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, Flag, Monitor, RequestMeta, Severity
 from canvaswatch.monitors.canvas_ops import OffsetRuns, sorted_members
-from canvaswatch.monitors.compiled import kernel
+from canvaswatch.monitors.compiled import kernel, sized
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class TokenSmearingMonitor(Monitor):
         state.begin_step(step.block, p.max_distance, step.canvas_length)
         # slots[o, i]: the kept slots (at i, at i + o + 1) of the first shared token found, for evidence
         slots = np.empty((p.max_distance, step.canvas_length, 2), dtype=np.int64)
-        _smear_pairs(step.ids_np, step.probs_np, self._ignore, p.min_share, p.max_prob, state.holds, slots)
+        sized(_smear_pairs, step.canvas_length)(step.ids_np, step.probs_np, self._ignore, p.min_share, p.max_prob, state.holds, slots)
         fires = state.advance(p.min_steps)
         if not fires:
             return []
@@ -92,7 +92,7 @@ class TokenSmearingMonitor(Monitor):
         )
 
 
-@kernel
+@kernel(gil_free_twin=True)
 def _smear_pairs(ids, probs, ignore, min_share, max_prob, holds, slots):
     """holds[o, i]: positions i and i + o + 1 share a kept token at this step (its slots into `slots`)."""
     length, k = ids.shape

@@ -19,7 +19,7 @@ import torch
 
 from canvaswatch.client.tensors import TensorFormatError, decode_array, decode_tensor
 from canvaswatch.monitors.base import DecodedStep, Vocabulary
-from canvaswatch.monitors.compiled import kernel
+from canvaswatch.monitors.compiled import kernel, sized
 from canvaswatch.server.errors import Refusal, StepError, invalid
 from canvaswatch.server.bottleneck.contract import Decoder
 from canvaswatch.server.bottleneck.sampler_signals import read_sampler_fields
@@ -38,7 +38,7 @@ MAX_ABS_HIDDEN = 1e5
 _SORTED, _UNSORTED, _INVALID = 0, 1, 2
 
 
-@kernel
+@kernel(gil_free_twin=True)
 def _check_topk(ids, probs, vocab_size, max_sum, ids_out, probs_out, residual, residual_sum):
     """Validate a top-k state and copy it out: _SORTED, _UNSORTED (valid, not most probable first) or _INVALID.
 
@@ -152,7 +152,7 @@ class StepDecoder:
         probs = np.empty(p.shape, dtype=np.float32)
         residual = np.empty(i.shape[0], dtype=np.float32)
         residual_sum = np.zeros(1, dtype=np.float64)
-        verdict = _check_topk(i, p, self.vocab.size, 1 + PROB_SUM_SLACK, ids, probs, residual, residual_sum)
+        verdict = sized(_check_topk, i.shape[0])(i, p, self.vocab.size, 1 + PROB_SUM_SLACK, ids, probs, residual, residual_sum)
         if verdict == _INVALID:
             self._refuse_topk(i, p, where)
         if verdict == _UNSORTED:

@@ -17,6 +17,7 @@ import torch
 
 from canvaswatch.client.tensors import encode_tensor
 from canvaswatch.monitors.base import FinalCanvas, Flag, Monitor, Vocabulary
+from canvaswatch.monitors.compiled import compile_twins
 from canvaswatch.monitors.phrases import link_phrase_matchers
 from canvaswatch.monitors.registry import describe_params
 from canvaswatch.server.ops.audit import AuditLog
@@ -87,8 +88,8 @@ class Engine:
         """Run the top-k path once on a synthetic request, off the books, before serving.
 
         The per-step kernels are compiled on first use (~0.5 s each on a machine that has not
-        cached them yet) and the phrase scan builds its table per vocabulary: done here, no
-        request waits for it. Nothing is counted, logged or kept; a monitor that fails on the
+        cached them yet), with their GIL-free twins, and the phrase scan builds its table per
+        vocabulary: done here, no request waits for it. Nothing is counted, logged or kept; a monitor that fails on the
         synthetic canvas is left to fail (and be isolated) on real ones.
         """
         length, k = 16, 4
@@ -110,6 +111,9 @@ class Engine:
         # The final canvas's text (finish decodes the output ids): otherwise the text kernel is first loaded
         # (~10 ms from the disk cache, ~0.5 s to compile without one) inside the first request's final message.
         self.vocab.decode(tuple(int(token) for token in ids[:, 0]))
+        # The GIL-free twins large canvases use (monitors/compiled.py): compiled now, not by the first huge step
+        # while it holds the GIL.
+        compile_twins()
 
     def open(self, info: pb.RequestInfo, where: str, keep_history: bool = False) -> Session:
         meta = request_meta(info, where, self.config.server.max_prompt_ids)

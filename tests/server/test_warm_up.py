@@ -53,3 +53,28 @@ def test_warm_up_compiles_the_text_kernel_for_the_final_canvas_too(tmp_path):
     layouts = done.stdout.strip().splitlines()[-1]
     # the final message's output ids arrive contiguous (finish decodes them): ready before the first request
     assert "array(int64, 1d, C)" in layouts, layouts
+
+
+def test_warm_up_compiles_the_gil_free_twins_for_the_signatures_it_used(tmp_path):
+    # A huge canvas runs the kernels' GIL-free twins (monitors/compiled.py); compiling one inside a request
+    # would hold the GIL for ~0.5 s. In a fresh process, for the same reason as above.
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "from canvaswatch.monitors import compiled\n"
+        "from canvaswatch.server.bottleneck import vocab as v\n"
+        "from canvaswatch.server.bottleneck.dense import DenseDecoder\n"
+        "from canvaswatch.server.config import default_config\n"
+        "from canvaswatch.server.pipeline.engine import Engine\n"
+        "vocab = v.load_vocabulary()\n"
+        "Engine(default_config(), vocab, dense=DenseDecoder(None, vocab.size)).warm_up()\n"
+        "for kernel, twin in compiled._twins:\n"
+        "    print(kernel.__name__, len(kernel.signatures), sorted(map(str, kernel.signatures)) == sorted(map(str, twin.signatures)),"
+        " twin.targetoptions.get('nogil'))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.strip().splitlines()}
+    for name in ("_check_topk", "_walk_lattice", "_scan", "_smear_pairs", "_smear_phrases", "advance_runs",
+                 "_update_commits", "_advance"):
+        used, same, nogil = rows[name]
+        assert int(used) >= 1 and same == "True" and nogil == "True", (name, rows[name])
