@@ -159,18 +159,21 @@ def _wait_until(condition, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def test_a_slow_monitor_is_stopped_named_and_counted_and_the_others_keep_flagging(vocab, tmp_path, slow_plugins):
+@pytest.mark.parametrize("call", ["watch", "check"])
+def test_a_slow_monitor_is_stopped_named_and_counted_and_the_others_keep_flagging(vocab, tmp_path, slow_plugins, call):
+    # Watch streams the trace; Check runs it whole on one step thread, under the same budgets and strikes.
     running = start_sidecar(vocab, tmp_path, {
         "server": {"monitor_budget_ms": 20.0, "monitor_budget_strikes": 2, "monitor_budget_hard_ms": 5000.0},
         "monitors": {"sleepy": {"request_prefix": "slow", "seconds": 0.1}, "lexicon": {}},
     })
+    send = replay if call == "watch" else _check
     try:
         with running.channel() as channel:
-            slow = replay(_trace(vocab, "slow-1"), channel)
-            fast = replay(_trace(vocab, "fast-1"), channel)
+            slow = send(_trace(vocab, "slow-1"), channel)
+            fast = send(_trace(vocab, "fast-1"), channel)
         [error] = slow.monitor_errors
         assert error.startswith("sleepy: stopped for this request (over_budget)")
-        assert fast.monitor_errors == []
+        assert list(fast.monitor_errors) == []
         assert 'canvaswatch_monitors_stopped_total{monitor="sleepy",reason="over_budget"} 1.0' in running.metrics_text()
     finally:
         running.thread.stop()
@@ -240,24 +243,8 @@ def test_a_runaway_monitor_in_a_worker_gets_the_worker_killed_and_replaced(vocab
 
 # --- Check: a whole trace on one step thread, under the same budgets and hard deadline ------------
 
-def _check(channel, trace, timeout: float = 60.0):
+def _check(trace, channel, timeout: float = 60.0):
     return pb_grpc.CanvasMonitorStub(channel).Check(trace, timeout=timeout)
-
-
-def test_check_applies_the_budget_strikes_like_watch(vocab, tmp_path, slow_plugins):
-    running = start_sidecar(vocab, tmp_path, {
-        "server": {"monitor_budget_ms": 20.0, "monitor_budget_strikes": 2, "monitor_budget_hard_ms": 5000.0},
-        "monitors": {"sleepy": {"request_prefix": "slow", "seconds": 0.1}, "lexicon": {}},
-    })
-    try:
-        with running.channel() as channel:
-            slow, fast = _check(channel, _trace(vocab, "slow-c")), _check(channel, _trace(vocab, "fast-c"))
-        [error] = slow.monitor_errors
-        assert error.startswith("sleepy: stopped for this request (over_budget)")
-        assert list(fast.monitor_errors) == []
-        assert 'canvaswatch_monitors_stopped_total{monitor="sleepy",reason="over_budget"} 1.0' in running.metrics_text()
-    finally:
-        running.thread.stop()
 
 
 @pytest.mark.parametrize("processes", [0, 1], ids=["in_process", "worker_mode"])
@@ -274,13 +261,13 @@ def test_a_runaway_monitor_in_check_ends_the_call_and_health_says_so_until_it_re
         with running.channel() as channel:
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as refused:
-                _check(channel, _trace(vocab, "loop-c"))
+                _check(_trace(vocab, "loop-c"), channel)
             assert time.monotonic() - started < 30  # the watchdog, not the client's deadline, ended it
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             details = refused.value.details()
             assert details.startswith("Check: monitor 'runaway' ran ") and "server.monitor_hard_deadline_s = 1:" in details
             assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING  # a thread is stuck
-            assert _check(channel, _trace(vocab, "meanwhile-c")).steps_seen > 0  # the rest still serve
+            assert _check(_trace(vocab, "meanwhile-c"), channel).steps_seen > 0  # the rest still serve
             assert replay(_trace(vocab, "meanwhile-w"), channel).steps_seen > 0
             metrics = running.metrics_text()
             assert 'canvaswatch_monitors_stopped_total{monitor="runaway",reason="hard_deadline"} 1.0' in metrics
@@ -289,7 +276,7 @@ def test_a_runaway_monitor_in_check_ends_the_call_and_health_says_so_until_it_re
             slow_monitors.RELEASE.set()  # the call returns after all: the thread leaves, health recovers
             _wait_until(lambda: _health(channel) == health_pb2.HealthCheckResponse.SERVING)
             assert "canvaswatch_stuck_step_threads 0.0" in running.metrics_text()
-            assert _check(channel, _trace(vocab, "after-c")).steps_seen > 0
+            assert _check(_trace(vocab, "after-c"), channel).steps_seen > 0
     finally:
         running.thread.stop()
 
