@@ -1,32 +1,12 @@
-"""Small tensor helpers the canvas monitors share (ranks, runs, id masks, spans)."""
+"""Small helpers the canvas monitors share (runs, id sets, spans)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from canvaswatch.monitors.compiled import kernel, sized
-
-
-def average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks 0..n-1 with ties given their average rank (what Spearman's rho needs)."""
-    unique, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    return (starts.float() + (counts.float() - 1) / 2)[inverse]
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman rank correlation of two 1-D tensors (0 when either is constant)."""
-    rx, ry = average_ranks(x), average_ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denominator = float(torch.sqrt((rx * rx).sum() * (ry * ry).sum()))
-    return float((rx * ry).sum()) / denominator if denominator > 0 else 0.0
-
-
-def isin(ids: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-    return torch.isin(ids, members) if members.numel() else torch.zeros_like(ids, dtype=torch.bool)
 
 
 def contiguous_spans(positions: list[int]) -> list[list[int]]:

@@ -21,7 +21,9 @@ Hard negatives it excludes: ordinary left-to-right settling with jitter (rho
 stays high, no lead), early-settling padding (ignored ids).
 
 State per request: the [L] commit steps and the last step, reset per block; each step is one
-compiled pass (`_update_commits`), the judgement at the block's end uses torch.
+compiled pass (`_update_commits`), and so is each part of the judgement at the block's end
+(`_commit_order`, `_rank_correlation`: in float64; as ~20 torch calls it cost 0.35-0.7 ms a block,
+8-18 us a step at 48 steps a block).
 """
 
 from __future__ import annotations
@@ -30,10 +32,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
-import torch
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, Monitor, RequestMeta, Severity
-from canvaswatch.monitors.canvas_ops import isin, spearman
+from canvaswatch.monitors.canvas_ops import sorted_members
 from canvaswatch.monitors.compiled import kernel, sized
 
 
@@ -81,7 +82,7 @@ class NonChronologicalMonitor(Monitor):
     def __init__(self, params: NonChronologicalParams) -> None:
         super().__init__(params)
         self.severity = Severity.parse(params.severity)
-        self._ignore = torch.tensor(params.ignore_ids, dtype=torch.long)
+        self._ignore = sorted_members(params.ignore_ids)
 
     def start(self, request: RequestMeta) -> NonChronologicalState:
         return NonChronologicalState()
@@ -111,17 +112,18 @@ class NonChronologicalMonitor(Monitor):
 
     def _judge(self, state: NonChronologicalState) -> list[Flag]:
         p, last = self.params, state.last
-        commit = torch.from_numpy(state.commit)
-        positions = ((commit >= 0) & ~isin(torch.from_numpy(state.previous), self._ignore)).nonzero().flatten()
-        if positions.numel() < p.min_positions:
+        length = len(state.commit)
+        positions, commits = np.empty(length, dtype=np.int64), np.empty(length, dtype=np.int64)
+        count = _commit_order(state.commit, state.previous, self._ignore, positions, commits)
+        if count < p.min_positions:
             return []
-        commits = commit[positions]
-        if bool((commits == commits[0]).all()):
+        positions, commits = positions[:count], commits[:count]
+        if commits.min() == commits.max():
             return []
-        rho = spearman(positions.float(), commits.float())
-        split = max(1, int(round(positions.numel() * (1 - p.late_fraction))))
+        rho = float(_rank_correlation(commits))
+        split = max(1, int(round(count * (1 - p.late_fraction))))
         early, late = commits[:split], commits[split:]
-        lead = float(early.float().median() - late.float().median()) if late.numel() else 0.0
+        lead = float(_lower_median(early) - _lower_median(late)) if len(late) else 0.0
         if lead < p.min_lead_steps and rho >= p.min_rank_corr:
             return []
         late_positions = positions[split:].tolist()
@@ -130,10 +132,66 @@ class NonChronologicalMonitor(Monitor):
             self.severity,
             f"block {state.block}: commit order far from left to right (rho {rho:.2f}); "
             f"the last {len(late_positions)} positions committed {lead:.0f} steps before the rest",
-            Evidence(state.block, int(late.min()) if late.numel() else last.step, tuple(late_positions), snippet),
+            Evidence(state.block, int(late.min()) if len(late) else last.step, tuple(late_positions), snippet),
             score=(1.0 - rho) / 2.0,
-            rank_correlation=f"{rho:.3f}", lead_steps=f"{lead:.1f}", committed_positions=positions.numel(),
+            rank_correlation=f"{rho:.3f}", lead_steps=f"{lead:.1f}", committed_positions=count,
         )]
+
+
+def _lower_median(values: np.ndarray) -> int:
+    """The lower of the two middle values for an even count (what torch.median gave before)."""
+    return int(np.partition(values, (len(values) - 1) // 2)[(len(values) - 1) // 2])
+
+
+@kernel
+def _commit_order(commit, previous, ignore, positions, commits):
+    """Fill positions/commits with the committed positions whose token is not in `ignore` (sorted), left to
+    right, and their commit steps; returns how many."""
+    count = 0
+    for i in range(commit.shape[0]):
+        if commit[i] < 0:
+            continue
+        token = previous[i]
+        low, high = 0, ignore.shape[0]
+        while low < high:
+            middle = (low + high) // 2
+            if ignore[middle] < token:
+                low = middle + 1
+            else:
+                high = middle
+        if low < ignore.shape[0] and ignore[low] == token:
+            continue
+        positions[count] = i
+        commits[count] = commit[i]
+        count += 1
+    return count
+
+
+@kernel
+def _rank_correlation(commits):
+    """Spearman's rho between position order and commit step: the positions are distinct and increasing,
+    so their ranks are 0..n-1; tied commit steps share their average rank. 0 when either is constant."""
+    n = commits.shape[0]
+    order = np.argsort(commits, kind="mergesort")
+    ranks = np.empty(n, dtype=np.float64)
+    start = 0
+    while start < n:
+        stop = start + 1
+        while stop < n and commits[order[stop]] == commits[order[start]]:
+            stop += 1
+        average = start + (stop - start - 1) / 2.0
+        for j in range(start, stop):
+            ranks[order[j]] = average
+        start = stop
+    mean = (n - 1) / 2.0  # of both rank vectors: average ranks keep the sum
+    sxy, sxx, syy = 0.0, 0.0, 0.0
+    for i in range(n):
+        dx, dy = i - mean, ranks[i] - mean
+        sxy += dx * dy
+        sxx += dx * dx
+        syy += dy * dy
+    denominator = np.sqrt(sxx * syy)
+    return sxy / denominator if denominator > 0 else 0.0
 
 
 @kernel(gil_free_twin=True)
