@@ -94,15 +94,18 @@ class Engine:
         """
         length, k = 16, 4
         ids = (torch.arange(length * k, dtype=torch.int32).reshape(length, k) * 7919) % self.vocab.size
-        probs = torch.tensor([0.85, 0.1, 0.03, 0.0]).repeat(length, 1)
-        message = pb.StepState(topk=pb.TopK(ids=encode_tensor(ids), probs=encode_tensor(probs)))
+        settled = torch.tensor([0.85, 0.1, 0.03, 0.0]).repeat(length, 1)
+        drafting = settled.clone()
+        drafting[length // 2:] = torch.tensor([0.3, 0.2, 0.1, 0.0])  # half the canvas settles a step later:
+        # an order to judge (non_chronological's block-end kernels run too)
+        messages = [pb.StepState(step=number, topk=pb.TopK(ids=encode_tensor(ids), probs=encode_tensor(probs)))
+                    for number, probs in enumerate((drafting, settled))]
         decoder = StepDecoder(self.vocab, Metrics(), self.dense)
         meta = request_meta(pb.RequestInfo(request_id="warm-up", canvas_length=length), "info")
         for monitor in self.monitors:
             try:
                 state = monitor.start(meta)
-                for number in range(2):
-                    message.step = number
+                for number, message in enumerate(messages):
                     step = decoder.decode(message, length, "warm-up")
                     monitor.on_step(state, dataclasses.replace(step, new_block=True) if number == 0 else step)
                 monitor.on_finish(state, FinalCanvas(output_ids=(), text="", steps_seen=2, steps_dropped=0))

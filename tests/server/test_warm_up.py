@@ -55,7 +55,7 @@ def test_warm_up_compiles_the_text_kernel_for_the_final_canvas_too(tmp_path):
     assert "array(int64, 1d, C)" in layouts, layouts
 
 
-def test_warm_up_compiles_the_gil_free_twins_for_the_signatures_it_used(tmp_path):
+def test_warm_up_compiles_the_gil_free_twins_and_the_block_end_kernels(tmp_path):
     # A huge canvas runs the kernels' GIL-free twins (monitors/compiled.py); compiling one inside a request
     # would hold the GIL for ~0.5 s. In a fresh process, for the same reason as above.
     script = tmp_path / "probe.py"
@@ -67,6 +67,8 @@ def test_warm_up_compiles_the_gil_free_twins_for_the_signatures_it_used(tmp_path
         "from canvaswatch.server.pipeline.engine import Engine\n"
         "vocab = v.load_vocabulary()\n"
         "Engine(default_config(), vocab, dense=DenseDecoder(None, vocab.size)).warm_up()\n"
+        "from canvaswatch.monitors import non_chronological as nc\n"
+        "print('judge', len(nc._commit_order.signatures), len(nc._rank_correlation.signatures), 'x')\n"
         "for kernel, twin in compiled._twins:\n"
         "    print(kernel.__name__, len(kernel.signatures), sorted(map(str, kernel.signatures)) == sorted(map(str, twin.signatures)),"
         " twin.targetoptions.get('nogil'))\n"
@@ -74,6 +76,8 @@ def test_warm_up_compiles_the_gil_free_twins_for_the_signatures_it_used(tmp_path
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.strip().splitlines()}
+    # non_chronological's block-end judgement: the warm-up canvas has an order to judge, so both kernels ran
+    assert rows["judge"][:2] == ["1", "1"], rows["judge"]
     for name in ("_check_topk", "_walk_lattice", "_scan", "_smear_pairs", "_smear_phrases", "advance_runs",
                  "_update_commits", "_advance"):
         used, same, nogil = rows[name]
