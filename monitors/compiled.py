@@ -17,9 +17,9 @@ less than handing the GIL to another thread and getting it back costs (with
 every kernel releasing it, the throughput benchmark ran 6-25% slower with 8
 streams, L = 256-1024). A canvas of LARGE_CANVAS positions or more is another
 matter: at L = 65,536 one kernel runs for 1-3 ms, a step's kernels ~8 ms, and
-holding the GIL through them stalls every other stream's threads (a normal
-client's p99 under the abuse benchmark's huge steps: 75-87 ms held, 50-51 ms
-released). So a kernel declared with `gil_free_twin=True` gets a twin compiled
+holding the GIL through them stalls every other stream's threads (bench/gil_hold.py:
+an ordinary stream's step p99 beside such a stream ~20 ms held, ~2 ms released;
+BENCHMARKS.md). So a kernel declared with `gil_free_twin=True` gets a twin compiled
 with nogil, and its caller picks one by size: `sized(kernel, L)(...)`. A twin
 runs without the GIL, possibly beside the same kernel on another thread, so it
 must write only arrays of its own call or of its own request (never a table
