@@ -36,8 +36,9 @@ def test_warm_up_builds_the_phrase_tables_and_leaves_no_trace(vocab, tmp_path):
     engine.close()
 
 
-def test_warm_up_compiles_the_text_kernel_for_the_final_canvas_too(tmp_path):
-    # In a fresh process: the kernel's compiled specialisations are process-wide, and other tests fill them.
+def _probe_after_warm_up(tmp_path, probe: str) -> list[str]:
+    """stdout lines of `probe` (Python, with `v` the vocab module) run after a default engine's warm-up, in a fresh
+    process: the kernels' compiled specialisations are process-wide, and other tests fill them."""
     script = tmp_path / "probe.py"
     script.write_text(
         "from canvaswatch.server.bottleneck import vocab as v\n"
@@ -46,36 +47,33 @@ def test_warm_up_compiles_the_text_kernel_for_the_final_canvas_too(tmp_path):
         "from canvaswatch.server.pipeline.engine import Engine\n"
         "vocab = v.load_vocabulary()\n"
         "Engine(default_config(), vocab, dense=DenseDecoder(None, vocab.size)).warm_up()\n"
-        "print(sorted(str(signature[0]) for signature in v._gather_pieces.signatures))\n"
+        + probe
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    layouts = done.stdout.strip().splitlines()[-1]
+    return done.stdout.strip().splitlines()
+
+
+def test_warm_up_compiles_the_text_kernel_for_the_final_canvas_too(tmp_path):
+    layouts = _probe_after_warm_up(
+        tmp_path, "print(sorted(str(signature[0]) for signature in v._gather_pieces.signatures))\n")[-1]
     # the final message's output ids arrive contiguous (finish decodes them): ready before the first request
     assert "array(int64, 1d, C)" in layouts, layouts
 
 
 def test_warm_up_compiles_the_gil_free_twins_and_the_block_end_kernels(tmp_path):
     # A huge canvas runs the kernels' GIL-free twins (monitors/compiled.py); compiling one inside a request
-    # would hold the GIL for ~0.5 s. In a fresh process, for the same reason as above.
-    script = tmp_path / "probe.py"
-    script.write_text(
+    # would hold the GIL for ~0.5 s.
+    lines = _probe_after_warm_up(
+        tmp_path,
         "from canvaswatch.monitors import compiled\n"
-        "from canvaswatch.server.bottleneck import vocab as v\n"
-        "from canvaswatch.server.bottleneck.dense import DenseDecoder\n"
-        "from canvaswatch.server.config import default_config\n"
-        "from canvaswatch.server.pipeline.engine import Engine\n"
-        "vocab = v.load_vocabulary()\n"
-        "Engine(default_config(), vocab, dense=DenseDecoder(None, vocab.size)).warm_up()\n"
         "from canvaswatch.monitors import non_chronological as nc\n"
         "print('judge', len(nc._commit_order.signatures), len(nc._rank_correlation.signatures), 'x')\n"
         "for kernel, twin in compiled._twins:\n"
         "    print(kernel.__name__, len(kernel.signatures), sorted(map(str, kernel.signatures)) == sorted(map(str, twin.signatures)),"
-        " twin.targetoptions.get('nogil'))\n"
+        " twin.targetoptions.get('nogil'))\n",
     )
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.strip().splitlines()}
+    rows = {line.split()[0]: line.split()[1:] for line in lines}
     # non_chronological's block-end judgement: the warm-up canvas has an order to judge, so both kernels ran
     assert rows["judge"][:2] == ["1", "1"], rows["judge"]
     for name in ("_check_topk", "_walk_lattice", "_scan", "_smear_pairs", "_smear_phrases", "advance_runs",
