@@ -152,15 +152,17 @@ class SelfCorrectionMonitor(Monitor):
         if step.accepted is not None:
             if step.argmax_ids is not None:
                 top1 = step.argmax_ids.astype(top1.dtype, copy=False)
-            flips = sized(_advance_accepted, len(top1))(top1, prob, step.accepted, step.step, ratio, p.hold_prob, p.crowd_prob,
-                                      p.min_crowd, state.previous, state.settled, state.settled_token,
-                                      state.settled_step, state.changed_step, state.held_by, state.flipped,
-                                      state.flipped_from, state.flipped_since, state.flipped_held_by)
+            advance = sized(_advance_accepted, len(top1))
+            flips = advance(top1, prob, step.accepted, step.step, ratio, p.hold_prob, p.crowd_prob,
+                            p.min_crowd, state.previous, state.settled, state.settled_token,
+                            state.settled_step, state.changed_step, state.held_by, state.flipped,
+                            state.flipped_from, state.flipped_since, state.flipped_held_by)
         else:
-            flips = sized(_advance, len(top1))(top1, prob, step.step, p.settle_prob, p.flip_prob, p.settle_steps, ratio,
-                             p.hold_prob, p.crowd_prob, p.min_crowd, state.previous, state.run, state.settled,
-                             state.settled_token, state.settled_step, state.changed_step, state.held_by,
-                             state.flipped, state.flipped_from, state.flipped_since, state.flipped_held_by)
+            advance = sized(_advance, len(top1))
+            flips = advance(top1, prob, step.step, p.settle_prob, p.flip_prob, p.settle_steps, ratio,
+                            p.hold_prob, p.crowd_prob, p.min_crowd, state.previous, state.run, state.settled,
+                            state.settled_token, state.settled_step, state.changed_step, state.held_by,
+                            state.flipped, state.flipped_from, state.flipped_since, state.flipped_held_by)
         if flips or state.pending.any():
             flips = _confirm_stand_outs(state, top1)
         return [self._flag(state, step, top1)] if flips else []

@@ -89,8 +89,8 @@ class Engine:
 
         The per-step kernels are compiled on first use (~0.5 s each on a machine that has not
         cached them yet), with their GIL-free twins, and the phrase scan builds its table per
-        vocabulary: done here, no request waits for it. Nothing is counted, logged or kept; a monitor that fails on the
-        synthetic canvas is left to fail (and be isolated) on real ones.
+        vocabulary: done here, no request waits for it. Nothing is counted, logged or kept; a
+        monitor that fails on the synthetic canvas is left to fail (and be isolated) on real ones.
         """
         length, k = 16, 4
         ids = (torch.arange(length * k, dtype=torch.int32).reshape(length, k) * 7919) % self.vocab.size
