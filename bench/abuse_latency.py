@@ -22,6 +22,12 @@ Abuse rows (the issue's table, those in scope here):
                from the machine, no request sent; what sharing the cores alone costs the normal client
   runaway      (worker mode) 1 client whose request sends a monitor into an infinite loop; the worker
                is killed at server.monitor_hard_deadline_s (5 s here) and replaced
+`--server KEY=VALUE` adds a [server] key to this sidecar's config and `--compare-server KEY=VALUE`
+measures a second one with its own (e.g. `--compare-server max_streams_per_peer=8`).
+Each abuser thread has a connection of its own. The sidecar knows a client by its address, so on
+127.0.0.1 the normal client and the abusers are one client to its per-client limits unless `--tokens`
+gives each side a bearer token of its own (the abuser's threads share one: one bad actor, several
+streams).
 `--compare-python PY` measures a second sidecar (e.g. the commit before, from its worktree) in the
 same run, without the keys it does not know; `--switch-ms` / `--compare-switch-ms` start either
 sidecar with that sys.setswitchinterval (how long a thread running Python keeps the GIL when
@@ -60,7 +66,8 @@ PLUGINS = {"sleepy": "Sleepy", "runaway": "Runaway", "storm": "Storm"}
 
 
 def start_sidecar(workdir: Path, monitor_processes: int, python: str = sys.executable,
-                  new_keys: bool = True, switch_ms: float | None = None, name: str = "this") -> tuple[subprocess.Popen, str]:
+                  new_keys: bool = True, switch_ms: float | None = None, name: str = "this",
+                  server_keys: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     plugins = workdir / "plugins"
     if not plugins.exists():
         dist = plugins / "cw_abuse_monitors-1.0.dist-info"
@@ -74,7 +81,9 @@ def start_sidecar(workdir: Path, monitor_processes: int, python: str = sys.execu
                         "intermediate_context", "transparency"))
     config.write_text(
         "[server]\nmax_message_bytes = 150994944\n"
-        + ("monitor_budget_hard_ms = 2000.0\nmonitor_hard_deadline_s = 5.0\n" if new_keys else "") +
+        + ("monitor_budget_hard_ms = 2000.0\nmonitor_hard_deadline_s = 5.0\n" if new_keys else "")
+        + "".join(f"{line}\n" for line in server_keys)
+        + (f"auth_tokens = {list(TOKENS.values())!r}\n".replace("'", '"') if METADATA["normal"] else "") +
         "[dense]\nembeddings = \"\"\n"
         f"[logging]\naudit_log = \"{workdir}/audit-{monitor_processes}-{name}.jsonl\"\n"
         f"{monitors}[monitors.sleepy]\nrequest_prefix = \"slow\"\nseconds = 2.0\n"
@@ -99,8 +108,17 @@ def start_sidecar(workdir: Path, monitor_processes: int, python: str = sys.execu
     return process, target
 
 
+TOKENS = {"normal": "normal-client-token", "abuser": "abuser-client-token"}
+METADATA: dict[str, tuple] = {"normal": (), "abuser": ()}  # with --tokens: each side's bearer token
+
+
+def use_tokens() -> None:
+    for who, token in TOKENS.items():
+        METADATA[who] = (("authorization", f"Bearer {token}"),)
+
+
 def request(stub, steps: list[pb.StepState], request_id: str, length: int, prompt_ids: int = 0,
-            timeout: float = 120.0) -> pb.Verdict:
+            timeout: float = 120.0, metadata: tuple = ()) -> pb.Verdict:
     def messages():
         for i, step in enumerate(steps):
             if i == 0:
@@ -113,7 +131,7 @@ def request(stub, steps: list[pb.StepState], request_id: str, length: int, promp
                 yield step
         yield pb.StepState(final=True, output_ids=[1000])
 
-    events = list(stub.Watch(messages(), timeout=timeout))
+    events = list(stub.Watch(messages(), metadata=metadata, timeout=timeout))
     return events[-1].verdict
 
 
@@ -123,7 +141,8 @@ class AbuserProcess:
 
     def __init__(self, kind: str, target: str, length: int) -> None:
         self.process = subprocess.Popen([sys.executable, __file__, "--abuse", kind, "--target", target,
-                                         "--length", str(length)], stdout=subprocess.PIPE, text=True)
+                                         "--length", str(length), *(["--tokens"] if METADATA["abuser"] else [])],
+                                        stdout=subprocess.PIPE, text=True)
         self.done = self.failed = 0
 
     def finish(self) -> None:
@@ -175,7 +194,7 @@ class Abuser:
 
             self._gate = gate
             for _ in range(200):
-                self.calls.append(stub.Watch(nothing(), timeout=600))  # returns at once; gRPC reads nothing()
+                self.calls.append(stub.Watch(nothing(), metadata=METADATA["abuser"], timeout=600))  # returns at once; gRPC reads nothing()
             return
         if self.kind == "cpu_hog":
             def spin():
@@ -200,14 +219,16 @@ class Abuser:
             self.threads.append(thread)
 
     def _loop(self, index: int, steps, length: int, prompt_ids: int, prefix: str) -> None:
-        channel = grpc.insecure_channel(self.target, options=channel_options())
+        # a connection of its own, as separate clients have (one process's channels otherwise share one)
+        channel = grpc.insecure_channel(self.target, options=[*channel_options(), ("grpc.use_local_subchannel_pool", 1)])
         self.channels.append(channel)
         stub = pb_grpc.CanvasMonitorStub(channel)
         number = 0
         while not self.stop.is_set():
             number += 1
             try:
-                request(stub, steps, f"{prefix}-{index}-{number}", length, prompt_ids, timeout=60)
+                request(stub, steps, f"{prefix}-{index}-{number}", length, prompt_ids, timeout=60,
+                        metadata=METADATA["abuser"])
                 ok = True
             except grpc.RpcError:
                 ok = False
@@ -234,7 +255,7 @@ def normal_client(target: str, steps, length: int, count: int, label: str) -> tu
     for number in range(count):
         started = time.perf_counter()
         try:
-            request(stub, steps, f"normal-{label}-{number}", length, timeout=60)
+            request(stub, steps, f"normal-{label}-{number}", length, timeout=60, metadata=METADATA["normal"])
         except grpc.RpcError:
             errors += 1  # its time still counts: a request that waited out its deadline is the worst latency
         latencies.append(time.perf_counter() - started)
@@ -279,9 +300,17 @@ def main() -> None:
                         "budget keys too (it knows them)")
     parser.add_argument("--compare-switch-ms", type=float, help="also measure a sidecar (this interpreter unless "
                         "--compare-python) with this sys.setswitchinterval, ms")
+    parser.add_argument("--server", action="append", default=[], metavar="KEY=VALUE",
+                        help="a [server] key for this sidecar's config, TOML (e.g. max_streams_per_peer=8); repeatable")
+    parser.add_argument("--compare-server", action="append", default=[], metavar="KEY=VALUE",
+                        help="also measure a sidecar (this interpreter unless --compare-python) with these [server] keys")
+    parser.add_argument("--tokens", action="store_true", help="the sidecars check bearer tokens, and the normal "
+                        "client and the abuser each have one (an authenticated deployment: one token per client)")
     parser.add_argument("--abuse", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tokens:
+        use_tokens()
     if args.abuse:
         abuse_main(args.abuse, args.target, args.length)
         return
@@ -294,12 +323,15 @@ def main() -> None:
           f"(default profile), default monitors; {os.cpu_count()} cores, everything on this machine")
     print("| round | sidecar | mode | abuse | normal p50 ms | normal p99 ms | p99 / idle p99 | normal errors | abuser requests ok / failed |")
     print("|---|---|---|---|---|---|---|---|---|")
-    sidecars = [("this" + (f" (switch {args.switch_ms:g} ms)" if args.switch_ms is not None else ""),
-                 sys.executable, True, args.switch_ms)]
-    if args.compare_python or args.compare_switch_ms is not None:
-        sidecars.append(("compare" + (f" (switch {args.compare_switch_ms:g} ms)" if args.compare_switch_ms is not None else ""),
+    def label(name: str, switch_ms: float | None, keys: list[str]) -> str:
+        return name + "".join(f" ({part})" for part in
+                              ([f"switch {switch_ms:g} ms"] if switch_ms is not None else []) + keys)
+
+    sidecars = [(label("this", args.switch_ms, args.server), sys.executable, True, args.switch_ms, tuple(args.server))]
+    if args.compare_python or args.compare_switch_ms is not None or args.compare_server:
+        sidecars.append((label("compare", args.compare_switch_ms, args.compare_server),
                          args.compare_python or sys.executable, args.compare_new_keys or not args.compare_python,
-                         args.compare_switch_ms))
+                         args.compare_switch_ms, tuple(args.compare_server)))
     with tempfile.TemporaryDirectory() as tmp:
         for mode in (0, 2):
             mode_rows = [r for r in rows if (r == "runaway") == (mode == 2)]
@@ -307,8 +339,9 @@ def main() -> None:
                 continue
             running = []
             try:
-                for number, (label, python, new_keys, switch_ms) in enumerate(sidecars):
-                    running.append(start_sidecar(Path(tmp), mode, python, new_keys, switch_ms, name=f"s{number}"))
+                for number, (_, python, new_keys, switch_ms, keys) in enumerate(sidecars):
+                    running.append(start_sidecar(Path(tmp), mode, python, new_keys, switch_ms, name=f"s{number}",
+                                                 server_keys=keys))
                 for _, target in running:
                     normal_client(target, steps, args.length, 5, "warm")
                 turn = 0
@@ -320,15 +353,15 @@ def main() -> None:
                             order.reverse()  # A B, B A, ...: drift falls on both
                         turn += 1
                         for index in order:
-                            label, target = sidecars[index][0], running[index][1]
+                            name, target = sidecars[index][0], running[index][1]
                             if kind == "idle":
                                 idle, errors = normal_client(target, steps, args.length, args.requests, "idle")
                                 idle99[index] = p(idle, 0.99)
-                                print(f"| {round_} | {label} | {mode} | none (idle) | {p(idle, 0.5) * 1e3:.1f} | "
+                                print(f"| {round_} | {name} | {mode} | none (idle) | {p(idle, 0.5) * 1e3:.1f} | "
                                       f"{idle99[index] * 1e3:.1f} | 1.00 | {errors} | - |", flush=True)
                                 continue
                             lat, err, abuser = run_row(kind, target, steps, args)
-                            print(f"| {round_} | {label} | {mode} | {kind} | {p(lat, 0.5) * 1e3:.1f} | {p(lat, 0.99) * 1e3:.1f} | "
+                            print(f"| {round_} | {name} | {mode} | {kind} | {p(lat, 0.5) * 1e3:.1f} | {p(lat, 0.99) * 1e3:.1f} | "
                                   f"{p(lat, 0.99) / idle99[index]:.2f} | {err} | {abuser.done} / {abuser.failed} |", flush=True)
                             time.sleep(1.0)
             finally:
