@@ -125,7 +125,7 @@ class Sidecar:
                  metrics_host=metrics_host,
                  monitors=[m.name for m in self.engine.monitors], vocab_size=self.vocab.size,
                  tls="mutual" if s.tls_client_ca else "on" if s.tls_cert else "off",
-                 monitor_processes=s.monitor_processes)
+                 monitor_processes=s.monitor_processes, audit_log=self.config.logging.audit_log or "off")
         return self.grpc_port
 
     async def wait(self) -> None:
