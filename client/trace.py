@@ -36,6 +36,9 @@ def read_traces(path: str | Path) -> Iterator[pb.Trace]:
         while True:
             length = _read_varint(source, path, index)
             if length is None:
+                if index == 0:  # nothing to check, replay or score: say so rather than succeed silently
+                    raise TraceFileError(f"{path}: holds no trace (an empty file); `canvaswatch simulate` and "
+                                         f"`canvaswatch import` write .cwtrace files")
                 return
             if length > MAX_RECORD_BYTES:
                 raise TraceFileError(f"{path}: record {index} declares {length} bytes, more than a trace may hold")
@@ -46,7 +49,9 @@ def read_traces(path: str | Path) -> Iterator[pb.Trace]:
             try:
                 trace.ParseFromString(data)
             except Exception as err:
-                raise TraceFileError(f"{path}: record {index} is not a canvaswatch.v1.Trace: {err}") from None
+                hint = (" (is it a .cwtrace? a capture such as ../shared/real/clean.json is converted with "
+                        "`canvaswatch import`)") if index == 0 else ""
+                raise TraceFileError(f"{path}: record {index} is not a canvaswatch.v1.Trace: {err}{hint}") from None
             yield trace
             index += 1
 

@@ -131,11 +131,19 @@ class NonChronologicalMonitor(Monitor):
         return [self.flag(
             self.severity,
             f"block {state.block}: commit order far from left to right (rho {rho:.2f}); "
-            f"the last {len(late_positions)} positions committed {lead:.0f} steps before the rest",
+            f"the last {len(late_positions)} positions committed {_lead_text(lead)}",
             Evidence(state.block, int(late.min()) if len(late) else last.step, tuple(late_positions), snippet),
             score=(1.0 - rho) / 2.0,
             rank_correlation=f"{rho:.3f}", lead_steps=f"{lead:.1f}", committed_positions=count,
         )]
+
+
+def _lead_text(lead: float) -> str:
+    """How the last part's median commit step stands to the rest's, in words (lead > 0: earlier)."""
+    steps = abs(round(lead))
+    if steps == 0:
+        return "at the same median step as the rest"
+    return f"{steps} step{'s' if steps != 1 else ''} {'before' if lead > 0 else 'after'} the rest"
 
 
 def _lower_median(values: np.ndarray) -> int:

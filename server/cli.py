@@ -25,6 +25,7 @@ from canvaswatch.server.bottleneck.vocab import VocabularyError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="canvaswatch", description="Monitor sidecar for diffusion language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC sidecar")
@@ -41,17 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="a sidecar on its defaults plus simulated traffic, to see it work")
     demo.add_argument("--requests", type=int, default=None,
                       help="simulated requests to stream (default: every scenario once)")
-    demo.add_argument("--concurrency", type=int, default=4)
-    demo.add_argument("--grpc-port", type=int, default=50051)
-    demo.add_argument("--metrics-port", type=int, default=9464)
+    demo.add_argument("--concurrency", type=int, default=4, help="requests streamed at once (default: 4)")
+    demo.add_argument("--grpc-port", type=int, default=50051, help="the demo sidecar's gRPC port (default: 50051)")
+    demo.add_argument("--metrics-port", type=int, default=9464, help="its /metrics port (default: 9464)")
     demo.add_argument("--serve-after", action="store_true", help="keep the sidecar up after the traffic (Ctrl-C to stop)")
     demo.add_argument("--profile", default=None,
                       help="simulated dynamics: default, hot, high_entropy or default_noise_drafts "
                            "(default: default_noise_drafts, what the labelled corpus uses)")
 
     check = sub.add_parser("check", help="run a .cwtrace file through the monitors in-process")
-    check.add_argument("trace")
-    check.add_argument("--config")
+    check.add_argument("trace", help="a .cwtrace file (canvaswatch simulate or import writes them)")
+    check.add_argument("--config", help="TOML config whose monitors run (default: the built-in monitors)")
     check.add_argument("--json", action="store_true", help="print verdicts as JSON lines")
 
     replay = sub.add_parser("replay", help="stream a .cwtrace file to a running sidecar")
@@ -61,20 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--tls-ca", help="PEM CA bundle: connect with TLS, trusting this CA (server.tls_cert's issuer)")
     replay.add_argument("--tls-cert", help="PEM client certificate, for a sidecar with server.tls_client_ca (with --tls-key)")
     replay.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    replay.add_argument("--json", action="store_true")
+    replay.add_argument("--json", action="store_true", help="print verdicts as JSON lines")
 
     record = sub.add_parser("simulate", help="write simulated traces (labelled SIMULATED) to a .cwtrace file")
     record.add_argument("output")
-    record.add_argument("--requests", type=int, default=8)
-    record.add_argument("--seed", type=int, default=0)
+    record.add_argument("--requests", type=int, default=8, help="simulated requests to write (default: 8)")
+    record.add_argument("--seed", type=int, default=0, help="seed of the simulation: same seed, same traces")
     record.add_argument("--corpus", action="store_true",
                         help="the labelled eval corpus: every scenario --per-scenario times (ignores --requests)")
-    record.add_argument("--per-scenario", type=int, default=20)
+    record.add_argument("--per-scenario", type=int, default=20, help="with --corpus: requests per scenario (default: 20)")
     record.add_argument("--profile", default=None,
                         help="simulated dynamics calibrated to the real model: default, hot, high_entropy or "
                              "default_noise_drafts (default: default_noise_drafts; hot wants --steps 64)")
     record.add_argument("--steps", type=int, default=24, help="denoising steps per canvas")
-    record.add_argument("--canvas-length", type=int, default=64)
+    record.add_argument("--canvas-length", type=int, default=64, help="positions per canvas (default: 64)")
 
     inspect = sub.add_parser("inspect", help="render a trace's denoising timeline as one self-contained HTML file")
     inspect.add_argument("trace")
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         }[args.command](args)
     except ConfigError as err:
         print(f"canvaswatch: configuration error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:  # an input that is not there: a usage error, like a file that is not a trace
+        print(f"canvaswatch: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a port in use, an unreadable trace file: say what, not a traceback
         print(f"canvaswatch: {err}", file=sys.stderr)
@@ -172,7 +176,7 @@ def _demo(args: argparse.Namespace) -> int:
     config = default_config().with_server(grpc_port=args.grpc_port, metrics_port=args.metrics_port)
     configure_logging("warning")
     print("canvaswatch demo: starting the sidecar with the default monitors "
-          "(first run converts the Gemma vocabulary once, ~20 s)...", flush=True)
+          "(the first run converts the Gemma vocabulary once, 20-40 s)...", flush=True)
     sidecar = SidecarThread(config).start()
     vocab = sidecar.sidecar.vocab
     print(f"  gRPC  {sidecar.target}   metrics  http://127.0.0.1:{sidecar.sidecar.metrics_port}/metrics", flush=True)
@@ -229,13 +233,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("canvaswatch")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def _offline_engine(config_path: str | None):
-    """An in-process engine for the offline commands (check, inspect, eval): no server, quiet logs."""
+    """An in-process engine for the offline commands (check, inspect, eval): no server, quiet logs.
+
+    Errors only: a monitor's budget overrun is worth a warning where a client waits for the verdict,
+    not here, where the first call of a kernel alone can overrun it (its effect, a stopped monitor,
+    is in the verdict's monitor_errors either way)."""
     from canvaswatch.server.pipeline.engine import Engine
     from canvaswatch.server.bottleneck.vocab import load_vocabulary
 
     config = load_config(config_path)
-    configure_logging("warning")
+    configure_logging("error")
     return Engine(config, load_vocabulary(config.vocab.tokenizer))
 
 

@@ -133,8 +133,17 @@ def test_a_port_in_use_is_a_clear_error_not_a_traceback(capsys):
 
 
 def test_a_missing_trace_file_is_a_clear_error(capsys, tmp_path):
-    assert main(["check", str(tmp_path / "absent.cwtrace")]) == 1
+    assert main(["check", str(tmp_path / "absent.cwtrace")]) == 2  # a usage error, like a file that is no trace
     assert "absent.cwtrace" in capsys.readouterr().err
+
+
+def test_an_empty_trace_file_is_refused_not_passed(capsys, tmp_path):
+    empty = tmp_path / "empty.cwtrace"
+    empty.write_bytes(b"")
+    for command in (["check", str(empty)], ["eval", str(empty)], ["inspect", str(empty), "-o", str(tmp_path / "r.html")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "empty.cwtrace: holds no trace" in err
 
 
 def test_a_port_in_use_with_monitor_workers_leaves_no_worker_behind(capsys):
@@ -165,7 +174,7 @@ def test_a_file_that_is_not_a_trace_gets_one_line_not_a_traceback(tmp_path, caps
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "notes.txt: record 0 is not a canvaswatch.v1.Trace" in err
-        assert "Traceback" not in err
+        assert "canvaswatch import" in err and "Traceback" not in err
 
 
 def test_a_target_without_a_port_is_refused_instead_of_dialling_443(trace_file, capsys):
@@ -190,3 +199,9 @@ def test_inspect_writes_what_was_asked_for_a_file_of_several_requests(trace_file
     assert main(["inspect", str(trace_file), "-o", str(report), "--request", "nope"]) == 2
     assert main(["inspect", str(trace_file), "-o", str(tmp_path / "all.html"), "--all"]) == 0
     assert sorted(p.name for p in tmp_path.glob("all-*.html")) == sorted(f"all-{i}.html" for i in ids)
+
+
+def test_version_names_the_installed_package(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("canvaswatch 0.")

@@ -155,22 +155,42 @@ def _auroc(positives: list[float], negatives: list[float]) -> float:
     return wins / (len(positives) * len(negatives))
 
 
+def _undefined(s: MonitorScore) -> set[str]:
+    """The rates that are 0/0 for this score (no flag, no positive, no negative): n/a, not 0."""
+    undefined = set()
+    if not s.true_positives + s.false_positives:
+        undefined.add("precision")
+    if not s.positives:
+        undefined.add("recall")
+    if not s.negatives:
+        undefined.add("false_positive_rate")
+    return undefined
+
+
 def as_table(scores: list[MonitorScore]) -> str:
     lines = ["| monitor | positives | negatives | precision | recall | FPR | AUROC | g-mean² | flagged unlabelled |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in scores:
         label = f"{s.monitor} (intermediate_context's patterns, final output only)" if s.monitor == OUTPUT_ONLY else s.monitor
         rate = f"{s.unlabelled_flagged}/{s.unlabelled} ({s.unlabelled_flag_rate:.2f})" if s.unlabelled else "-"
-        lines.append(f"| {label} | {s.positives} | {s.negatives} | {s.precision:.3f} | {s.recall:.3f} | "
-                     f"{s.false_positive_rate:.3f} | {s.auroc:.3f} | {s.g_mean2:.3f} | {rate} |")
+        undefined = _undefined(s)
+
+        def cell(key: str) -> str:
+            value = getattr(s, key)
+            return "n/a" if key in undefined or value != value else f"{value:.3f}"
+
+        lines.append(f"| {label} | {s.positives} | {s.negatives} | {cell('precision')} | {cell('recall')} | "
+                     f"{cell('false_positive_rate')} | {cell('auroc')} | {cell('g_mean2')} | {rate} |")
     return "\n".join(lines)
 
 
 def as_json(scores: list[MonitorScore]) -> list[dict]:
+    """Rates that are undefined (0/0, or AUROC without both classes) are null."""
     rows = []
     for s in scores:
+        undefined = _undefined(s)
         row = {**asdict(s), "unlabelled_flag_rate": s.unlabelled_flag_rate}
-        rows.append({k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()})
+        rows.append({k: (None if k in undefined or (isinstance(v, float) and v != v) else v) for k, v in row.items()})
     return rows
 
 

@@ -75,3 +75,12 @@ def test_a_position_that_wavers_commits_at_its_last_settling(vocab):
             prob[0] = 0.2  # position 0 loses confidence once
         monitor.on_step(state, canvas_step(TEXT, prob, step=step, vocab=vocab))
     assert int(state.commit[0]) == 4 and int(state.commit[1]) == 0
+
+
+def test_the_reason_says_before_or_after_in_words():
+    from canvaswatch.monitors.non_chronological import _lead_text
+
+    assert _lead_text(4.0) == "4 steps before the rest"
+    assert _lead_text(1.0) == "1 step before the rest"
+    assert _lead_text(-5.0) == "5 steps after the rest"  # flagged by rho alone: the end came later
+    assert _lead_text(0.0) == "at the same median step as the rest"

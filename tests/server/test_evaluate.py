@@ -10,7 +10,7 @@ from canvaswatch.server.cli import main
 from canvaswatch.server.config import default_config, load_config
 from canvaswatch.server.bottleneck.dense import DenseDecoder
 from canvaswatch.server.pipeline.engine import Engine
-from canvaswatch.server.evaluation.evaluate import OUTPUT_ONLY, _auroc, evaluate
+from canvaswatch.server.evaluation.evaluate import OUTPUT_ONLY, MonitorScore, _auroc, as_json, as_table, evaluate
 from tests.tiny_classifier import build_tiny_classifier, write_eval_config
 
 
@@ -77,3 +77,17 @@ def test_probe_fires_on_its_concept_and_not_on_the_near_misses(vocab, tmp_path):
     probe = scores["probe"]
     assert probe.positives == 5 and probe.negatives == 15
     assert probe.recall == 1.0 and probe.false_positive_rate == 0.0, probe
+
+
+def test_rates_without_a_denominator_read_n_a_not_zero():
+    # Gallery-like data: one labelled positive, missed, no negatives, some unlabelled runs flagged.
+    missed = MonitorScore(monitor="self_correction", positives=1, negatives=0, true_positives=0, false_positives=0,
+                          precision=0.0, recall=0.0, false_positive_rate=0.0, auroc=float("nan"),
+                          unlabelled=11, unlabelled_flagged=8)
+    nothing = MonitorScore(monitor="lexicon", positives=0, negatives=0, true_positives=0, false_positives=0,
+                           precision=0.0, recall=0.0, false_positive_rate=0.0, auroc=float("nan"))
+    table = as_table([missed, nothing]).splitlines()
+    assert table[2] == "| self_correction | 1 | 0 | n/a | 0.000 | n/a | n/a | n/a | 8/11 (0.73) |"
+    assert table[3] == "| lexicon | 0 | 0 | n/a | n/a | n/a | n/a | n/a | - |"
+    row = as_json([missed])[0]
+    assert row["recall"] == 0.0 and row["precision"] is None and row["false_positive_rate"] is None
