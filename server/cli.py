@@ -174,7 +174,7 @@ def _demo(args: argparse.Namespace) -> int:
     if profile is None:
         return 2
     config = default_config().with_server(grpc_port=args.grpc_port, metrics_port=args.metrics_port)
-    configure_logging("warning")
+    configure_logging("warning", human=True)  # among the demo's own lines: readable, not JSON
     print("canvaswatch demo: starting the sidecar with the default monitors "
           "(the first run converts the Gemma vocabulary once, 20-40 s)...", flush=True)
     sidecar = SidecarThread(config).start()

@@ -118,6 +118,25 @@ def test_demo_runs_traffic_and_shows_flags_and_metrics():
     assert "SIMULATED" in out
     assert "FLAG lexicon CRITICAL" in out and "FLAG self_correction WARNING" in out
     assert 'canvaswatch_flags_total{model="simulated/diffusion",monitor="lexicon",severity="CRITICAL"} 1.0' in out
+    assert not [line for line in done.stderr.splitlines() if line.startswith("{")], "JSON log lines among the demo's"
+
+
+def test_human_logs_are_one_plain_line_each_and_json_stays_the_default(capsys):
+    import structlog
+
+    from canvaswatch.server.ops.logs import configure_logging
+
+    try:
+        configure_logging("warning", human=True)
+        structlog.get_logger("t").warning("monitor_overrun", monitor="self_correction", seconds=0.12)
+        structlog.get_logger("t").info("request_started")  # below the level: not shown
+        [line] = capsys.readouterr().err.splitlines()
+        assert "[warning" in line and "monitor_overrun" in line and "monitor=self_correction seconds=0.12" in line
+        configure_logging("warning")
+        structlog.get_logger("t").warning("monitor_overrun", monitor="self_correction")
+        assert json.loads(capsys.readouterr().err)["event"] == "monitor_overrun"
+    finally:
+        structlog.reset_defaults()
 
 
 def test_a_port_in_use_is_a_clear_error_not_a_traceback(capsys):

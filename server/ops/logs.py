@@ -1,4 +1,5 @@
-"""structlog set-up: JSON key-value events on stderr."""
+"""structlog set-up: JSON key-value events on stderr (one line each, for a log collector), or, for a person
+watching a terminal (`canvaswatch demo`), the same events as plain `level event key=value` lines."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import sys
 import structlog
 
 
-def configure_logging(level: str = "info") -> None:
+def configure_logging(level: str = "info", human: bool = False) -> None:
     numeric = getattr(logging, level.upper())
+    renderer = (structlog.dev.ConsoleRenderer(colors=False) if human
+                else structlog.processors.JSONRenderer())
     logging.basicConfig(stream=sys.stderr, level=numeric, format="%(message)s")
     structlog.configure(
         processors=[
@@ -17,7 +20,7 @@ def configure_logging(level: str = "info") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
