@@ -83,6 +83,8 @@ class Sidecar:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:
             address = f"{s.host}:{s.grpc_port}"
+            if s.grpc_port and _in_use(s.host, s.grpc_port):  # before gRPC tries: its C core logs a line of its own
+                raise RuntimeError("in use")
             self.grpc_port = (server.add_secure_port(address, credentials) if credentials is not None
                               else server.add_insecure_port(address))
         except RuntimeError:  # grpc reports a failed bind as RuntimeError (older versions: port 0)
@@ -279,3 +281,21 @@ class SidecarThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether another socket listens on host:port (bound the way gRPC binds, SO_REUSEADDR, so a port in
+    TIME_WAIT is free); False where it cannot tell (an address gRPC itself will judge)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        return False
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    return True
+    return False
