@@ -120,7 +120,9 @@ class Engine:
 
     def open(self, info: pb.RequestInfo, where: str, keep_history: bool = False) -> Session:
         meta = request_meta(info, where, self.config.server.max_prompt_ids)
-        log.info("request_started", request_id=meta.request_id, model=meta.model, canvas_length=meta.canvas_length)
+        # debug: request_finished is the one info line a request gets (it names the model and canvas too);
+        # per-request log lines cost sidecar CPU under request-rate load (BENCHMARKS.md, "Per-request log lines")
+        log.debug("request_started", request_id=meta.request_id, model=meta.model, canvas_length=meta.canvas_length)
         report = self.reports.path_for(meta.request_id) if self.reports is not None else None
         history = RequestHistory(meta) if keep_history or report is not None else None
         return Session(meta=meta, monitors=self.monitors, settings=self.settings, metrics=self.metrics,

@@ -135,7 +135,7 @@ def _final() -> pb.StepState:
 
 
 def _wait_active(serve: Serve, channel: grpc.Channel, request_id: str) -> None:
-    """Until the server logged the request's start (its first message was handled)."""
+    """Until the server logged the request's start (its first message was handled; a debug line)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if any(e.get("event") == "request_started" and e.get("request_id") == request_id for e in serve.events()):
@@ -161,7 +161,7 @@ def test_a_second_serve_on_a_port_in_use_refuses_with_one_line(vocab, tmp_path):
 def test_sigterm_drains_open_streams_refuses_new_ones_and_exits_0(tmp_path):
     audit = tmp_path / "audit.jsonl"
     config = tmp_path / "sidecar.toml"
-    config.write_text(f'[server]\ndrain_grace_s = 30.0\n[logging]\naudit_log = "{audit}"\n'
+    config.write_text(f'[server]\ndrain_grace_s = 30.0\n[logging]\naudit_log = "{audit}"\nlevel = "debug"\n'
                       '[monitors.lexicon]\npatterns = ["ignore previous instructions"]\n')
     serve = Serve(config, _free_port())
     try:
@@ -190,7 +190,7 @@ def test_sigterm_drains_open_streams_refuses_new_ones_and_exits_0(tmp_path):
 
 def test_sigterm_cuts_a_stream_past_the_drain_deadline_with_unavailable(tmp_path):
     config = tmp_path / "sidecar.toml"
-    config.write_text('[server]\ndrain_grace_s = 1.0\n[monitors.lexicon]\n')
+    config.write_text('[server]\ndrain_grace_s = 1.0\n[logging]\nlevel = "debug"\n[monitors.lexicon]\n')
     serve = Serve(config, _free_port())
     try:
         serve.wait_for("sidecar_started")
@@ -211,7 +211,7 @@ def test_sigterm_cuts_a_stream_past_the_drain_deadline_with_unavailable(tmp_path
 
 def test_sighup_reloads_monitors_for_new_streams_and_refuses_a_bad_config(tmp_path):
     config = tmp_path / "sidecar.toml"
-    config.write_text('[monitors.lexicon]\n[monitors.self_correction]\n')
+    config.write_text('[logging]\nlevel = "debug"\n[monitors.lexicon]\n[monitors.self_correction]\n')
     serve = Serve(config, _free_port())
     try:
         serve.wait_for("sidecar_started")

@@ -12,7 +12,7 @@ from canvaswatch.server.pipeline.verdict import SessionVerdict
 
 
 def _record(request_id: str):
-    return types.SimpleNamespace(meta=types.SimpleNamespace(request_id=request_id))
+    return types.SimpleNamespace(meta=types.SimpleNamespace(request_id=request_id, model="m", canvas_length=8))
 
 
 class _Events(list):
@@ -43,6 +43,7 @@ def test_flag_lines_stop_at_the_bound_per_monitor_and_request_finished_counts_th
                       ("r2", "storm", "other request")]
     finished = {e["request_id"]: e for e in events if e["event"] == "request_finished"}
     assert finished["r1"]["flags_not_logged"] == 3
+    assert finished["r1"]["model"] == "m" and finished["r1"]["canvas_length"] == 8  # the request's one info line
     assert "flags_not_logged" not in finished["r2"]
     assert sink._counts == {}  # a finished request is forgotten
 

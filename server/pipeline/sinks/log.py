@@ -56,7 +56,8 @@ class LogSink:
         with self._lock:
             counts = self._counts.pop(verdict.request_id, None)
         unlogged = sum(max(0, n - self.max_per_monitor) for n in counts.values()) if counts else 0
-        log.info("request_finished", request_id=verdict.request_id, flags=len(verdict.flags),
+        log.info("request_finished", request_id=verdict.request_id, model=request.meta.model,
+                 canvas_length=request.meta.canvas_length, flags=len(verdict.flags),
                  max_severity=verdict.max_severity.name if verdict.max_severity else "none",
                  steps_seen=verdict.steps_seen, steps_dropped=verdict.steps_dropped,
                  **({"flags_not_logged": unlogged} if unlogged else {}))
