@@ -159,15 +159,8 @@ def _commit_order(commit, previous, ignore, positions, commits):
     for i in range(commit.shape[0]):
         if commit[i] < 0:
             continue
-        token = previous[i]
-        low, high = 0, ignore.shape[0]
-        while low < high:
-            middle = (low + high) // 2
-            if ignore[middle] < token:
-                low = middle + 1
-            else:
-                high = middle
-        if low < ignore.shape[0] and ignore[low] == token:
+        at = np.searchsorted(ignore, previous[i])  # as the smearing kernels search their ignore_ids
+        if at < ignore.shape[0] and ignore[at] == previous[i]:
             continue
         positions[count] = i
         commits[count] = commit[i]
