@@ -81,14 +81,15 @@ class Sidecar:
         health_servicer = self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        try:
-            address = f"{s.host}:{s.grpc_port}"
-            if s.grpc_port and _in_use(s.host, s.grpc_port):  # before gRPC tries: its C core logs a line of its own
-                raise RuntimeError("in use")
-            self.grpc_port = (server.add_secure_port(address, credentials) if credentials is not None
-                              else server.add_insecure_port(address))
-        except RuntimeError:  # grpc reports a failed bind as RuntimeError (older versions: port 0)
+        address = f"{s.host}:{s.grpc_port}"
+        if s.grpc_port and _in_use(s.host, s.grpc_port):  # found before gRPC tries: its C core logs a line of its own
             self.grpc_port = 0
+        else:
+            try:
+                self.grpc_port = (server.add_secure_port(address, credentials) if credentials is not None
+                                  else server.add_insecure_port(address))
+            except RuntimeError:  # grpc reports a failed bind as RuntimeError (older versions: port 0)
+                self.grpc_port = 0
         if self.grpc_port == 0:
             self._stop_workers()
             why = "in use?" if not s.tls_cert else "in use, or server.tls_cert and tls_key not a certificate and its key?"

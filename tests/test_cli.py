@@ -151,18 +151,6 @@ def test_a_port_in_use_is_a_clear_error_not_a_traceback(capsys):
     assert f"server.grpc_port: cannot bind 127.0.0.1:{port}" in err and "Traceback" not in err
 
 
-def test_a_port_in_use_gets_our_line_only_not_grpcs_own(tmp_path):
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        done = subprocess.run(CLI + ["serve", "--grpc-port", str(port), "--metrics-port", "-1"],
-                              capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1
-    assert f"server.grpc_port: cannot bind 127.0.0.1:{port}" in done.stderr
-    assert "add_port" not in done.stderr and "Failed to add port" not in done.stderr, done.stderr
-
-
 def test_a_missing_trace_file_is_a_clear_error(capsys, tmp_path):
     assert main(["check", str(tmp_path / "absent.cwtrace")]) == 2  # a usage error, like a file that is no trace
     assert "absent.cwtrace" in capsys.readouterr().err

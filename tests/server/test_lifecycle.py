@@ -156,6 +156,7 @@ def test_a_second_serve_on_a_port_in_use_refuses_with_one_line(vocab, tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("canvaswatch:")]
     assert errors == [f"canvaswatch: server.grpc_port: cannot bind 127.0.0.1:{port} (in use?)"], done.stderr
     assert "Traceback" not in done.stderr
+    assert "Failed to add port" not in done.stderr, "found before gRPC binds: no C-core line of its own"
 
 
 def test_sigterm_drains_open_streams_refuses_new_ones_and_exits_0(tmp_path):
