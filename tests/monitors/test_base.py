@@ -144,3 +144,14 @@ def test_the_fast_constructor_builds_what_the_constructor_builds():
         DecodedStep.from_numpy(ids, probs, block=0, vocab=Pieces())
     with pytest.raises(AttributeError):  # still frozen
         fast.step = 3
+
+
+@pytest.mark.parametrize("given", [(5, 7, 262143), [5, 7, 262143], np.array([5, 7, 262143])])
+def test_prompt_ids_become_a_read_only_int32_array(given):
+    meta = RequestMeta("r", "m", "", given, 4, 0)
+    assert meta.prompt_ids.dtype == np.int32 and meta.prompt_ids.tolist() == [5, 7, 262143]
+    with pytest.raises(ValueError):
+        meta.prompt_ids[0] = 1
+    if isinstance(given, np.ndarray):
+        given[0] = 9  # the caller's array stays the caller's
+        assert meta.prompt_ids[0] == 5

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from canvaswatch.monitors.base import Evidence, Flag, RequestMeta, Severity
 from canvaswatch.server.config import ConfigError, parse_config
 from canvaswatch.server.ops.audit import MAX_LINE_BYTES, AuditLog
 from canvaswatch.server.ops.metrics import OTHER, Metrics
+from canvaswatch.server.pipeline.wire import request_meta
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 from tests.conftest import install_entry_point, start_sidecar, topk_step
@@ -212,3 +214,10 @@ def test_bound_keys_are_validated_naming_the_key(raw, message):
     with pytest.raises(ConfigError) as caught:
         parse_config(raw)
     assert message in str(caught.value)
+
+
+def test_prompt_ids_off_the_wire_reach_monitors_as_the_ids_sent():
+    ids = [0, 1, 2**31 - 1, 262143] * 1000
+    meta = request_meta(_info(prompt_ids=ids), "message[0].info")
+    assert meta.prompt_ids.dtype == np.int32 and meta.prompt_ids.tolist() == ids
+    assert not meta.prompt_ids.flags.writeable
