@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, Monitor, RequestMeta, Severity
+from canvaswatch.monitors.phrase_scan import ScanCarry
 from canvaswatch.monitors.phrases import OutputCheck, PhraseSpec, Sighting, WatchesPhrases
 
 # Shipped so that the default configuration watches something useful with no
@@ -93,6 +94,7 @@ class LexiconState:
     # regexes found in it: an output equal to that text needs no regex searched again.
     last_text: str | None = None
     last_regex: frozenset[int] = frozenset()
+    scan: ScanCarry = field(default_factory=ScanCarry)  # the last top-1 scan, to reuse where the canvas held
 
 
 class LexiconMonitor(WatchesPhrases, Monitor):
@@ -118,7 +120,7 @@ class LexiconMonitor(WatchesPhrases, Monitor):
 
     def on_step(self, state: LexiconState, step: DecodedStep) -> list[Flag]:
         flags = []
-        found = self.phrases.match(step)
+        found = self.phrases.match(step, state.scan)
         if self._literals < len(self.labels):
             # `text` is a cached property: present in the step's __dict__ only if something built it;
             # reading it through vars() never builds it here.

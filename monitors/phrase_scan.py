@@ -16,6 +16,14 @@ MAX_TABLE entries, which lexicons of 10,000 phrases of common words do (~110k
 states x 28 codes). Larger ones fall back to pyahocorasick over the text
 (`PhraseMatcher` decides).
 
+Successive steps of one request share most of their top-1 tokens (6-10% of positions change a
+step in the calibrated profiles), so a request may keep a `ScanCarry`: the previous scan's token,
+automaton state after each position, character offsets and hits. A position whose token and
+incoming state equal the previous scan's walks exactly as it did then, so its state and hits are
+copied instead of walked, and its piece (a cache miss into the vocabulary's tables) is never read.
+Exact whatever the carry holds (another step, another block): a position only copies where both
+inputs of its walk are equal.
+
 `TextScan` is the same automaton over a str (the request's final output): each
 character becomes its code through a table over every code point, built from
 `re`'s own per-character case rule, so a key's hits are exactly where
@@ -53,17 +61,51 @@ class CompiledScan:
     def fits(keys: Sequence[str]) -> bool:
         return _fits(keys, len({char for key in keys for char in key}))
 
-    def scan(self, ids: np.ndarray) -> list[tuple[int, int]]:
-        """Every (end character offset, key index) where a key ends in the text of `ids`, in text order."""
-        room = 64  # per call, not per scanner: streams may scan at once on other threads
+    def scan(self, ids: np.ndarray, carry: "ScanCarry | None" = None) -> list[tuple[int, int]]:
+        """Every (end character offset, key index) where a key ends in the text of `ids`, in text order.
+
+        With a `carry` (one request's), positions that walk as in the carry's scan are copied from
+        it, and the carry then holds this scan.
+        """
+        if carry is None:
+            carry = ScanCarry()
+        if carry.owner is not self:
+            carry.reset(self)
+        length = len(ids)
+        walk = carry.spare_walk  # the next carry's token, state after, first character; swapped in on success
+        if walk.shape[1] != length + 1:
+            walk = np.empty((3, length + 1), dtype=np.int64)
+        hits = carry.spare_hits  # position, end character offset, key
         while True:
-            ends, keys = np.empty(room, dtype=np.int64), np.empty(room, dtype=np.int64)
-            count = sized(_scan, len(ids))(ids, self.starts, self.codes, self.delta, self.out_start, self.out_key, ends, keys)
+            count = sized(_scan, length)(ids, self.starts, self.codes, self.delta, self.out_start, self.out_key,
+                                         carry.walk, carry.hits, carry.count, walk, hits)
             if count < 0:
                 raise IndexError(f"token id outside the vocabulary [0, {len(self.starts) - 1})")
-            if count <= room:
-                return list(zip(ends[:count].tolist(), keys[:count].tolist()))
-            room = count  # a canvas full of watched phrases: scan again with room for every hit
+            if count <= hits.shape[1]:
+                break
+            hits = np.empty((3, count), dtype=np.int64)  # a canvas full of watched phrases: again, with room for each hit
+        carry.spare_walk, carry.walk = carry.walk, walk
+        carry.spare_hits, carry.hits, carry.count = carry.hits, hits, count
+        if not count:
+            return []  # the usual step
+        return list(zip(hits[1, :count].tolist(), hits[2, :count].tolist()))
+
+
+class ScanCarry:
+    """One request's last `CompiledScan.scan`, O(L): `walk` [3, L + 1] holds per position its token, the
+    automaton state after it and its first character offset (row 2 ends with the text's length);
+    `hits[:, :count]` each hit's position, end character offset and key, in text order. The spares
+    are the buffers the next scan writes (a request scans one step at a time)."""
+
+    def __init__(self) -> None:
+        self.reset(None)
+
+    def reset(self, owner: "CompiledScan | None") -> None:
+        self.owner = owner  # the scan whose automaton the states belong to
+        self.walk = np.zeros((3, 1), dtype=np.int64)  # no positions: nothing to copy
+        self.spare_walk = np.zeros((3, 1), dtype=np.int64)
+        self.hits, self.spare_hits = np.empty((3, 64), dtype=np.int64), np.empty((3, 64), dtype=np.int64)
+        self.count = 0
 
 
 class TextScan:
@@ -204,33 +246,62 @@ _AHEAD_OFFSETS, _AHEAD_CODES = 16, 8
 
 
 @kernel(gil_free_twin=True)
-def _scan(ids, starts, codes, delta, out_start, out_key, hits_end, hits_key):
-    """Walk the tokens' codes through the automaton; returns the hit count (-1: an id outside the table)."""
+def _scan(ids, starts, codes, delta, out_start, out_key, last_walk, last_hits, last_count, walk, hits):
+    """Walk the tokens' codes through the automaton, copying from the last scan (ScanCarry's walk, hits and
+    count) each position whose token and incoming state are the same as there; writes this scan's walk
+    and hits (with positions). Returns the hit count (-1: an id outside the table)."""
     count_ids = ids.shape[0]
     table = starts.shape[0] - 1
     for j in range(count_ids):
         if ids[j] < 0 or ids[j] >= table:
             return -1
-    for j in range(min(count_ids, _AHEAD_OFFSETS)):
-        prefetch(starts, ids[j])
+    carried = last_walk.shape[1] == count_ids + 1
     state = 0
     offset = 0
     count = 0
-    room = hits_end.shape[0]
+    room = hits.shape[1]
+    h = 0  # the last scan's hits are in position order: walk them alongside
     for j in range(count_ids):
-        if j + _AHEAD_OFFSETS < count_ids:
-            prefetch(starts, ids[j + _AHEAD_OFFSETS])
-        if j + _AHEAD_CODES < count_ids:
-            prefetch(codes, starts[ids[j + _AHEAD_CODES]])
+        # prefetch only the pieces that will be read: those of positions whose token changed
+        ahead = j + _AHEAD_OFFSETS
+        if ahead < count_ids and not (carried and ids[ahead] == last_walk[0, ahead]):
+            prefetch(starts, ids[ahead])
+        ahead = j + _AHEAD_CODES
+        if ahead < count_ids and not (carried and ids[ahead] == last_walk[0, ahead]):
+            prefetch(codes, starts[ids[ahead]])
         token = ids[j]
-        for at in range(starts[token], starts[token + 1]):
-            state = delta[state, codes[at]]
-            for o in range(out_start[state], out_start[state + 1]):
+        walk[0, j] = token
+        walk[2, j] = offset
+        incoming = 0
+        if j > 0:
+            incoming = last_walk[1, j - 1]
+        if carried and token == last_walk[0, j] and state == incoming:
+            while h < last_count and last_hits[0, h] < j:
+                h += 1
+            shift = offset - last_walk[2, j]
+            while h < last_count and last_hits[0, h] == j:
                 if count < room:
-                    hits_end[count] = offset
-                    hits_key[count] = out_key[o]
+                    hits[0, count] = j
+                    hits[1, count] = last_hits[1, h] + shift
+                    hits[2, count] = last_hits[2, h]
                 count += 1
-            offset += 1
+                h += 1
+            state = last_walk[1, j]
+            offset += last_walk[2, j + 1] - last_walk[2, j]
+        else:
+            for at in range(starts[token], starts[token + 1]):
+                state = delta[state, codes[at]]
+                for o in range(out_start[state], out_start[state + 1]):
+                    if count < room:
+                        hits[0, count] = j
+                        hits[1, count] = offset
+                        hits[2, count] = out_key[o]
+                    count += 1
+                offset += 1
+        walk[1, j] = state
+    walk[0, count_ids] = 0
+    walk[1, count_ids] = 0
+    walk[2, count_ids] = offset
     return count
 
 

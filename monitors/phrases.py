@@ -45,7 +45,7 @@ import structlog
 
 from canvaswatch.monitors.base import DecodedStep, Vocabulary
 from canvaswatch.monitors.compiled import is_large, kernel, prefetch
-from canvaswatch.monitors.phrase_scan import CompiledScan, TextScan, vocabulary_pieces
+from canvaswatch.monitors.phrase_scan import CompiledScan, ScanCarry, TextScan, vocabulary_pieces
 
 log = structlog.get_logger(__name__)
 
@@ -155,21 +155,24 @@ class PhraseMatcher:
     def view(self, spec_index: int) -> "PhraseView":
         return PhraseView(self, self.offsets[spec_index], self.specs[spec_index].size)
 
-    def match(self, step: DecodedStep) -> dict[int, Sighting]:
-        """First sighting of every present pattern (global index), computed once per step."""
+    def match(self, step: DecodedStep, carry: ScanCarry | None = None) -> dict[int, Sighting]:
+        """First sighting of every present pattern (global index), computed once per step.
+
+        `carry`: the calling request's last scan, to reuse (phrase_scan.ScanCarry); the answer is the same without it.
+        """
         memo = step.memo
         found = memo.get(self)
         if found is None:
-            found = self._match_text(step)
+            found = self._match_text(step, carry)
             for index, sighting in self._match_lattice(step).items():
                 found.setdefault(index, sighting)
             memo[self] = found
         return found
 
-    def _match_text(self, step: DecodedStep) -> dict[int, Sighting]:
+    def _match_text(self, step: DecodedStep, carry: ScanCarry | None = None) -> dict[int, Sighting]:
         found: dict[int, Sighting] = {}
         gated: set[int] = set()
-        for end, key in self._scan(step):
+        for end, key in self._scan(step, carry):
             gated.update(self._key_gates[key])
             size = len(self._keys[key])
             start = end - size + 1
@@ -184,7 +187,7 @@ class PhraseMatcher:
                 found[index] = _sighting(step, match.start(), match.end(), match.group(0), "top1")
         return found
 
-    def _scan(self, step: DecodedStep) -> list[tuple[int, int]]:
+    def _scan(self, step: DecodedStep, carry: ScanCarry | None = None) -> list[tuple[int, int]]:
         """(end character offset, key) of every key in the step's top-1 text, in text order."""
         if not self._keys:
             return []
@@ -194,7 +197,7 @@ class PhraseMatcher:
         if scan is None:
             scan = self._scans.setdefault(id(step.vocab), CompiledScan(
                 self._keys, vocabulary_pieces(step.vocab, lower=not self.case_sensitive)))
-        return scan.scan(step.ids_np[:, 0])
+        return scan.scan(step.ids_np[:, 0], carry)
 
     def _match_lattice(self, step: DecodedStep) -> dict[int, Sighting]:
         lattice = self._lattice_for(step.vocab)
@@ -231,9 +234,9 @@ class PhraseView:
     offset: int
     size: int
 
-    def match(self, step: DecodedStep) -> dict[int, Sighting]:
+    def match(self, step: DecodedStep, carry: ScanCarry | None = None) -> dict[int, Sighting]:
         stop = self.offset + self.size
-        return {index - self.offset: sighting for index, sighting in self.matcher.match(step).items()
+        return {index - self.offset: sighting for index, sighting in self.matcher.match(step, carry).items()
                 if self.offset <= index < stop}
 
 

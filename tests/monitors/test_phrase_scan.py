@@ -10,7 +10,7 @@ import torch
 from canvaswatch.monitors import phrase_scan
 from canvaswatch.monitors.base import RequestMeta
 from canvaswatch.monitors.lexicon import LexiconMonitor, LexiconParams
-from canvaswatch.monitors.phrase_scan import CompiledScan
+from canvaswatch.monitors.phrase_scan import CompiledScan, ScanCarry
 from canvaswatch.monitors.phrases import PhraseMatcher, PhraseSpec
 from tests.monitors.canvas import canvas_step
 
@@ -41,6 +41,63 @@ def test_the_compiled_scan_finds_exactly_what_a_scan_of_the_text_finds(vocab):
         found = scan.scan(ids)
         assert set(found) == _text_hits(text, KEYS)
         assert [end for end, _ in found] == sorted(end for end, _ in found)  # text order
+
+
+def _edits(vocab, start, steps: int, seed: int):
+    """Canvases as a request's steps bring them: each the last with a few positions redrawn, the planted
+    phrase now and then written over or back, sometimes a new block (all positions new) or a new length."""
+    generator = torch.Generator().manual_seed(seed)
+    planted = torch.tensor(vocab.encode(" she said his secret: rm -rf / and hers"))
+    ids = torch.tensor(start)
+    for _ in range(steps):
+        draw = float(torch.rand(1, generator=generator))
+        if draw < 0.05:
+            ids = torch.randint(0, vocab.size, (len(ids),), generator=generator)  # a new block
+        elif draw < 0.1:
+            ids = torch.randint(0, vocab.size, (int(torch.randint(40, 300, (1,), generator=generator)),),
+                                generator=generator)  # another canvas length
+        else:
+            ids = ids.clone()
+            changed = torch.rand(len(ids), generator=generator) < 0.1
+            ids[changed] = torch.randint(0, vocab.size, (int(changed.sum()),), generator=generator)
+        if float(torch.rand(1, generator=generator)) < 0.5 and len(ids) > len(planted):
+            at = int(torch.randint(0, len(ids) - len(planted), (1,), generator=generator))
+            ids[at : at + len(planted)] = planted
+        yield ids.numpy()
+
+
+def test_a_scan_that_reuses_the_last_one_finds_exactly_what_a_fresh_scan_finds(vocab):
+    scan = CompiledScan(KEYS, vocab.pieces(lower=True))
+    chained, stale = ScanCarry(), ScanCarry()
+    hits = 0
+    for number, ids in enumerate(_edits(vocab, next(_canvases(vocab, 1, 256)), 120, seed=3)):
+        fresh = scan.scan(ids)
+        assert scan.scan(ids, chained) == fresh
+        assert set(fresh) == _text_hits(vocab.decode_lower(ids), KEYS)
+        if number % 7 == 0:  # a carry many steps old, or from another canvas length: still the same answer
+            assert scan.scan(ids, stale) == fresh
+        hits += len(fresh)
+    assert hits > 100  # the planted phrases came and went
+
+
+def test_a_carry_survives_a_refused_canvas_and_another_scanner(vocab):
+    scan, other = CompiledScan(KEYS, vocab.pieces(lower=True)), CompiledScan(["secret"], vocab.pieces(lower=True))
+    carry = ScanCarry()
+    ids = next(_canvases(vocab, 1, 128))
+    assert scan.scan(ids, carry) == scan.scan(ids)
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        scan.scan(torch.tensor([3] * 127 + [vocab.size]).numpy(), carry)
+    assert scan.scan(ids, carry) == scan.scan(ids)
+    assert other.scan(ids, carry) == other.scan(ids)  # its states are another automaton's: not reused
+    assert scan.scan(ids, carry) == scan.scan(ids)
+
+
+def test_a_carried_scan_with_more_hits_than_its_buffer_returns_every_hit(vocab):
+    scan = CompiledScan(["ab", "b"], vocab.pieces())
+    carry = ScanCarry()
+    ids = torch.tensor(vocab.encode("ab" * 300)).numpy()
+    assert scan.scan(ids, carry) == scan.scan(ids, carry) == scan.scan(ids)
+    assert len(scan.scan(ids)) == 600
 
 
 def test_a_canvas_with_more_hits_than_the_first_buffer_returns_every_hit(vocab):

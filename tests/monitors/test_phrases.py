@@ -28,7 +28,7 @@ def test_linked_monitors_match_each_step_once_and_keep_their_own_patterns(vocab,
     assert context.phrases.matcher is shared
     calls = []
     original = PhraseMatcher._match_text
-    monkeypatch.setattr(PhraseMatcher, "_match_text", lambda self, step: calls.append(step) or original(self, step))
+    monkeypatch.setattr(PhraseMatcher, "_match_text", lambda self, step, carry=None: calls.append(step) or original(self, step, carry))
 
     lexicon_state, context_state = lexicon.start(META), context.start(META)
     for number, text in enumerate(["the secret launch code and an untraceable poison",
