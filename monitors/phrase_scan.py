@@ -68,7 +68,7 @@ class CompiledScan:
         it, and the carry then holds this scan.
         """
         if carry is None:
-            carry = ScanCarry()
+            carry = ScanCarry(self)
         if carry.owner is not self:
             carry.reset(self)
         length = len(ids)
@@ -83,7 +83,8 @@ class CompiledScan:
                 raise IndexError(f"token id outside the vocabulary [0, {len(self.starts) - 1})")
             if count <= hits.shape[1]:
                 break
-            hits = np.empty((3, count), dtype=np.int64)  # a canvas full of watched phrases: again, with room for each hit
+            # a canvas full of watched phrases: again, with room for each hit (and more, if the count keeps rising)
+            hits = np.empty((3, 2 * count), dtype=np.int64)
         carry.spare_walk, carry.walk = carry.walk, walk
         carry.spare_hits, carry.hits, carry.count = carry.hits, hits, count
         if not count:
@@ -97,8 +98,8 @@ class ScanCarry:
     `hits[:, :count]` each hit's position, end character offset and key, in text order. The spares
     are the buffers the next scan writes (a request scans one step at a time)."""
 
-    def __init__(self) -> None:
-        self.reset(None)
+    def __init__(self, owner: "CompiledScan | None" = None) -> None:
+        self.reset(owner)
 
     def reset(self, owner: "CompiledScan | None") -> None:
         self.owner = owner  # the scan whose automaton the states belong to
@@ -256,13 +257,17 @@ def _scan(ids, starts, codes, delta, out_start, out_key, last_walk, last_hits, l
         if ids[j] < 0 or ids[j] >= table:
             return -1
     carried = last_walk.shape[1] == count_ids + 1
+    for j in range(min(count_ids, _AHEAD_OFFSETS)):
+        if not (carried and ids[j] == last_walk[0, j]):
+            prefetch(starts, ids[j])
     state = 0
     offset = 0
     count = 0
     room = hits.shape[1]
     h = 0  # the last scan's hits are in position order: walk them alongside
     for j in range(count_ids):
-        # prefetch only the pieces that will be read: those of positions whose token changed
+        # prefetch the pieces of positions whose token changed (a position with the same token whose
+        # incoming state differs is read too, unprefetched: it follows a change, usually within a few)
         ahead = j + _AHEAD_OFFSETS
         if ahead < count_ids and not (carried and ids[ahead] == last_walk[0, ahead]):
             prefetch(starts, ids[ahead])
@@ -272,10 +277,7 @@ def _scan(ids, starts, codes, delta, out_start, out_key, last_walk, last_hits, l
         token = ids[j]
         walk[0, j] = token
         walk[2, j] = offset
-        incoming = 0
-        if j > 0:
-            incoming = last_walk[1, j - 1]
-        if carried and token == last_walk[0, j] and state == incoming:
+        if carried and token == last_walk[0, j] and state == (last_walk[1, j - 1] if j > 0 else 0):
             while h < last_count and last_hits[0, h] < j:
                 h += 1
             shift = offset - last_walk[2, j]

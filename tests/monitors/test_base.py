@@ -146,12 +146,28 @@ def test_the_fast_constructor_builds_what_the_constructor_builds():
         fast.step = 3
 
 
-@pytest.mark.parametrize("given", [(5, 7, 262143), [5, 7, 262143], np.array([5, 7, 262143])])
-def test_prompt_ids_become_a_read_only_int32_array(given):
+def _read_only_view(values):
+    array = np.array(values)
+    view = array.view()
+    view.flags.writeable = False
+    return array, view
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "array", "read-only view"])
+def test_prompt_ids_become_a_read_only_int32_array_of_their_own(kind):
+    values = [5, 7, 262143]
+    owner, given = {"tuple": (None, tuple(values)), "list": (None, list(values)), "array": (None, np.array(values)),
+                    "read-only view": _read_only_view(values)}[kind]
     meta = RequestMeta("r", "m", "", given, 4, 0)
-    assert meta.prompt_ids.dtype == np.int32 and meta.prompt_ids.tolist() == [5, 7, 262143]
+    assert meta.prompt_ids.dtype == np.int32 and meta.prompt_ids.tolist() == values
     with pytest.raises(ValueError):
         meta.prompt_ids[0] = 1
-    if isinstance(given, np.ndarray):
-        given[0] = 9  # the caller's array stays the caller's
-        assert meta.prompt_ids[0] == 5
+    for array in (given, owner):
+        if isinstance(array, np.ndarray) and array.flags.writeable:
+            array[0] = 9  # the caller's memory stays the caller's
+    assert meta.prompt_ids[0] == 5
+
+
+def test_metas_compare_without_their_prompt_arrays():
+    assert RequestMeta("r", "m", "", (1, 2, 3), 4, 0) == RequestMeta("r", "m", "", [1, 2, 3], 4, 0)
+    assert RequestMeta("r", "m", "", (1, 2), 4, 0) != RequestMeta("q", "m", "", (1, 2), 4, 0)

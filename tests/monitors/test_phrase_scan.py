@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -85,11 +88,60 @@ def test_a_carry_survives_a_refused_canvas_and_another_scanner(vocab):
     carry = ScanCarry()
     ids = next(_canvases(vocab, 1, 128))
     assert scan.scan(ids, carry) == scan.scan(ids)
+    kept = (carry.walk, carry.walk.copy(), carry.hits, carry.count)
     with pytest.raises(IndexError, match="outside the vocabulary"):
         scan.scan(torch.tensor([3] * 127 + [vocab.size]).numpy(), carry)
+    assert carry.walk is kept[0] and (carry.walk == kept[1]).all() and carry.hits is kept[2] and carry.count == kept[3]
     assert scan.scan(ids, carry) == scan.scan(ids)
     assert other.scan(ids, carry) == other.scan(ids)  # its states are another automaton's: not reused
     assert scan.scan(ids, carry) == scan.scan(ids)
+
+
+def test_an_unchanged_canvas_is_copied_from_the_carry_not_read_again(vocab):
+    scan = CompiledScan(KEYS, vocab.pieces(lower=True))
+    carry = ScanCarry()
+    ids = next(_canvases(vocab, 1, 256))
+    found = scan.scan(ids, carry)
+    assert found
+    scan.codes[:] = 0  # every piece now reads as characters in no key: only a copy still finds the phrases
+    assert scan.scan(ids, carry) == found
+    assert scan.scan(ids) == []
+
+
+def test_the_lexicon_keeps_its_request_s_scan_between_steps(vocab):
+    monitor = LexiconMonitor(LexiconParams(patterns=["his secret"]))
+    state = monitor.start(META)
+    monitor.on_step(state, canvas_step((vocab.encode(" she said his secret") * 8)[:32], 0.9, vocab=vocab))
+    assert state.scan.owner is not None and state.scan.walk.shape == (3, 33)
+
+
+def test_scans_stay_inside_their_arrays(vocab, tmp_path):
+    """numba does not check indices: run fresh, carried, resized and refused scans with its bounds check on
+    (a kernel of its own, compiled into a cache of its own), where a read past an array raises."""
+    script = tmp_path / "bounds.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from canvaswatch.monitors.phrase_scan import CompiledScan, ScanCarry\n"
+        "pieces = ['he', ' she', 'rs', ' his', ' secret', 'x', '', 'ß', ' straße', ' rm -rf /']\n"
+        f"scan = CompiledScan({KEYS!r}, pieces)\n"
+        "carry = ScanCarry()\n"
+        "rng = np.random.default_rng(5)\n"
+        "ids = rng.integers(0, len(pieces), 300)\n"
+        "for step in range(60):\n"
+        "    if step % 10 == 9:\n"
+        "        ids = rng.integers(0, len(pieces), int(rng.integers(1, 400)))\n"
+        "    else:\n"
+        "        ids = ids.copy(); changed = rng.random(len(ids)) < 0.1\n"
+        "        ids[changed] = rng.integers(0, len(pieces), int(changed.sum()))\n"
+        "    assert scan.scan(ids, carry) == scan.scan(ids), step\n"
+        "try:\n"
+        "    scan.scan(np.array([0, len(pieces)]), carry)\n"
+        "except IndexError as err:\n"
+        "    assert 'outside the vocabulary' in str(err)\n"
+        "print('ok')\n")
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_a_carried_scan_with_more_hits_than_its_buffer_returns_every_hit(vocab):
