@@ -68,7 +68,7 @@ class CompiledScan:
         it, and the carry then holds this scan.
         """
         if carry is None:
-            carry = ScanCarry(self)
+            carry = ScanCarry()
         if carry.owner is not self:
             carry.reset(self)
         length = len(ids)
@@ -98,8 +98,8 @@ class ScanCarry:
     `hits[:, :count]` each hit's position, end character offset and key, in text order. The spares
     are the buffers the next scan writes (a request scans one step at a time)."""
 
-    def __init__(self, owner: "CompiledScan | None" = None) -> None:
-        self.reset(owner)
+    def __init__(self) -> None:
+        self.owner: CompiledScan | None = None  # the first scan sets the buffers up: a request start allocates nothing
 
     def reset(self, owner: "CompiledScan | None") -> None:
         self.owner = owner  # the scan whose automaton the states belong to
