@@ -74,7 +74,7 @@ class CompiledScan:
         length = len(ids)
         walk = carry.spare_walk  # the next carry's token, state after, first character; swapped in on success
         if walk.shape[1] != length + 1:
-            walk = np.empty((3, length + 1), dtype=np.int64)
+            walk = np.empty((3, length + 1), dtype=np.int32)
         hits = carry.spare_hits  # position, end character offset, key
         while True:
             count = sized(_scan, length)(ids, self.starts, self.codes, self.delta, self.out_start, self.out_key,
@@ -93,8 +93,9 @@ class CompiledScan:
 
 
 class ScanCarry:
-    """One request's last `CompiledScan.scan`, O(L): `walk` [3, L + 1] holds per position its token, the
-    automaton state after it and its first character offset (row 2 ends with the text's length);
+    """One request's last `CompiledScan.scan`, O(L): `walk` [3, L + 1] (int32: token ids, automaton states and
+    character offsets all fit, 12 bytes a position) holds per position its token, the automaton state after
+    it and its first character offset (row 2 ends with the text's length);
     `hits[:, :count]` each hit's position, end character offset and key, in text order. The spares
     are the buffers the next scan writes (a request scans one step at a time)."""
 
@@ -103,8 +104,8 @@ class ScanCarry:
 
     def reset(self, owner: "CompiledScan | None") -> None:
         self.owner = owner  # the scan whose automaton the states belong to
-        self.walk = np.zeros((3, 1), dtype=np.int64)  # no positions: nothing to copy
-        self.spare_walk = np.zeros((3, 1), dtype=np.int64)
+        self.walk = np.zeros((3, 1), dtype=np.int32)  # no positions: nothing to copy
+        self.spare_walk = np.zeros((3, 1), dtype=np.int32)
         self.hits, self.spare_hits = np.empty((3, 64), dtype=np.int64), np.empty((3, 64), dtype=np.int64)
         self.count = 0
 
