@@ -56,6 +56,7 @@ class CompiledScan:
         code_of = {char: code for code, char in enumerate(alphabet, start=1)}
         self.delta, self.out_start, self.out_key = _automaton([[code_of[c] for c in key] for key in keys], len(alphabet))
         self.starts, self.codes = _piece_codes(pieces, code_of)
+        self.longest = max(int(np.diff(self.starts).max(initial=0)), 1)  # characters in the longest piece
 
     @staticmethod
     def fits(keys: Sequence[str]) -> bool:
@@ -72,6 +73,8 @@ class CompiledScan:
         if carry.owner is not self:
             carry.reset(self)
         length = len(ids)
+        if length * self.longest >= 2**31:  # far beyond server.max_message_bytes' default (~25M positions at k = 1)
+            raise ValueError(f"canvas of {length} positions: its character offsets may not fit the scan's int32")
         walk = carry.spare_walk  # the next carry's token, state after, first character; swapped in on success
         if walk.shape[1] != length + 1:
             walk = np.empty((3, length + 1), dtype=np.int32)

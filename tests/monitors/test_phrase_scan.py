@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,6 +143,13 @@ def test_scans_stay_inside_their_arrays(vocab, tmp_path):
     env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_canvas_whose_text_could_pass_int32_offsets_is_refused_not_wrapped():
+    scan = CompiledScan(["ab"], ["a" * 2**20, "b"])  # a vocabulary with a 1M-character piece
+    assert scan.scan(np.zeros(2047, dtype=np.int64)) == []
+    with pytest.raises(ValueError, match="int32"):
+        scan.scan(np.zeros(2048, dtype=np.int64))
 
 
 def test_a_carried_scan_with_more_hits_than_its_buffer_returns_every_hit(vocab):
