@@ -17,6 +17,8 @@
     max_prompt_ids = 32768         # info.prompt_ids longer than this are refused (INVALID_ARGUMENT)
     max_flags_per_monitor = 100    # flags one monitor may put in one verdict; the rest are counted and summarised
     max_verdict_bytes = 1048576    # a verdict stays under this (and under max_message_bytes) however many flags
+    stream_flags_past_bounds = false # true: every flag is an event; false: past the two bounds above only a
+                                   # flag more severe than its monitor's streamed ones is (events stay bounded)
     drain_grace_s = 10.0           # SIGTERM: open streams get this long to finish; new ones are refused
     monitor_policy = "fail_open"   # or "fail_closed": a failed monitor makes the verdict CRITICAL
     monitor_budget_ms = 50.0       # per monitor per step (wall time); every overrun is counted ...
@@ -107,6 +109,9 @@ class ServerSection:
     max_prompt_ids: int = 32768
     max_flags_per_monitor: int = 100
     max_verdict_bytes: int = 1024 * 1024
+    # Events are bounded like the verdict (wire contract v1.3, server/pipeline/session.py): past the two
+    # bounds above a flag is streamed only if it raises its monitor's highest streamed severity.
+    stream_flags_past_bounds: bool = False
     # SIGTERM / SIGINT (docs/operations.md): streams already open get this long to finish before they are
     # cut with UNAVAILABLE; a pod's terminationGracePeriodSeconds should exceed it.
     drain_grace_s: float = 10.0

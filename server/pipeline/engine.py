@@ -65,6 +65,7 @@ class Engine:
             hard_budget_s=config.server.monitor_budget_hard_ms / 1000.0,
             max_flags_per_monitor=config.server.max_flags_per_monitor,
             max_verdict_bytes=config.server.max_verdict_bytes,
+            stream_flags_past_bounds=config.server.stream_flags_past_bounds,
         )
 
     def _build_sinks(self, config: Config) -> list[Sink]:

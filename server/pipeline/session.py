@@ -23,8 +23,13 @@ Flags and the verdict go to the engine's sinks (canvaswatch.server.pipeline.sink
 audit log, report, log), in list order; the session itself only keeps them, and only so many:
 at most server.max_flags_per_monitor per monitor and server.max_verdict_bytes in all, so a
 request that raises flags without end still gets a verdict that fits one gRPC message. Flags
-past the bounds still go to the stream and the sinks; the verdict counts them and ends with a
-summary flag from monitor "canvaswatch" carrying their highest severity.
+past the bounds still go to the sinks (audit log, metrics); the verdict counts them and ends with
+a summary flag from monitor "canvaswatch" carrying their highest severity. The stream's events are
+bounded the same way (wire contract v1.3): a flag past the bounds is streamed only when it is more
+severe than every flag its monitor has streamed in this request, so a client acting on events
+still sees each monitor's first flag at each higher severity as it is raised, and a monitor that
+raises flags without end cannot make the sidecar send events without end (each costs the event
+loop a gRPC message). server.stream_flags_past_bounds = true streams them all, as before v1.3.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class SessionSettings:
     hard_budget_s: float = 10.0  # server.monitor_budget_hard_ms: one call longer than this stops it (0: never)
     max_flags_per_monitor: int = 100  # server.max_flags_per_monitor
     max_verdict_bytes: int = 1024 * 1024  # server.max_verdict_bytes
+    stream_flags_past_bounds: bool = False  # server.stream_flags_past_bounds
 
 
 @dataclass
@@ -80,6 +86,8 @@ class Session:
     kept_bytes: int = 0
     dropped_by_monitor: collections.Counter = field(default_factory=collections.Counter)
     dropped_severity: Severity | None = None
+    streamed_severity: dict[str, Severity] = field(default_factory=dict)  # per monitor: the highest it streamed
+    not_streamed: int = 0  # flags past the bounds that were not streamed either
     strikes: dict[str, int] = field(default_factory=dict)  # consecutive on_step overruns, per monitor
     running: str | None = None  # the monitor in a call now (read by the transport's hard-deadline watchdog)
 
@@ -168,29 +176,44 @@ class Session:
         )
 
     def _record(self, raised: list[Flag]) -> list[Flag]:
+        """Keeps `raised` within the verdict's bounds, hands every flag to the sinks, and returns the
+        ones to stream as events."""
         settings = self.settings
+        streamed: list[Flag] = []
         for flag in raised:
             size = wire_size(flag)
-            if (self.kept_by_monitor[flag.monitor] < settings.max_flags_per_monitor
+            monitor, severity = flag.monitor, flag.severity
+            highest = self.streamed_severity.get(monitor)
+            if (self.kept_by_monitor[monitor] < settings.max_flags_per_monitor
                     and self.kept_bytes + size <= settings.max_verdict_bytes):
                 self.flags.append(flag)
-                self.kept_by_monitor[flag.monitor] += 1
+                self.kept_by_monitor[monitor] += 1
                 self.kept_bytes += size
+                streamed.append(flag)
             else:
-                self.dropped_by_monitor[flag.monitor] += 1
-                self.dropped_severity = max(self.dropped_severity or flag.severity, flag.severity)
+                self.dropped_by_monitor[monitor] += 1
+                self.dropped_severity = max(self.dropped_severity or severity, severity)
+                if settings.stream_flags_past_bounds or highest is None or severity > highest:
+                    streamed.append(flag)
+                else:
+                    self.not_streamed += 1
+            if highest is None or severity > highest:
+                self.streamed_severity[monitor] = severity  # a kept or a past-the-bounds escalation: streamed
             for sink in self.sinks:
                 sink.on_flag(self.record, flag)
-        return raised
+        return streamed
 
     def _summary(self, dropped: int) -> Flag:
         s = self.settings
+        streamed = dropped - self.not_streamed
         return Flag(
             monitor=SUMMARY_MONITOR, severity=self.dropped_severity or Severity.INFO, score=1.0,
             reason=(f"{dropped} flags are not in this verdict (server.max_flags_per_monitor = {s.max_flags_per_monitor}, "
-                    f"server.max_verdict_bytes = {s.max_verdict_bytes}); they were streamed as events, written to the "
-                    "audit log and counted; this flag carries their highest severity"),
-            attributes={"flags_dropped": str(dropped),
+                    f"server.max_verdict_bytes = {s.max_verdict_bytes}); they were written to the audit log and "
+                    f"counted, and {streamed} of them were streamed as events (past the bounds only a flag more severe "
+                    "than its monitor's streamed ones is, unless server.stream_flags_past_bounds); this flag carries "
+                    "their highest severity"),
+            attributes={"flags_dropped": str(dropped), "flags_not_streamed": str(self.not_streamed),
                         **{f"dropped.{name}": str(count) for name, count in sorted(self.dropped_by_monitor.items())}},
         )
 

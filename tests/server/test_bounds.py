@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 import textwrap
@@ -11,6 +12,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from canvaswatch.monitors.base import Evidence, Flag, RequestMeta, Severity
 from canvaswatch.server.config import ConfigError, parse_config
@@ -111,9 +114,10 @@ def flooding_plugin(tmp_path: Path, monkeypatch):
     sys.modules.pop("cw_flood_plugin", None)
 
 
-@pytest.mark.parametrize("mode", ["in_process", "workers"])
-def test_a_flood_of_flags_gets_a_verdict_that_fits_and_says_what_it_left_out(vocab, tmp_path, flooding_plugin, mode):
-    server = {"max_verdict_bytes": 65536, "max_flags_per_monitor": 100}
+@pytest.mark.parametrize(("mode", "stream_all"), [("in_process", False), ("workers", False), ("in_process", True)])
+def test_a_flood_of_flags_gets_a_verdict_that_fits_and_says_what_it_left_out(vocab, tmp_path, flooding_plugin, mode,
+                                                                               stream_all):
+    server = {"max_verdict_bytes": 65536, "max_flags_per_monitor": 100, "stream_flags_past_bounds": stream_all}
     if mode == "workers":
         server["monitor_processes"] = 1
     running = start_sidecar(vocab, tmp_path, {"server": server, "monitors": {"flooding": {}}})
@@ -131,11 +135,16 @@ def test_a_flood_of_flags_gets_a_verdict_that_fits_and_says_what_it_left_out(voc
         running.thread.stop()
     assert error is None
     verdict = events[-1].verdict
-    streamed = [e for e in events if e.HasField("flag")]
-    assert len(streamed) == 400  # every flag still went out as an event
+    streamed = [e.flag for e in events if e.HasField("flag")]
     assert verdict.ByteSize() <= 65536 + 4096  # the kept flags' budget plus the summary
     *kept, summary = verdict.flags
     assert 20 <= len(kept) < 40 and all(f.monitor == "flooding" for f in kept)
+    if stream_all:
+        assert len(streamed) == 400 and summary.attributes["flags_not_streamed"] == "0"
+    else:  # the kept ones, then past the bounds only the escalation to CRITICAL (step 9's first flag)
+        assert streamed[:len(kept)] == kept and len(streamed) == len(kept) + 1
+        assert streamed[-1].severity == pb.CRITICAL and streamed[-1].evidence[0].step == 9
+        assert summary.attributes["flags_not_streamed"] == str(400 - len(kept) - 1)
     assert summary.monitor == "canvaswatch"
     assert summary.attributes["flags_dropped"] == str(400 - len(kept)) == summary.attributes["dropped.flooding"]
     assert "server.max_verdict_bytes = 65536" in summary.reason
@@ -153,8 +162,62 @@ def test_flags_per_monitor_are_capped_before_the_byte_budget():
     session._record([Flag("a", Severity.WARNING, "x") for _ in range(5)] + [Flag("b", Severity.INFO, "y")])
     verdict = session.verdict()
     assert [f.monitor for f in verdict.flags] == ["a", "a", "a", "b", "canvaswatch"]
-    assert verdict.flags_dropped == 2 and verdict.flags[-1].attributes == {"flags_dropped": "2", "dropped.a": "2"}
+    assert verdict.flags_dropped == 2
+    assert verdict.flags[-1].attributes == {"flags_dropped": "2", "flags_not_streamed": "2", "dropped.a": "2"}
     assert verdict.flags[-1].severity == Severity.WARNING
+
+
+def test_past_the_bounds_only_a_monitors_escalations_are_streamed():
+    from canvaswatch.server.pipeline.session import Session, SessionSettings
+
+    session = Session(meta=RequestMeta("r", "m", "", (), 8, 0, {}), monitors=[], metrics=Metrics(), sinks=[],
+                      settings=SessionSettings(max_flags_per_monitor=2))
+    info, warning, critical = Severity.INFO, Severity.WARNING, Severity.CRITICAL
+
+    def streamed(*raised: tuple[str, Severity]) -> list[tuple[str, Severity]]:
+        return [(f.monitor, f.severity) for f in session._record([Flag(m, s, "x") for m, s in raised])]
+
+    assert streamed(("a", info), ("a", info), ("a", info)) == [("a", info), ("a", info)]  # the third is past the bound
+    assert streamed(("a", warning), ("b", info), ("a", info), ("a", warning)) == [("a", warning), ("b", info)]
+    assert streamed(("a", critical), ("a", critical), ("a", warning)) == [("a", critical)]
+    summary = session.verdict().flags[-1]
+    assert summary.attributes == {"flags_dropped": "7", "flags_not_streamed": "5", "dropped.a": "7"}
+    assert "2 of them were streamed" in summary.reason and summary.severity == critical
+
+
+@settings(max_examples=300, deadline=None)
+@given(bound=st.integers(1, 4),
+       raised=st.lists(st.lists(st.tuples(st.sampled_from("ab"), st.sampled_from(list(Severity))), max_size=6),
+                       max_size=8))
+def test_a_client_acting_on_events_sees_each_monitors_first_flag_at_each_severity(bound, raised):
+    """Whatever the bounds drop, when a monitor first raises a flag at severity >= s, a flag of its at
+    severity >= s is among the events of that same step."""
+    from canvaswatch.server.pipeline.session import Session, SessionSettings
+
+    session = Session(meta=RequestMeta("r", "m", "", (), 8, 0, {}), monitors=[], metrics=Metrics(), sinks=[],
+                      settings=SessionSettings(max_flags_per_monitor=bound))
+    seen_raised: set[tuple[str, Severity]] = set()
+    seen_streamed: set[tuple[str, Severity]] = set()
+    for step in raised:
+        out = session._record([Flag(m, s, "x") for m, s in step])
+        assert len(out) <= len(step)
+        for m, s in step:
+            for level in Severity:
+                if s >= level:
+                    seen_raised.add((m, level))
+        for f in out:
+            for level in Severity:
+                if f.severity >= level:
+                    seen_streamed.add((f.monitor, level))
+        assert seen_raised == seen_streamed
+    counts: collections.Counter = collections.Counter()
+    expected_kept = []
+    for m, s in (flag for step in raised for flag in step):
+        counts[m] += 1
+        if counts[m] <= bound:
+            expected_kept.append((m, s))
+    kept = [(f.monitor, f.severity) for f in session.verdict().flags if f.monitor != "canvaswatch"]
+    assert kept == expected_kept  # the verdict keeps each monitor's first `bound` flags, events or not
 
 
 def _flag(reason: str = "r", positions: int = 3, attributes: int = 1) -> Flag:
