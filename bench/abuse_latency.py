@@ -2,8 +2,8 @@
 
     python bench/abuse_latency.py [--requests 60] [--length 256] [--steps 16] [--rows silent,huge_step,...]
 
-Everything runs on 127.0.0.1: one sidecar subprocess per mode (in-process; and worker mode with
-two monitor processes for the runaway row), with the test monitors of tests/server/slow_monitors.py
+Everything runs on 127.0.0.1: one sidecar subprocess per mode (in-process, or --monitor-processes N;
+and worker mode with two monitor processes for the runaway row), with the test monitors of tests/server/slow_monitors.py
 installed through an entry point (each acts only on request ids with its prefix, so the normal
 client is monitored by the default set as usual). The normal client sends `--requests` short
 top-k requests (L = --length, --steps steps each, the calibrated default profile of
@@ -333,6 +333,8 @@ def main() -> None:
                         help="also measure a sidecar (this interpreter unless --compare-python) with these [server] keys")
     parser.add_argument("--tokens", action="store_true", help="the sidecars check bearer tokens, and the normal "
                         "client and the abuser each have one (an authenticated deployment: one token per client)")
+    parser.add_argument("--monitor-processes", type=int, default=0, help="the sidecar's server.monitor_processes for "
+                        "every row but runaway (which always runs with 2); default 0 (in-process)")
     parser.add_argument("--abuse", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -361,8 +363,9 @@ def main() -> None:
                          args.compare_python or sys.executable, args.compare_new_keys or not args.compare_python,
                          args.compare_switch_ms, tuple(args.compare_server)))
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in (0, 2):
-            mode_rows = [r for r in rows if (r == "runaway") == (mode == 2)]
+        modes = sorted({args.monitor_processes, 2})
+        for mode in modes:
+            mode_rows = [r for r in rows if mode == (2 if r == "runaway" else args.monitor_processes)]
             if not mode_rows:
                 continue
             running = []

@@ -337,7 +337,7 @@ class Watcher:
         self._owns_channel = channel is None
         self.channel = channel or grpc.insecure_channel(config.target, options=channel_options())
         self.verdicts: collections.deque[pb.Verdict] = collections.deque(maxlen=1024)
-        self.counters = collections.Counter()
+        self.counters = collections.Counter()  # "flags" counts flag events (past the bounds only escalations stream)
         self.engine_seconds = 0.0  # time the plugin spent on the engine thread (hooks and queueing)
         self._queue: collections.deque[tuple[str, Any]] = collections.deque()
         self._queued_steps = 0

@@ -26,8 +26,9 @@ request that raises flags without end still gets a verdict that fits one gRPC me
 past the bounds still go to the sinks (audit log, metrics); the verdict counts them and ends with
 a summary flag from monitor "canvaswatch" carrying their highest severity. The stream's events are
 bounded the same way (wire contract v1.3): a flag past the bounds is streamed only when it is more
-severe than every flag its monitor has streamed in this request, so a client acting on events
-still sees each monitor's first flag at each higher severity as it is raised, and a monitor that
+severe than every flag its monitor has streamed in this request, so for each severity s the step
+in which a monitor first raises a flag at s or above still streams one of its flags at s or above
+(a client gating at s acts as early as before), and a monitor that
 raises flags without end cannot make the sidecar send events without end (each costs the event
 loop a gRPC message). server.stream_flags_past_bounds = true streams them all, as before v1.3.
 """
@@ -88,6 +89,9 @@ class Session:
     dropped_severity: Severity | None = None
     streamed_severity: dict[str, Severity] = field(default_factory=dict)  # per monitor: the highest it streamed
     not_streamed: int = 0  # flags past the bounds that were not streamed either
+    # Recorded outside a step's own flags (fail_closed's CRITICAL when a monitor fails or is stopped, also
+    # in start): streamed with the next step's events or the finish's.
+    unsent: list[Flag] = field(default_factory=list)
     strikes: dict[str, int] = field(default_factory=dict)  # consecutive on_step overruns, per monitor
     running: str | None = None  # the monitor in a call now (read by the transport's hard-deadline watchdog)
 
@@ -144,7 +148,10 @@ class Session:
             if result:
                 raised.extend(result)
         self.running = None
-        return self._record(raised) if raised else raised
+        streamed = self._record(raised) if raised else raised
+        if self.unsent:
+            streamed, self.unsent = self.unsent + streamed, []
+        return streamed
 
     def finish(self, output_ids: tuple[int, ...], text: str) -> tuple[list[Flag], SessionVerdict]:
         final = FinalCanvas(output_ids=output_ids, text=text, steps_seen=self.steps_seen, steps_dropped=self.client_dropped)
@@ -153,6 +160,8 @@ class Session:
             result = self._guard(monitor, "on_finish", lambda m=monitor: m.on_finish(self.states[m.name], final))
             raised.extend(result or [])
         new = self._record(raised)
+        if self.unsent:
+            new, self.unsent = self.unsent + new, []
         if self.history is not None:
             self.history.output_ids = output_ids
         verdict = self.verdict()
@@ -250,8 +259,8 @@ class Session:
         self.strikes.pop(name, None)
         self.errors.append(f"{name}: {error}"[:MAX_ERROR_CHARS])
         if self.settings.policy == "fail_closed":
-            self._record([Flag(monitor=name, severity=Severity.CRITICAL, reason=f"{why} and the policy is fail_closed",
-                               score=1.0, attributes=attributes)])
+            self.unsent += self._record([Flag(monitor=name, severity=Severity.CRITICAL, score=1.0, attributes=attributes,
+                                              reason=f"{why} and the policy is fail_closed")])
 
     def _overrun(self, monitor: Monitor, phase: str, elapsed: float) -> None:
         """A call over the budget: counted; under the strike policy, the monitor is stopped for this request."""

@@ -185,17 +185,66 @@ def test_past_the_bounds_only_a_monitors_escalations_are_streamed():
     assert "2 of them were streamed" in summary.reason and summary.severity == critical
 
 
-@settings(max_examples=300, deadline=None)
-@given(bound=st.integers(1, 4),
-       raised=st.lists(st.lists(st.tuples(st.sampled_from("ab"), st.sampled_from(list(Severity))), max_size=6),
-                       max_size=8))
-def test_a_client_acting_on_events_sees_each_monitors_first_flag_at_each_severity(bound, raised):
-    """Whatever the bounds drop, when a monitor first raises a flag at severity >= s, a flag of its at
-    severity >= s is among the events of that same step."""
+class _FloodsThenFails:
+    """Raises `per_step` INFO flags a step and fails on step `fails_at` (-1: in start, 99: in on_finish)."""
+
+    name = "floods"
+
+    def __init__(self, per_step: int, fails_at: int) -> None:
+        self.per_step, self.fails_at, self.calls = per_step, fails_at, 0
+
+    def start(self, request):
+        if self.fails_at == -1:
+            raise RuntimeError("no start")
+        return None
+
+    def on_step(self, state, step):
+        self.calls += 1
+        if self.calls == self.fails_at:
+            raise RuntimeError("broken")
+        return [Flag(self.name, Severity.INFO, "x") for _ in range(self.per_step)]
+
+    def on_finish(self, state, final):
+        if self.fails_at == 99:
+            raise RuntimeError("no finish")
+        return []
+
+
+@pytest.mark.parametrize("fails_at", [-1, 3, 99])
+def test_fail_closed_flags_are_streamed_even_past_the_bounds(fails_at):
+    """A monitor failing under fail_closed makes a CRITICAL flag: it goes out as an event with the next
+    step's events (or the finish's), past the bounds too, exactly once."""
+    import types
+
     from canvaswatch.server.pipeline.session import Session, SessionSettings
 
+    monitor = _FloodsThenFails(per_step=5, fails_at=fails_at)
+    session = Session(meta=RequestMeta("r", "m", "", (), 8, 0, {}), monitors=[monitor], metrics=Metrics(), sinks=[],
+                      settings=SessionSettings(policy="fail_closed", max_flags_per_monitor=4))
+    events = [session.on_step(types.SimpleNamespace(residual_mean=None)) for _ in range(4)]
+    finish_events, verdict = session.finish((), "")
+    events.append(finish_events)
+    critical = [(i, f) for i, step in enumerate(events) for f in step if f.severity == Severity.CRITICAL]
+    assert len(critical) == 1 and "fail_closed" in critical[0][1].reason
+    assert critical[0][0] == {-1: 0, 3: 2, 99: 4}[fails_at]  # the step (or the finish) it failed in
+    assert verdict.max_severity == Severity.CRITICAL
+    streamed_info = sum(f.severity == Severity.INFO for step in events for f in step)
+    assert streamed_info == (0 if fails_at == -1 else 4)  # the kept four; the rest past the bound stay unsent
+
+
+@settings(max_examples=300, deadline=None)
+@given(bound=st.integers(1, 4), budget_flags=st.integers(1, 12),
+       raised=st.lists(st.lists(st.tuples(st.sampled_from("ab"), st.sampled_from(list(Severity))), max_size=6),
+                       max_size=8))
+def test_a_client_acting_on_events_sees_each_monitors_first_flag_at_each_severity(bound, budget_flags, raised):
+    """Whatever the bounds drop (flags per monitor, or the verdict's bytes, which one monitor's flags can
+    spend for the other), when a monitor first raises a flag at severity >= s, a flag of its at severity
+    >= s is among the events of that same step."""
+    from canvaswatch.server.pipeline.session import Session, SessionSettings, wire_size
+
+    size = wire_size(Flag("a", Severity.INFO, "x"))
     session = Session(meta=RequestMeta("r", "m", "", (), 8, 0, {}), monitors=[], metrics=Metrics(), sinks=[],
-                      settings=SessionSettings(max_flags_per_monitor=bound))
+                      settings=SessionSettings(max_flags_per_monitor=bound, max_verdict_bytes=budget_flags * size))
     seen_raised: set[tuple[str, Severity]] = set()
     seen_streamed: set[tuple[str, Severity]] = set()
     for step in raised:
@@ -213,11 +262,11 @@ def test_a_client_acting_on_events_sees_each_monitors_first_flag_at_each_severit
     counts: collections.Counter = collections.Counter()
     expected_kept = []
     for m, s in (flag for step in raised for flag in step):
-        counts[m] += 1
-        if counts[m] <= bound:
+        if counts[m] < bound and len(expected_kept) < budget_flags:
+            counts[m] += 1
             expected_kept.append((m, s))
     kept = [(f.monitor, f.severity) for f in session.verdict().flags if f.monitor != "canvaswatch"]
-    assert kept == expected_kept  # the verdict keeps each monitor's first `bound` flags, events or not
+    assert kept == expected_kept  # each monitor's first `bound` flags while the bytes last, events or not
 
 
 def _flag(reason: str = "r", positions: int = 3, attributes: int = 1) -> Flag:
@@ -269,6 +318,7 @@ def test_model_labels_are_bounded_in_length_and_number():
         ({"server": {"max_flags_per_monitor": 0}}, "server.max_flags_per_monitor: must be in [1, 100000]"),
         ({"server": {"max_verdict_bytes": 100}}, "server.max_verdict_bytes: must be in [4096, max_message_bytes - 65536"),
         ({"server": {"max_message_bytes": 1048576, "max_verdict_bytes": 1048576}}, "server.max_verdict_bytes"),
+        ({"server": {"stream_flags_past_bounds": "yes"}}, "server.stream_flags_past_bounds: expected bool, got str 'yes'"),
         ({"logging": {"audit_max_bytes": 10}}, "logging.audit_max_bytes: must be 0 (never rotate) or >= 1048576"),
         ({"logging": {"audit_backups": 0}}, "logging.audit_backups: must be in [1, 1000]"),
     ],

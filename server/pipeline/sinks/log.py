@@ -4,7 +4,7 @@ Evidence snippets are decoded text, so they are logged only when logging.log_con
 
 flag_raised stops after server.max_flags_per_monitor lines for one monitor in one request (the
 verdict's own bound); request_finished then says how many were not logged (`flags_not_logged`).
-The audit log, the events and the metrics still get every flag: the process log is for operators,
+The audit log and the metrics still get every flag: the process log is for operators,
 and a request raising thousands of flags (a flag storm: 50 a step) used to spend half of its
 sidecar time rendering log lines on its step thread, time the other streams waited for the GIL
 (BENCHMARKS.md, "A normal client under abuse, session 7").
