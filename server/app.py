@@ -67,7 +67,8 @@ class Sidecar:
         slots = StreamSlots(StreamLimits.of(s), metrics.active_streams, metrics.streams_refused, s.auth_tokens)
         servicer = CanvasMonitorServicer(self.engine, self.executor, slots)
         threads = self.threads = StepThreads(servicer.borrow, servicer.give_back, metrics,
-                                             hard_deadline_s=s.monitor_hard_deadline_s, dense_concurrency=s.workers)
+                                             hard_deadline_s=s.monitor_hard_deadline_s, dense_concurrency=s.workers,
+                                             large_canvas_nice=s.large_canvas_nice)
         threads.start()
         servicer.threads = threads
         self.slots, self.servicer = slots, servicer

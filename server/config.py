@@ -31,6 +31,7 @@
     tls_client_ca = ""             # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
     workers = 2                    # dense steps decoded at once (memory), and threads for reloads
     monitor_processes = 0          # > 0: decode and monitor in N worker processes (several cores)
+    large_canvas_nice = 19         # in-process: a stream of >= 8,192 positions runs its steps this much nicer (0: off)
 
     [vocab]
     tokenizer = "gemma3-270m"      # or a transformers tokenizer directory
@@ -133,6 +134,10 @@ class ServerSection:
     # 0: decode and monitor on the gRPC process's event loop. N > 0: N worker processes do it and the
     # gRPC process relays bytes (server/workers/pool.py); for more streams than one core can monitor.
     monitor_processes: int = 0
+    # In-process (docs/operations.md): the step thread of a stream whose canvas has LARGE_CANVAS positions
+    # or more (monitors/compiled.py; ordinary canvases are 256-2,048) lowers its OS priority by this much,
+    # so ordinary streams' threads and the event loop go first on a busy machine. 0: off.
+    large_canvas_nice: int = 19
 
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port <= 65535:
@@ -180,6 +185,8 @@ class ServerSection:
             raise ValueError(f"drain_grace_s: must be in [0, 3600] seconds, got {self.drain_grace_s}")
         if not 0 <= self.max_prompt_ids <= 16 * 1024 * 1024:
             raise ValueError(f"max_prompt_ids: must be in [0, 16777216], got {self.max_prompt_ids}")
+        if not 0 <= self.large_canvas_nice <= 19:
+            raise ValueError(f"large_canvas_nice: must be in [0, 19] (0: off), got {self.large_canvas_nice}")
         if not 1 <= self.max_flags_per_monitor <= 100_000:
             raise ValueError(f"max_flags_per_monitor: must be in [1, 100000], got {self.max_flags_per_monitor}")
         # A verdict leaves room under the message limit for the event around it and the summary flag.

@@ -10,9 +10,11 @@ once, when it is over.
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import structlog
 
+from canvaswatch.monitors.compiled import LARGE_CANVAS
 from canvaswatch.server.errors import Refusal, StepError
 from canvaswatch.server.pipeline.engine import Engine
 from canvaswatch.server.pipeline.stream_handler import Outcome, StreamHandler, is_dense
@@ -32,6 +34,9 @@ class StreamTable:
         # In-process, many step threads share the process: dense steps (a [L, V] logits matrix each)
         # take one of these slots, so at most server.workers of them are in memory at once.
         self.dense_slots = dense_slots
+        # In-process: called (on the step thread, before the work) when a stream opens with a canvas of
+        # LARGE_CANVAS positions or more, so its thread can step back in the OS's queue (StepRunner).
+        self.on_large_canvas: Callable[[], None] | None = None
 
     def handle(self, kind: int, stream_id: int, body: bytes) -> tuple[int, list[bytes], StreamStatus | None] | None:
         """(stream id, serialised events, status or None) for a message or an end; None for an open, a
@@ -51,6 +56,9 @@ class StreamTable:
                 except Exception:
                     handler.outcome = Outcome.INVALID
                     raise Undecodable(pb.StepState.DESCRIPTOR.full_name, len(body)).refusal(f"message[{handler.index}]") from None
+                if (self.on_large_canvas is not None and message.HasField("info")
+                        and message.info.canvas_length >= LARGE_CANVAS):
+                    self.on_large_canvas()
                 # The stream stays open after its final message: a message after it is an error.
                 # FINISHED tells the front not to wait for a cancellation when input ends.
                 if self.dense_slots is not None and is_dense(message):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import os
 import queue
 import threading
 import time
@@ -66,6 +67,7 @@ class StepRunner:
         self.lock = threading.Lock()
         self.session: Session | None = None  # a Check's session, once open (the thread sets it, the watchdog reads it)
         self.check: asyncio.Future | None = None  # the loop's side: the Check awaiting this runner
+        self.lowered = False  # its OS priority was lowered for a large canvas: it exits when its stream ends
         self.thread = threading.Thread(target=self._run, name=f"canvaswatch-step-{number}", daemon=True)
         self.thread.start()
 
@@ -99,6 +101,8 @@ class StepRunner:
                 if kind == Frame.OPEN:
                     engine, relay = body
                     self.table = StreamTable(engine, dense_slots=pool.dense_slots)
+                    if pool.large_canvas_nice:
+                        self.table.on_large_canvas = self._lower_priority
                     self.table.handle(kind, stream_id, b"")
                     continue
                 if kind == _RETURN:
@@ -141,6 +145,18 @@ class StepRunner:
             elif wake is not None:
                 loop.call_soon_threadsafe(wake.room.set)
 
+    def _lower_priority(self) -> None:
+        """On this thread: nice it by server.large_canvas_nice, once. An unprivileged process cannot raise
+        a thread's priority again, so a lowered runner is not reused: it exits when its stream ends."""
+        if self.lowered:
+            return
+        self.lowered = True
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.pool.large_canvas_nice)
+        except (AttributeError, OSError) as err:  # not Linux, or not allowed: the stream runs as it is
+            log.debug("large_canvas_nice_failed", error=f"{type(err).__name__}: {err}")
+
     def _opened(self, session: Session) -> None:
         self.session = session
 
@@ -174,8 +190,9 @@ class StepThreads:
     """The in-process step runners, with the interface the relay expects of MonitorWorkers."""
 
     def __init__(self, borrow: Callable[[], Engine], give_back: Callable[[Engine], None], metrics: Metrics,
-                 hard_deadline_s: float, dense_concurrency: int) -> None:
+                 hard_deadline_s: float, dense_concurrency: int, large_canvas_nice: int = 0) -> None:
         self.borrow, self.give_back = borrow, give_back  # the servicer's engine accounting (SIGHUP reloads)
+        self.large_canvas_nice = large_canvas_nice  # server.large_canvas_nice
         self.metrics = metrics
         self.hard_deadline_s = hard_deadline_s
         self.dense_slots = threading.BoundedSemaphore(dense_concurrency)
@@ -250,7 +267,7 @@ class StepThreads:
         if engine is not None:
             self.give_back(engine)
         self.busy.discard(runner)
-        if len(self.idle) < MAX_IDLE:
+        if len(self.idle) < MAX_IDLE and not runner.lowered:
             self.idle.append(runner)
         else:
             runner.send(Frame.STOP, 0)
