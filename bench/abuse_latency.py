@@ -148,10 +148,11 @@ class AbuserProcess:
     """One kind of abuse in its own process (so the abusers' client-side work does not share the normal
     client's GIL); SIGTERM ends it, and it reports how many of its requests got a verdict."""
 
-    def __init__(self, kind: str, target: str, length: int) -> None:
+    def __init__(self, kind: str, target: str, length: int, nice: int = 0) -> None:
         self.process = subprocess.Popen([sys.executable, __file__, "--abuse", kind, "--target", target,
                                          "--length", str(length), *(["--tokens"] if METADATA["abuser"] else [])],
-                                        stdout=subprocess.PIPE, text=True)
+                                        stdout=subprocess.PIPE, text=True,
+                                        preexec_fn=(lambda: os.nice(nice)) if nice else None)
         self.done = self.failed = 0
 
     def finish(self) -> None:
@@ -298,7 +299,7 @@ def ratio_interval(row: list[float], idle: list[float], resamples: int = 2000, s
 
 
 def run_row(kind: str, target: str, steps, args) -> tuple[list[float], int, AbuserProcess]:
-    abuser = AbuserProcess(kind, target, args.length)
+    abuser = AbuserProcess(kind, target, args.length, args.abusers_nice)
     while abuser.process.stdout.readline().strip() not in ("started", ""):
         pass  # its start-up logs (the vocabulary) come first
     time.sleep(1.0)  # the abuse is under way before the normal client starts
@@ -335,6 +336,9 @@ def main() -> None:
                         "client and the abuser each have one (an authenticated deployment: one token per client)")
     parser.add_argument("--monitor-processes", type=int, default=0, help="the sidecar's server.monitor_processes for "
                         "every row but runaway (which always runs with 2); default 0 (in-process)")
+    parser.add_argument("--abusers-nice", type=int, default=0, help="run the abusers' client process at this OS "
+                        "niceness (19: they get only what the sidecar and the normal client leave, as if they ran on "
+                        "other machines; a decomposition of the figures, not a deployment)")
     parser.add_argument("--abuse", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     args = parser.parse_args()
