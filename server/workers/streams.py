@@ -56,7 +56,7 @@ class StreamTable:
                 except Exception:
                     handler.outcome = Outcome.INVALID
                     raise Undecodable(pb.StepState.DESCRIPTOR.full_name, len(body)).refusal(f"message[{handler.index}]") from None
-                if (self.on_large_canvas is not None and message.HasField("info")
+                if (self.on_large_canvas is not None and handler.session is None and message.HasField("info")
                         and message.info.canvas_length >= LARGE_CANVAS):
                     self.on_large_canvas()
                 # The stream stays open after its final message: a message after it is an error.

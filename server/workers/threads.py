@@ -29,6 +29,7 @@ import collections
 import itertools
 import os
 import queue
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -50,6 +51,7 @@ log = structlog.get_logger(__name__)
 _RETURN = -1  # runner-only frame kinds: the stream is released (the runner goes back to the idle pool) ...
 _CALL = -2  # ... or check a whole trace (Check) off the loop
 MAX_IDLE = 32  # idle runners kept for the next streams; more exit
+_THREAD_PRIORITIES = sys.platform == "linux" and hasattr(os, "setpriority")
 
 
 class StepRunner:
@@ -147,15 +149,20 @@ class StepRunner:
 
     def _lower_priority(self) -> None:
         """On this thread: nice it by server.large_canvas_nice, once. An unprivileged process cannot raise
-        a thread's priority again, so a lowered runner is not reused: it exits when its stream ends."""
-        if self.lowered:
+        a thread's priority again, so a lowered runner is not reused: it exits when its stream ends. Only
+        on Linux, where PRIO_PROCESS with a thread id means that one thread (elsewhere, the process)."""
+        if self.lowered or not _THREAD_PRIORITIES:
             return
-        self.lowered = True
         tid = threading.get_native_id()
         try:
             os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.pool.large_canvas_nice)
-        except (AttributeError, OSError) as err:  # not Linux, or not allowed: the stream runs as it is
-            log.debug("large_canvas_nice_failed", error=f"{type(err).__name__}: {err}")
+        except (OSError, OverflowError) as err:  # not allowed here (a sandbox): the stream runs as it is
+            if not self.pool.nice_failed:
+                self.pool.nice_failed = True
+                log.warning("large_canvas_nice_failed", error=f"{type(err).__name__}: {err}",
+                            detail="large canvases run at normal priority (server.large_canvas_nice)")
+            return
+        self.lowered = True
 
     def _opened(self, session: Session) -> None:
         self.session = session
@@ -193,6 +200,7 @@ class StepThreads:
                  hard_deadline_s: float, dense_concurrency: int, large_canvas_nice: int = 0) -> None:
         self.borrow, self.give_back = borrow, give_back  # the servicer's engine accounting (SIGHUP reloads)
         self.large_canvas_nice = large_canvas_nice  # server.large_canvas_nice
+        self.nice_failed = False  # logged once
         self.metrics = metrics
         self.hard_deadline_s = hard_deadline_s
         self.dense_slots = threading.BoundedSemaphore(dense_concurrency)

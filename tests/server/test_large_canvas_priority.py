@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import grpc
@@ -62,6 +63,16 @@ def where_plugin(tmp_path: Path, monkeypatch):
     sys.modules.pop("cw_where_plugin", None)
 
 
+def _settled(running) -> None:
+    """The last stream's runner is back in the idle pool (or exited): a call's end reaches the client
+    before the loop takes its runner back."""
+    threads = running.thread.sidecar.threads
+    deadline = time.monotonic() + 10
+    while threads.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not threads.busy
+
+
 def _where(running, request_id: str, length: int) -> tuple[int, int]:
     """(niceness, native thread id) of the step thread that ran one request of `length` positions."""
     ids = torch.full((length, 2), 3000, dtype=torch.int32) + torch.arange(2, dtype=torch.int32)
@@ -70,6 +81,7 @@ def _where(running, request_id: str, length: int) -> tuple[int, int]:
     with running.channel() as channel:
         events = list(pb_grpc.CanvasMonitorStub(channel).Watch(
             iter([*steps, pb.StepState(final=True, output_ids=[3000])]), timeout=60))
+    _settled(running)
     flags = [e.flag for e in events if e.HasField("flag") and e.flag.monitor == "where"]
     assert len(flags) == 2 and len({f.attributes["tid"] for f in flags}) == 1  # one stream, one thread
     return int(flags[0].attributes["nice"]), int(flags[0].attributes["tid"])
@@ -103,3 +115,26 @@ def test_the_key_is_validated_naming_it():
 
     with pytest.raises(ConfigError, match=r"server.large_canvas_nice: must be in \[0, 19\] \(0: off\), got 20"):
         parse_config({"server": {"large_canvas_nice": 20}})
+
+
+def test_only_a_streams_first_message_can_make_it_a_large_canvas(vocab):
+    """The hook fires on the message that opens the request, not on an `info` a later message carries."""
+    from canvaswatch.server.config import default_config
+    from canvaswatch.server.pipeline.engine import Engine
+    from canvaswatch.server.workers.protocol import Frame
+    from canvaswatch.server.workers.streams import StreamTable
+
+    engine = Engine(default_config(), vocab, monitors=[])
+    calls = []
+    for first_length, later_length, expected in ((64, LARGE_CANVAS, 0), (LARGE_CANVAS, LARGE_CANVAS, 1)):
+        table = StreamTable(engine)
+        table.on_large_canvas = lambda: calls.append(1)
+        table.handle(Frame.OPEN, 1, b"")
+        ids = torch.full((first_length, 2), 3000, dtype=torch.int32)
+        table.handle(Frame.MESSAGE, 1, topk_step(ids, torch.tensor([[0.7, 0.2]]).expand(first_length, 2),
+                                                  info=info_for("r", first_length)).SerializeToString())
+        later = pb.StepState(step=1, info=info_for("r", later_length))
+        table.handle(Frame.MESSAGE, 1, later.SerializeToString())  # refused or not, it must not lower
+        assert len(calls) == expected
+        calls.clear()
+    engine.close()
