@@ -37,7 +37,7 @@ def test_rules_are_valid_and_every_alert_has_a_unit_test():
     alerts = {r["alert"] for g in yaml.safe_load((DEPLOY / "rules.yml").read_text())["groups"] for r in g["rules"] if "alert" in r}
     covered = {t["alertname"] for test in yaml.safe_load((DEPLOY / "tests.yml").read_text())["tests"]
                for t in test.get("alert_rule_test", [])}
-    assert alerts == covered and len(alerts) == 6
+    assert alerts == covered and len(alerts) == 8
 
 
 def _free_port() -> int:
