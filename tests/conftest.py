@@ -6,10 +6,14 @@ can run on a machine whose grpcio is older than the generated code needs.
 
 from __future__ import annotations
 
+import importlib
+import sys
+import textwrap
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -98,6 +102,19 @@ def install_entry_point(directory: Path, monkeypatch: pytest.MonkeyPatch, name: 
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: cw-entry-{name}\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text(f"[canvaswatch.monitors]\n{name} = {target}\n")
     monkeypatch.syspath_prepend(str(directory))
+
+
+def install_plugin_source(directory: Path, monkeypatch: pytest.MonkeyPatch, package: str, source: str,
+                          entry_points: dict[str, str]) -> Iterator[ModuleType]:
+    """For a fixture (`yield from install_plugin_source(...)`): `source` written as the package `package`
+    under `directory`, each of `entry_points` (name -> class in it) installed as a plugin's entry point,
+    the imported package yielded, and forgotten afterwards so the next test imports its own."""
+    (directory / package).mkdir()
+    (directory / package / "__init__.py").write_text(textwrap.dedent(source))
+    for name, cls in entry_points.items():
+        install_entry_point(directory, monkeypatch, name, f"{package}:{cls}")
+    yield importlib.import_module(package)
+    sys.modules.pop(package, None)
 
 
 def topk_step(ids: torch.Tensor, probs: torch.Tensor, block: int = 0, step: int = 0, info=None):

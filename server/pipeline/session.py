@@ -148,10 +148,7 @@ class Session:
             if result:
                 raised.extend(result)
         self.running = None
-        streamed = self._record(raised) if raised else raised
-        if self.unsent:
-            streamed, self.unsent = self.unsent + streamed, []
-        return streamed
+        return self._with_unsent(self._record(raised) if raised else raised)
 
     def finish(self, output_ids: tuple[int, ...], text: str) -> tuple[list[Flag], SessionVerdict]:
         final = FinalCanvas(output_ids=output_ids, text=text, steps_seen=self.steps_seen, steps_dropped=self.client_dropped)
@@ -159,9 +156,7 @@ class Session:
         for monitor in self.monitors:
             result = self._guard(monitor, "on_finish", lambda m=monitor: m.on_finish(self.states[m.name], final))
             raised.extend(result or [])
-        new = self._record(raised)
-        if self.unsent:
-            new, self.unsent = self.unsent + new, []
+        new = self._with_unsent(self._record(raised))
         if self.history is not None:
             self.history.output_ids = output_ids
         verdict = self.verdict()
@@ -210,6 +205,13 @@ class Session:
                 self.streamed_severity[monitor] = severity  # a kept or a past-the-bounds escalation: streamed
             for sink in self.sinks:
                 sink.on_flag(self.record, flag)
+        return streamed
+
+    def _with_unsent(self, streamed: list[Flag]) -> list[Flag]:
+        """`streamed` after the flags recorded since the last events went out (fail_closed's, `unsent`)."""
+        if not self.unsent:
+            return streamed
+        streamed, self.unsent = self.unsent + streamed, []
         return streamed
 
     def _summary(self, dropped: int) -> Flag:

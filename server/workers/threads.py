@@ -103,7 +103,7 @@ class StepRunner:
                 if kind == Frame.OPEN:
                     engine, relay = body
                     self.table = StreamTable(engine, dense_slots=pool.dense_slots)
-                    if pool.large_canvas_nice:
+                    if pool.large_canvas_nice and _THREAD_PRIORITIES:
                         self.table.on_large_canvas = self._lower_priority
                     self.table.handle(kind, stream_id, b"")
                     continue
@@ -151,7 +151,7 @@ class StepRunner:
         """On this thread: nice it by server.large_canvas_nice, once. An unprivileged process cannot raise
         a thread's priority again, so a lowered runner is not reused: it exits when its stream ends. Only
         on Linux, where PRIO_PROCESS with a thread id means that one thread (elsewhere, the process)."""
-        if self.lowered or not _THREAD_PRIORITIES:
+        if self.lowered:
             return
         tid = threading.get_native_id()
         try:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import sys
-import textwrap
 from pathlib import Path
 
 import grpc
@@ -22,7 +20,7 @@ from canvaswatch.server.ops.metrics import OTHER, Metrics
 from canvaswatch.server.pipeline.wire import request_meta
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
-from tests.conftest import install_entry_point, start_sidecar, topk_step
+from tests.conftest import install_plugin_source, start_sidecar, topk_step
 
 L, K = 8, 4
 
@@ -106,12 +104,7 @@ class Flooding:
 
 @pytest.fixture
 def flooding_plugin(tmp_path: Path, monkeypatch):
-    package = tmp_path / "cw_flood_plugin"
-    package.mkdir()
-    (package / "__init__.py").write_text(textwrap.dedent(FLOODING))
-    install_entry_point(tmp_path, monkeypatch, "flooding", "cw_flood_plugin:Flooding")
-    yield
-    sys.modules.pop("cw_flood_plugin", None)
+    yield from install_plugin_source(tmp_path, monkeypatch, "cw_flood_plugin", FLOODING, {"flooding": "Flooding"})
 
 
 @pytest.mark.parametrize(("mode", "stream_all"), [("in_process", False), ("workers", False), ("in_process", True)])

@@ -7,19 +7,16 @@ A test monitor reports, in a flag, the niceness and the native id of the thread 
 from __future__ import annotations
 
 import os
-import sys
-import textwrap
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 
 from canvaswatch.monitors.compiled import LARGE_CANVAS
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
-from tests.conftest import info_for, install_entry_point, start_sidecar, topk_step
+from tests.conftest import info_for, install_plugin_source, start_sidecar, topk_step
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities need os.setpriority (Linux)")
 
@@ -55,12 +52,7 @@ class Where:
 
 @pytest.fixture
 def where_plugin(tmp_path: Path, monkeypatch):
-    package = tmp_path / "cw_where_plugin"
-    package.mkdir()
-    (package / "__init__.py").write_text(textwrap.dedent(WHERE))
-    install_entry_point(tmp_path, monkeypatch, "where", "cw_where_plugin:Where")
-    yield
-    sys.modules.pop("cw_where_plugin", None)
+    yield from install_plugin_source(tmp_path, monkeypatch, "cw_where_plugin", WHERE, {"where": "Where"})
 
 
 def _settled(running) -> None:

@@ -3,8 +3,6 @@ closed once, told where blocks begin; and a class with only the Protocol's membe
 
 from __future__ import annotations
 
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ from canvaswatch.server.cli import main
 from canvaswatch.server.config import ConfigError, default_config, parse_config
 from canvaswatch.server.pipeline.engine import Engine
 from canvaswatch.v1 import monitor_pb2 as pb
-from tests.conftest import info_for, install_entry_point, topk_step
+from tests.conftest import info_for, install_plugin_source, topk_step
 
 PLUGINS = '''
 from dataclasses import dataclass
@@ -76,13 +74,8 @@ class Plain:
 
 @pytest.fixture
 def plugins(tmp_path: Path, monkeypatch):
-    (tmp_path / "cw_lifecycle_plugins.py").write_text(textwrap.dedent(PLUGINS))
-    install_entry_point(tmp_path, monkeypatch, "counting", "cw_lifecycle_plugins:Counting")
-    install_entry_point(tmp_path, monkeypatch, "plain", "cw_lifecycle_plugins:Plain")
-    import cw_lifecycle_plugins
-
-    yield cw_lifecycle_plugins
-    sys.modules.pop("cw_lifecycle_plugins", None)
+    yield from install_plugin_source(tmp_path, monkeypatch, "cw_lifecycle_plugins", PLUGINS,
+                                     {"counting": "Counting", "plain": "Plain"})
 
 
 def _config(monitors: dict):

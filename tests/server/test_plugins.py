@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from canvaswatch.client.replay import replay
 from canvaswatch.monitors import registry
 from canvaswatch.server.config import ConfigError, parse_config
 from canvaswatch.v1 import monitor_pb2 as pb
-from tests.conftest import install_entry_point, start_sidecar
+from tests.conftest import install_plugin_source, start_sidecar
 
 PLUGIN = '''
 from dataclasses import dataclass
@@ -48,12 +46,7 @@ class Exploding:
 
 @pytest.fixture
 def plugin_on_path(tmp_path: Path, monkeypatch):
-    package = tmp_path / "cw_test_plugin"
-    package.mkdir()
-    (package / "__init__.py").write_text(textwrap.dedent(PLUGIN))
-    install_entry_point(tmp_path, monkeypatch, "exploding", "cw_test_plugin:Exploding")
-    yield
-    sys.modules.pop("cw_test_plugin", None)
+    yield from install_plugin_source(tmp_path, monkeypatch, "cw_test_plugin", PLUGIN, {"exploding": "Exploding"})
 
 
 def test_entry_point_plugin_is_discovered_and_configured(plugin_on_path):
