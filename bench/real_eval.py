@@ -1,11 +1,14 @@
 """The monitors on the real DiffusionGemma captures: every capture x probability rule x signals.
 
-    python bench/real_eval.py [--real ../shared/real] [--config FILE] [--limit N] [--json out.json]
+    python bench/real_eval.py [--real ../shared/real] [--capture NAME=FILE ...] [--config FILE] [--limit N]
+                              [--json out.json]
 
 Prints, per run (capture/rule/signals), `canvaswatch eval`'s table, then the requirements of
 issue 11 item 4 (canvaswatch.server.evaluation.real_data) with whether each holds. The
 captures are read from --real (never copied into the repository; BENCHMARKS.md cites their
-repository, files and commits).
+repository, files and commits). A capture whose file is absent is skipped, and said so;
+`--capture gallery=heldout/gallery.json` (repeatable) scores those files alone, each with the
+anim_curves.json beside it (else the one under --real) for the entropy rule.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from pathlib import Path
 from canvaswatch.server.bottleneck.vocab import load_vocabulary
 from canvaswatch.server.config import load_config
 from canvaswatch.server.evaluation import evaluate as ev
-from canvaswatch.server.evaluation.real_data import as_table, requirements, score_runs
+from canvaswatch.server.evaluation.real_data import as_table, capture_paths, requirements, score_runs
+from canvaswatch.server.importers import FORMATS, CaptureError
 from canvaswatch.server.ops.logs import configure_logging
 from canvaswatch.server.pipeline.engine import Engine
 
@@ -32,16 +36,32 @@ def main() -> int:
     parser.add_argument("--config")
     parser.add_argument("--limit", type=int, help="at most N runs per capture")
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--capture", action="append", default=[], metavar="NAME=FILE",
+                        help=f"score this file as capture NAME ({', '.join(FORMATS)}); repeatable; only these then")
     args = parser.parse_args()
     real = Path(args.real)
-    if not real.is_dir():
-        print(f"real_eval: {real}: no such directory (the captures are not in this repository)", file=sys.stderr)
+    try:
+        overrides = dict(_capture(spec) for spec in args.capture)
+        paths, absent = capture_paths(real, overrides)
+    except ValueError as err:
+        print(f"real_eval: {err}", file=sys.stderr)
+        return 2
+    if absent:
+        print(f"real_eval: skipped {', '.join(absent)}: no file at "
+              f"{', '.join(str(overrides.get(n, real / FORMATS[n].file)) for n in absent)}", file=sys.stderr)
+    if not paths:
+        print(f"real_eval: no capture to score under {real} (the captures are not in this repository)", file=sys.stderr)
         return 2
     configure_logging("warning")
     config = load_config(args.config)
     engine = Engine(config, load_vocabulary(config.vocab.tokenizer))
     started = time.perf_counter()
-    scores = score_runs(engine, real, limit=args.limit)
+    try:
+        scores = score_runs(engine, real, captures=tuple(paths), paths=paths, limit=args.limit)
+    except CaptureError as err:  # a malformed capture, or no curves for the entropy rule: one line
+        print(f"real_eval: {err}", file=sys.stderr)
+        engine.close()
+        return 2
     for run, rows in scores.items():
         print(f"\n### {run.name}\n")
         print(ev.as_table(rows))
@@ -58,6 +78,13 @@ def main() -> int:
         }, indent=2) + "\n")
     engine.close()
     return 0
+
+
+def _capture(spec: str) -> tuple[str, Path]:
+    name, sep, file = spec.partition("=")
+    if not sep or not file:
+        raise ValueError(f"--capture {spec!r}: expected NAME=FILE, e.g. gallery=heldout/gallery.json")
+    return name, Path(file)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     imported.add_argument("--seed", type=int, default=0, help="seed of the fill rules' random streams")
     imported.add_argument("--no-signals", action="store_true",
                           help="leave out the sampler signals (accepted, entropy, argmax_ids, temperature)")
+    imported.add_argument("--canvas-length", type=int,
+                          help="require this canvas length (clean, bench_order, poem; films: the content's canvas); "
+                               "default: what the capture records")
+    imported.add_argument("--steps", type=int,
+                          help="clean only: steps per trace (default: the run's T, else max(48, last lock + 2))")
 
     evaluate = sub.add_parser("eval", help="precision, recall, FPR and AUROC of each monitor on labelled traces")
     evaluate.add_argument("traces", help=".cwtrace file whose traces carry a 'labels' attribute")
@@ -349,7 +354,7 @@ def _import(args: argparse.Namespace) -> int:
     try:
         traces = import_capture(args.format, Path(args.path), rule=args.rule, k=args.k,
                                 curves=Path(args.curves) if args.curves else None, seed=args.seed,
-                                signals=not args.no_signals)
+                                signals=not args.no_signals, canvas_length=args.canvas_length, steps=args.steps)
     except (CaptureError, ValueError) as err:  # malformed capture or bad argument: one line, nothing written
         print(f"canvaswatch: import: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,8 @@ then states what the monitors must hold on real dynamics and whether they do:
   - every gallery case labelled with a monitor's phenomenon is flagged by it.
 
 A requirement must hold under every rule: a monitor that passes under one only is tuned to
-the rule, not to the model.
+the rule, not to the model. A requirement is stated only where its data exists: recall needs
+revised answers, an FPR needs negatives (a capture with none of them proves nothing either way).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from canvaswatch.server.pipeline.engine import Engine
 ORDINARY = ("bench_order", "films", "poem")
 MAX_ORDINARY_FLAG_RATE = 0.10
 MIN_REVISION_RECALL, MAX_REVISION_FPR = 0.8, 0.1
+CURVES_FILE = "anim_curves.json"  # the entropy rule's curves
 
 
 @dataclass(frozen=True)
@@ -54,18 +56,40 @@ class Requirement:
     holds: bool
 
 
+def capture_paths(real: Path, overrides: dict[str, Path] | None = None) -> tuple[dict[str, Path], list[str]]:
+    """({capture: file} to score, [captures whose file is absent]): each capture's file under `real` by
+    its usual name (FORMATS), or the file `overrides` gives it; with overrides, only those captures.
+    The entropy rule reads the anim_curves.json beside each file, else the one under `real`."""
+    if overrides:
+        unknown = sorted(set(overrides) - set(FORMATS))
+        if unknown:
+            raise ValueError(f"unknown capture {unknown[0]!r}; one of {', '.join(FORMATS)}")
+        wanted = dict(overrides)
+    else:
+        wanted = {name: real / spec.file for name, spec in FORMATS.items()}
+    present = {name: path for name, path in wanted.items() if path.is_file()}
+    return present, [name for name in wanted if name not in present]
+
+
 def score_runs(engine: Engine, real: Path, *, captures: Iterable[str] = tuple(FORMATS),
                rules: Iterable[str] = ("committed", "entropy"), signals: Iterable[bool] = (True, False),
-               limit: int | None = None) -> dict[Run, list[MonitorScore]]:
-    """Every (capture, rule, signals) combination's per-monitor scores. `limit`: at most that many runs a file."""
+               limit: int | None = None, paths: dict[str, Path] | None = None) -> dict[Run, list[MonitorScore]]:
+    """Every (capture, rule, signals) combination's per-monitor scores. `limit`: at most that many runs a file.
+    `paths`: each capture's file (capture_paths); default: its usual name under `real`."""
     out: dict[Run, list[MonitorScore]] = {}
     for capture in captures:
-        path = real / FORMATS[capture].file
+        path = paths[capture] if paths is not None else real / FORMATS[capture].file
         for rule in rules:
             for with_signals in signals:
-                traces = import_capture(capture, path, rule=rule, signals=with_signals, encoder=engine.vocab)
+                traces = import_capture(capture, path, rule=rule, signals=with_signals, encoder=engine.vocab,
+                                        curves=_curves_for(path, real))
                 out[Run(capture, rule, with_signals)] = evaluate(engine, traces[:limit])
     return out
+
+
+def _curves_for(path: Path, real: Path) -> Path:
+    beside = path.parent / CURVES_FILE
+    return beside if beside.is_file() else real / CURVES_FILE
 
 
 def requirements(engine: Engine, scores: dict[Run, list[MonitorScore]]) -> list[Requirement]:
@@ -77,10 +101,12 @@ def requirements(engine: Engine, scores: dict[Run, list[MonitorScore]]) -> list[
             if s.monitor == OUTPUT_ONLY:  # the output-only comparison is expected to miss; it is no monitor
                 continue
             if run.capture == "clean" and s.monitor == "self_correction":
-                found.append(Requirement(s.monitor, run, "recall on revised answers", s.recall, MIN_REVISION_RECALL,
-                                         s.recall >= MIN_REVISION_RECALL))
-                found.append(Requirement(s.monitor, run, "FPR on answer-stable runs", s.false_positive_rate,
-                                         MAX_REVISION_FPR, s.false_positive_rate <= MAX_REVISION_FPR))
+                if s.positives:
+                    found.append(Requirement(s.monitor, run, "recall on revised answers", s.recall,
+                                             MIN_REVISION_RECALL, s.recall >= MIN_REVISION_RECALL))
+                if s.negatives:
+                    found.append(Requirement(s.monitor, run, "FPR on answer-stable runs", s.false_positive_rate,
+                                             MAX_REVISION_FPR, s.false_positive_rate <= MAX_REVISION_FPR))
             if run.capture in ORDINARY and s.monitor in info_level:
                 if s.unlabelled:
                     rate = s.unlabelled_flag_rate
@@ -104,4 +130,4 @@ def as_table(found: list[Requirement]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ORDINARY", "Requirement", "Run", "as_table", "requirements", "score_runs"]
+__all__ = ["ORDINARY", "Requirement", "Run", "as_table", "capture_paths", "requirements", "score_runs"]

@@ -88,8 +88,11 @@ def import_capture(format: str, path: Path, *, rule: str = "committed", k: int =
     probabilities = make_rule(rule, Path(curves) if curves is not None else path.parent / "anim_curves.json") \
         if rule == "entropy" else make_rule(rule, None)
     spec = FORMATS[format]
+    runs = spec.read(path, options)
+    if not runs:
+        raise CaptureError(path.name, "(top level)", "no runs in the file")
     traces = []
-    for run in spec.read(path, options):
+    for run in runs:
         extra = {}
         if isinstance(probabilities, EntropyRule):
             extra["curves"] = f"{probabilities.curves.source}:{probabilities.curves.for_run(run.curve_key)[2]}"

@@ -6,7 +6,9 @@ poem_order.json), `pid`, `T` (steps, 48), `content` (the content positions),
 `final_text` (the first 300 characters of the output). All are read.
 
 Rebuilt run (commit_order.py has the shared rule):
-  - canvas: 256 positions (`canvas_length` to change); steps: `T`;
+  - canvas: `canvas_length` if given, else the run's `C` where it records one,
+    else 256 positions (the capture's canvas) or as many as the content
+    needs when it reaches past them; steps: `T`;
   - tokens: `final_text` tokenised (text.py: the Gemma tokenizer, channel
     markers as ids 100/101) fills the content positions in canvas order. A
     text of 300 characters or more that gives fewer ids than there are content
@@ -21,9 +23,10 @@ Rebuilt run (commit_order.py has the shared rule):
   - roles: content positions reasoning, the rest template.
 
 Labels: non_chronological when the content commits late-first
-(commit_order.py), and `labelled` = non_chronological: these are ordinary
-runs, so for every other monitor they count toward its flag rate on
-unlabelled requests (server/evaluation/evaluate.py).
+(commit_order.py), and `labelled` = non_chronological where the order could
+be judged (8 or more content positions): these are ordinary runs, so for
+every other monitor they count toward its flag rate on unlabelled requests
+(server/evaluation/evaluate.py).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from canvaswatch.server.importers.canvas import RebuiltRun, run_rng
-from canvaswatch.server.importers.commit_order import positions_and_locks, rebuild_content
+from canvaswatch.server.importers.commit_order import MAX_CANVAS, order_known, positions_and_locks, rebuild_content
 from canvaswatch.server.importers.fields import CaptureError, Fields, load_json
 from canvaswatch.server.importers.options import ImportOptions
 from canvaswatch.server.importers.text import PAD_ID, TEXT_LIMIT, encode_text, placeholder_ids, ranges
@@ -57,10 +60,13 @@ def _read(path: Path, options: ImportOptions, format_name: str) -> list[RebuiltR
 
 
 def _run(fields: Fields, options: ImportOptions, format_name: str) -> RebuiltRun:
-    length = options.canvas_length or CANVAS_LENGTH
     bench = fields.string("bench")
     pid = fields.string("pid")
     steps = fields.integer("T", low=1)
+    length = options.canvas_length or fields.integer("C", low=1, high=MAX_CANVAS, optional=True)
+    if length is None:  # the capture's canvas, or the content's extent where it reaches past it
+        reach = fields.ints("content", high=MAX_CANVAS, what="positions").max(initial=-1)
+        length = max(CANVAS_LENGTH, int(reach) + 1)
     text = fields.string("final_text")
     content, content_lock = positions_and_locks(fields, "content", "lock", length, steps)
 
@@ -86,6 +92,6 @@ def _run(fields: Fields, options: ImportOptions, format_name: str) -> RebuiltRun
         "bench": bench, "task": pid, "content_positions": ranges(content), "text_positions": ranges(text_positions),
         "placeholder_positions": ranges(filler), "text_truncated": str(truncated).lower(),
         "filled": "probabilities,alternatives,undecided_argmax" + (",placeholder_tokens" if filler.size else ""),
-        "labels": "non_chronological" if late else "", "labelled": "non_chronological", **order,
+        "labels": "non_chronological" if late else "", "labelled": "non_chronological" if order_known(order) else "", **order,
     }
     return RebuiltRun(name=pid, argmax=argmax, decided=decided, final=final, roles=roles, attributes=attributes)

@@ -9,11 +9,13 @@ canvas, Gemma ids), `ans_pos` / `cot_pos` (answer and reasoning positions),
 `n_cot` are not needed.
 
 Rebuilt run (see commit_order.py for the shared rule):
-  - canvas: `final_ids`, unchanged (256 positions; `canvas_length` to change);
-  - steps: the capture records none; the trace has max(48, last lock + 2)
-    steps (48: the default sampler's budget, which bench_order.json records
-    for the same sampler; +2: the last change and one step repeating it), or
-    `steps` if given (then a lock at or past it is refused);
+  - canvas: `final_ids`, unchanged (its length, 256 in the capture;
+    `canvas_length` to require another);
+  - steps: `steps` if given, else the run's `T` where it records one (a lock
+    at or past either is refused), else max(48, last lock + 2) (48: the
+    default sampler's budget, which bench_order.json records for the same
+    sampler; +2: the last change and one step repeating it); a lock step of
+    MAX_STEPS or more is refused as no real run's;
   - locks: `ans_lock` / `cot_lock` at their positions; the other positions
     (channel header, end of turn, padding) lock at step 0;
   - reasoning positions before their lock: drafts (commit_order.py);
@@ -32,7 +34,9 @@ Rebuilt run (see commit_order.py for the shared rule):
 
 Labels (`labels` attribute, comma-separated monitor names):
   - self_correction: `answer_traj` holds more than one answer (the answer was
-    revised while the reasoning formed);
+    revised while the reasoning formed), counted after trimming white space,
+    dropping empty entries and merging an entry with the one before it when
+    they are the same (a list that repeats an answer shows one answer);
   - non_chronological: late-first commit order over ans_pos + cot_pos in canvas
     order (commit_order.py). The answer sits at the canvas start in these
     runs, so settling it first is left-to-right; whether it settled before
@@ -42,7 +46,9 @@ Scope (server/evaluation/evaluate.py): `labelled` = self_correction and
 non_chronological (every other monitor counts these runs only toward its flag
 rate on unlabelled requests), `label_positions.self_correction` = the answer
 positions (a revision flagged in the reasoning is not the answer's). A run
-without answer positions is labelled for non_chronological only.
+without answer positions or without an answer trajectory is not labelled for
+self_correction, and one whose commit order is unknown (fewer than 8 content
+positions, commit_order.py) not for non_chronological: neither can be a negative.
 """
 
 from __future__ import annotations
@@ -53,13 +59,12 @@ from pathlib import Path
 import numpy as np
 
 from canvaswatch.server.importers.canvas import ROLE_ANSWER, ROLE_OTHER, ROLE_REASONING, RebuiltRun, run_rng
-from canvaswatch.server.importers.commit_order import order_attributes, positions_and_locks, rebuild
+from canvaswatch.server.importers.commit_order import order_attributes, order_known, positions_and_locks, rebuild
 from canvaswatch.server.importers.fields import CaptureError, Fields, load_json
 from canvaswatch.server.importers.options import ImportOptions
 from canvaswatch.server.importers.text import PAD_ID, TextEncoder, encode_text, ranges
 
 FORMAT = "clean"
-CANVAS_LENGTH = 256
 DEFAULT_STEPS = 48
 
 
@@ -71,13 +76,17 @@ def read(path: Path, options: ImportOptions) -> list[RebuiltRun]:
 
 
 def _run(name: str, fields: Fields, options: ImportOptions) -> RebuiltRun:
-    length = options.canvas_length or CANVAS_LENGTH
-    final = fields.ints("final_ids", length=length, high=options.vocab_size, what="integers")
-    ans_pos, ans_lock = positions_and_locks(fields, "ans_pos", "ans_lock", length, options.steps)
-    cot_pos, cot_lock = positions_and_locks(fields, "cot_pos", "cot_lock", length, options.steps)
+    final = fields.ints("final_ids", length=options.canvas_length, high=options.vocab_size, what="integers")
+    if not final.size:
+        raise fields.fail("final_ids", "empty: the run has no canvas")
+    length = final.size
+    recorded_steps = fields.integer("T", low=1, optional=True) if options.steps is None else None
+    steps_bound = options.steps or recorded_steps
+    ans_pos, ans_lock = positions_and_locks(fields, "ans_pos", "ans_lock", length, steps_bound)
+    cot_pos, cot_lock = positions_and_locks(fields, "cot_pos", "cot_lock", length, steps_bound)
     if np.intersect1d(ans_pos, cot_pos).size:
         raise fields.fail("cot_pos", f"position {int(np.intersect1d(ans_pos, cot_pos)[0])} is also in ans_pos")
-    answers = fields.strings("answer_traj")
+    answers = shown_answers(fields.strings("answer_traj"))
     if answers and not ans_pos.size:
         raise fields.fail("answer_traj", f"{len(answers)} answers but ans_pos is empty")
     pid = fields.string("pid")
@@ -87,7 +96,7 @@ def _run(name: str, fields: Fields, options: ImportOptions) -> RebuiltRun:
     lock[ans_pos] = ans_lock
     lock[cot_pos] = cot_lock
     last = int(lock.max())
-    steps = options.steps if options.steps is not None else max(DEFAULT_STEPS, last + 2)
+    steps = steps_bound if steps_bound is not None else max(DEFAULT_STEPS, last + 2)
     answer_lock = int(ans_lock.max()) if ans_lock.size else 0
     if len(answers) > 1 and len(answers) - 1 > answer_lock:
         raise fields.fail("answer_traj", f"{len(answers)} answers need {len(answers) - 1} changes, "
@@ -119,6 +128,8 @@ def _run(name: str, fields: Fields, options: ImportOptions) -> RebuiltRun:
     roles[ans_pos] = ROLE_ANSWER
     order, late = order_attributes(lock[content])
     labels = (["self_correction"] if len(answers) > 1 else []) + (["non_chronological"] if late else [])
+    labelled = (["self_correction"] if ans_pos.size and answers else []) + \
+        (["non_chronological"] if order_known(order) else [])
     attributes = {
         "task": pid, "answer_positions": ranges(ans_pos), "reasoning_positions": ranges(cot_pos),
         "answers": json.dumps(answers, ensure_ascii=False), "answer_steps": ",".join(map(str, starts)),
@@ -127,9 +138,9 @@ def _run(name: str, fields: Fields, options: ImportOptions) -> RebuiltRun:
                                                   and answer_lock < np.median(cot_lock))).lower(),
         "filled": "probabilities,alternatives,undecided_argmax,steps" + (",answer_timing" if len(answers) > 1 else ""),
         "labels": ",".join(labels),
-        "labelled": "self_correction,non_chronological" if ans_pos.size else "non_chronological", **order,
+        "labelled": ",".join(labelled), **order,
     }
-    if ans_pos.size:  # a self_correction flag speaks for the answer only when its evidence touches the answer
+    if "self_correction" in labelled:  # a self_correction flag speaks for the answer only when its evidence touches the answer
         attributes["label_positions.self_correction"] = ranges(ans_pos)
     for key, attr in (("cat", "category"), ("correct_ans", "correct_answer"), ("model_ans", "model_answer"),
                       ("lure", "lure"), ("is_correct", "is_correct"), ("n_flips", "n_flips"), ("seed", "seed"),
@@ -142,10 +153,25 @@ def _run(name: str, fields: Fields, options: ImportOptions) -> RebuiltRun:
                       attributes=attributes, curve_key=pid, prompt_ids=prompt)
 
 
+def shown_answers(recorded: list[str]) -> list[str]:
+    """The distinct answers a run showed, in order: trimmed, empty entries dropped, an entry equal to the
+    one before it merged into it (a trajectory that lists one answer twice shows one answer)."""
+    shown: list[str] = []
+    for answer in recorded:
+        answer = answer.strip()
+        if answer and (not shown or shown[-1] != answer):
+            shown.append(answer)
+    return shown
+
+
+def _plain_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # str.isdigit alone accepts '²', which int() refuses
+
+
 def _answer_tokens(encoder: TextEncoder, answer: str, span: np.ndarray, model_ans: str | None) -> np.ndarray:
     """One answer as ids on the answer span: formatted like the final span, cut or padded to its length."""
     text = answer
-    if model_ans is not None and answer.isdigit() and model_ans.isdigit():
+    if model_ans is not None and _plain_number(answer) and _plain_number(model_ans):
         if encode_text(encoder, model_ans) != span.tolist() and encode_text(encoder, f"{int(model_ans):,}") == span.tolist():
             text = f"{int(answer):,}"
     ids = encode_text(encoder, text)[: span.size]

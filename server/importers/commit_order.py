@@ -46,14 +46,17 @@ from canvaswatch.server.importers.text import placeholder_ids
 CHANGE_PROB = 1.0 / 3.0
 NEIGHBOUR_SHARE = 0.2
 MIN_ORDER_POSITIONS = 8
+MAX_CANVAS = 4096  # positions a rebuilt canvas may have (the captures' are 128-256)
+MAX_STEPS = 10_000  # a lock step this large is no real run's (a sentinel, a corrupt record): refused, not rebuilt
 
 
 def positions_and_locks(fields: Fields, pos_key: str, lock_key: str, length: int,
                         steps: int | None) -> tuple[np.ndarray, np.ndarray]:
     """A capture's positions and their lock steps, sorted by position: positions in [0, length),
-    none listed twice, one lock each, every lock below `steps` (T) where it is known."""
+    none listed twice, one lock each, every lock below `steps` (T) where it is known and below
+    MAX_STEPS where it is not."""
     positions = fields.ints(pos_key, high=length, what="positions")
-    lock = fields.ints(lock_key, length=positions.size, what="lock steps")
+    lock = fields.ints(lock_key, length=positions.size, high=MAX_STEPS if steps is None else None, what="lock steps")
     if np.unique(positions).size != positions.size:
         raise fields.fail(pos_key, "a position is listed twice")
     if steps is not None and (lock >= steps).any():
@@ -121,6 +124,12 @@ def late_first_lead(locks_in_order: np.ndarray) -> float | None:
         return None
     quarter = count // 4
     return float(np.median(locks_in_order[:quarter]) - np.median(locks_in_order[-quarter:]))
+
+
+def order_known(order: dict[str, str]) -> bool:
+    """Whether order_attributes could judge the order: a run it could not (too few content positions) is
+    neither a positive nor a negative for non_chronological, so it is not labelled for it."""
+    return order["late_first"] != "unknown"
 
 
 def order_attributes(locks_in_order: np.ndarray) -> tuple[dict[str, str], bool]:

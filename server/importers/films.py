@@ -16,7 +16,8 @@ Rebuilt run (commit_order.py has the shared rule):
   - roles: content positions reasoning.
 
 Labels: non_chronological when the content commits late-first (commit_order.py);
-`labelled` = non_chronological (other monitors: flag rate on unlabelled requests).
+`labelled` = non_chronological where the order could be judged (8 or more
+content positions; other monitors: flag rate on unlabelled requests).
 The request id is `real-films-<index>-<task>-d<depth>-s<seed>`.
 """
 
@@ -27,13 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from canvaswatch.server.importers.canvas import RebuiltRun, run_rng
-from canvaswatch.server.importers.commit_order import positions_and_locks, rebuild_content
+from canvaswatch.server.importers.commit_order import MAX_CANVAS, order_known, positions_and_locks, rebuild_content
 from canvaswatch.server.importers.fields import CaptureError, Fields, load_json
 from canvaswatch.server.importers.options import ImportOptions
 from canvaswatch.server.importers.text import PAD_ID, placeholder_ids, ranges
 
 FORMAT = "films"
-MAX_CANVAS = 4096
 
 
 def read(path: Path, options: ImportOptions) -> list[RebuiltRun]:
@@ -65,7 +65,7 @@ def _run(fields: Fields, index: int, options: ImportOptions) -> RebuiltRun:
     attributes = {
         "task": task, "content_positions": ranges(content), "placeholder_positions": ranges(content),
         "filled": "probabilities,alternatives,undecided_argmax,placeholder_tokens",
-        "labels": "non_chronological" if late else "", "labelled": "non_chronological", **order,
+        "labels": "non_chronological" if late else "", "labelled": "non_chronological" if order_known(order) else "", **order,
     }
     for key, value in (("depth", depth), ("seed", seed), ("ok", ok)):
         if value is not None:

@@ -22,13 +22,18 @@ and `curated` = true: these runs were picked to show phenomena, several with
 interventions (planted text, prompt swaps, a clamped ending), so they are not
 a sample of ordinary traffic.
 
-Labels, from what `label` and `why` say (case-insensitive patterns):
-  - self_correction: "revise(s/d)" or "repair": the model states a count, then
-    rewrites it (the "eight" -> "seven" self-count repair). Not "revision",
-    which the acrostic run uses for room to revise, not a revision seen.
-  - intermediate_context: "wiped": a text present in the intermediate canvases
-    is gone from the output (the planted news report wiped in one step). The
-    model did not write it, so it is not a self-correction of its own answer.
+Labels, from what `label` and `why` say (case-insensitive patterns; a match
+whose clause says "no", "not", "never", "without" or "-n't" before it does not
+count: "the count is never revised" names what a run lacks):
+  - self_correction: "revise(s/d/ing)", "repair", "self-correct...",
+    "correct(s/ed/ing)" or "rewrite(s)/rewrote/rewritten": the model states a
+    count, then rewrites it (the "eight" -> "seven" self-count repair). Not
+    "revision", which the acrostic run uses for room to revise, not a revision
+    seen, nor "correct" alone (the correct answer).
+  - intermediate_context: "wiped", "erased" or "deleted": a text present in the
+    intermediate canvases is gone from the output (the planted news report wiped
+    in one step). The model did not write it, so it is not a self-correction of
+    its own answer.
   - non_chronological: "skeleton-first", "before the filler", "pinned" or
     "clamped": content settles far out of left-to-right order (scattered
     content words before the filler between them; an ending fixed first and
@@ -56,10 +61,13 @@ from canvaswatch.server.importers.options import ImportOptions
 from canvaswatch.server.importers.text import ranges
 
 LABEL_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("self_correction", re.compile(r"\brevise[sd]?\b|\brepair")),
-    ("intermediate_context", re.compile(r"\bwiped\b")),
+    ("self_correction", re.compile(r"\brevis(?:e|es|ed|ing)\b|\brepair|\bself-correct|\bcorrect(?:s|ed|ing)\b"
+                                   r"|\brewrit(?:e|es|ten|ing)\b|\brewrote\b")),
+    ("intermediate_context", re.compile(r"\b(?:wiped|erased|deleted)\b")),
     ("non_chronological", re.compile(r"skeleton-first|before the filler|\bpinned\b|\bclamped\b")),
 )
+NEGATION = re.compile(r"\b(?:no|not|never|without)\b|n't\b")
+CLAUSE_END = re.compile(r"[.;:!?,()\u2014\u2013]|\s-\s")  # a match's clause starts after the last of these
 REGIMES = {(0.8, 0.4, 0.1): "default", (1.3, 0.8, 0.3): "hot"}
 
 
@@ -71,8 +79,15 @@ def read(path: Path, options: ImportOptions) -> list[RebuiltRun]:
 
 
 def labels_from_text(label: str, why: str) -> list[str]:
-    text = f"{label} {why}".lower()
-    return [name for name, pattern in LABEL_PATTERNS if pattern.search(text)]
+    text = f"{label}. {why}".lower()
+    return [name for name, pattern in LABEL_PATTERNS
+            if any(not _negated(text, match.start()) for match in pattern.finditer(text))]
+
+
+def _negated(text: str, at: int) -> bool:
+    """Whether the clause holding position `at` says no/not/never/without before it."""
+    clause = CLAUSE_END.split(text[:at])[-1]
+    return NEGATION.search(clause) is not None
 
 
 def _run(fields: Fields, options: ImportOptions) -> RebuiltRun:

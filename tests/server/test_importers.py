@@ -151,6 +151,13 @@ def test_sampler_signals_ride_on_each_step_and_say_where_they_come_from(tmp_path
     ("Content words crystallize ~30 steps before the filler between them resolves.", "non_chronological"),
     ("Last positions pinned to a closing sentence; the middle bridges into it.", "non_chronological"),
     ("Hot regime buys the extra revision room.", ""),
+    # what a run lacks is no label; other verb forms of the same phenomena are
+    ("The count is never revised; traps are absorbing.", ""),
+    ("No repair happens, the margin stays locked.", ""),
+    ("It does not revise at first; later it rewrites the count.", "self_correction"),
+    ("Self-corrects 'eight' to 'seven'.", "self_correction"),
+    ("The planted text is erased in one step.", "intermediate_context"),
+    ("The correct answer is written from the start.", ""),
 ])
 def test_gallery_labels_follow_what_the_run_says(tmp_path, why, labels):
     path = write(tmp_path, "gallery.json", [gallery_run(why=why, label="story")])
@@ -194,6 +201,75 @@ def test_clean_steps_option_and_answers_cut_or_padded_to_the_span(tmp_path):
     (trace,) = import_capture("clean", path, canvas_length=16, steps=7, encoder=CharEncoder())
     ids, _ = topk(trace)
     assert ids.shape[0] == 7 and (ids[:3, 0, 0] == 1000 + ord("1")).all()  # "12" cut to the 1-position span
+
+
+@pytest.mark.parametrize("answers, shown", [
+    (("5", "5"), ["5"]), (("5 ", "5"), ["5"]), (("", "5"), ["5"]),       # one answer, listed twice or filled in
+    (("3", "5", "5"), ["3", "5"]), (("5", "3", "5"), ["5", "3", "5"]),  # revised, back and forth
+])
+def test_clean_counts_the_distinct_answers_shown(tmp_path, answers, shown):
+    path = write(tmp_path, "clean.json", {"r": clean_run(answers=answers)})
+    (trace,) = import_capture("clean", path, encoder=CharEncoder())
+    a = trace.info.attributes
+    assert json.loads(a["answers"]) == shown
+    assert a["labels"] == ("self_correction" if len(shown) > 1 else "")
+    assert a["labelled"] == "self_correction,non_chronological"
+
+
+def test_clean_without_an_answer_trajectory_is_no_negative_for_self_correction(tmp_path):
+    path = write(tmp_path, "clean.json", {"r": clean_run(answers=())})
+    (trace,) = import_capture("clean", path, encoder=CharEncoder())
+    a = trace.info.attributes
+    assert a["labelled"] == "non_chronological" and "label_positions.self_correction" not in a
+
+
+def test_clean_reads_the_canvas_length_and_steps_the_run_records(tmp_path):
+    run = clean_run(length=20)  # no canvas_length given: the canvas is final_ids' own length
+    run["T"] = 9
+    path = write(tmp_path, "clean.json", {"r": run})
+    (trace,) = import_capture("clean", path, encoder=CharEncoder())
+    assert trace.info.canvas_length == 20 and trace.info.total_steps == 9
+    run["cot_lock"][0] = 9
+    write(tmp_path, "clean.json", {"r": run})
+    with pytest.raises(CaptureError, match=r"r\.cot_lock\[0\]: lock step 9 is beyond T = 9 steps"):
+        import_capture("clean", path, encoder=CharEncoder())
+    run.pop("T")
+    run["cot_lock"][0] = 10**7  # a sentinel, not a step: refused, not rebuilt into 10 million canvases
+    write(tmp_path, "clean.json", {"r": run})
+    with pytest.raises(CaptureError, match=r"r\.cot_lock\[0\]: 10000000 is outside \[0, 10000\)"):
+        import_capture("clean", path, encoder=CharEncoder())
+
+
+def test_clean_answers_that_are_not_plain_numbers_keep_their_text(tmp_path):
+    run = clean_run(answers=("\u00b2", "5"))  # str.isdigit() is true for '²', int() is not
+    (trace,) = import_capture("clean", write(tmp_path, "clean.json", {"r": run}), encoder=CharEncoder())
+    ids, _ = topk(trace)
+    assert ids[0, 0, 0] == 1000 + ord("\u00b2") and trace.info.attributes["labels"] == "self_correction"
+
+
+def test_order_records_take_the_canvas_the_run_records_or_its_content_needs(tmp_path):
+    run = order_run(n=40)
+    run["C"] = 64
+    (trace,) = import_capture("bench_order", write(tmp_path, "bench_order.json", [run]), encoder=CharEncoder())
+    assert trace.info.canvas_length == 64
+    run.pop("C")
+    run["content"] = [c + 260 for c in run["content"]]  # past the capture's usual 256 positions
+    (trace,) = import_capture("bench_order", write(tmp_path, "bench_order.json", [run]), encoder=CharEncoder())
+    assert trace.info.canvas_length == 300
+
+
+@pytest.mark.parametrize("fmt, file, run", [("films", "films_order.json", films_run(lock=[0, 1, 2, 3])),
+                                            ("bench_order", "bench_order.json", order_run(n=5, text="ab"))])
+def test_a_commit_order_too_short_to_judge_is_no_negative(tmp_path, fmt, file, run):
+    (trace,) = import_capture(fmt, write(tmp_path, file, [run]), encoder=CharEncoder())
+    a = trace.info.attributes
+    assert a["late_first"] == "unknown" and a["labels"] == "" and a["labelled"] == ""
+
+
+@pytest.mark.parametrize("fmt, file, data", [("gallery", "gallery.json", []), ("clean", "clean.json", {})])
+def test_a_capture_with_no_runs_is_refused(tmp_path, fmt, file, data):
+    with pytest.raises(CaptureError, match=rf"^{file}: \(top level\): no runs in the file"):
+        import_capture(fmt, write(tmp_path, file, data))
 
 
 @pytest.mark.parametrize("fmt, file, bench", [("bench_order", "bench_order.json", "math"),
@@ -425,6 +501,20 @@ def test_import_command_writes_the_traces(tmp_path, capsys):
     assert len(traces) == 2 and traces[1].info.attributes["labels"] == "non_chronological"
     assert traces[0].info.attributes["rule"] == "entropy" and topk(traces[0])[0].shape[-1] == 3
     assert "wrote 2 traces from films_order.json" in capsys.readouterr().out
+
+
+def test_import_command_passes_canvas_length_and_steps(tmp_path, capsys, monkeypatch):
+    from canvaswatch.server import cli
+    from canvaswatch.server.importers import options
+
+    monkeypatch.setattr(options, "load_encoder", lambda spec=None: CharEncoder())  # the toy run's ids
+    path = write(tmp_path, "clean.json", {"r": clean_run()})
+    out = tmp_path / "clean.cwtrace"
+    assert cli.main(["import", "clean", str(path), "-o", str(out), "--steps", "7", "--canvas-length", "16"]) == 0
+    (trace,) = read_traces(out)
+    assert trace.info.total_steps == 7 and trace.info.canvas_length == 16
+    assert cli.main(["import", "clean", str(path), "-o", str(out), "--canvas-length", "20"]) == 2
+    assert "r.final_ids: expected 20 integers, got 16" in capsys.readouterr().err
 
 
 def _late_lock():

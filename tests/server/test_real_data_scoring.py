@@ -1,0 +1,57 @@
+"""How real-data scoring treats captures it cannot score: absent files, held-out files named on
+the command line, and captures without the runs a requirement needs (no real data needed here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from canvaswatch.server.evaluation.evaluate import MonitorScore
+from canvaswatch.server.evaluation.real_data import Run, capture_paths, requirements
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _score(monitor: str, positives: int, negatives: int, recall: float, fpr: float) -> MonitorScore:
+    return MonitorScore(monitor=monitor, positives=positives, negatives=negatives, true_positives=0,
+                        false_positives=0, precision=float("nan"), recall=recall, false_positive_rate=fpr,
+                        auroc=float("nan"))
+
+
+def test_absent_captures_are_listed_and_named_files_are_scored_alone(tmp_path):
+    (tmp_path / "gallery.json").write_text("[]")
+    present, absent = capture_paths(tmp_path)
+    assert present == {"gallery": tmp_path / "gallery.json"}
+    assert absent == ["clean", "bench_order", "films", "poem"]
+    held_out = tmp_path / "held_out_clean.json"
+    held_out.write_text("{}")
+    present, absent = capture_paths(tmp_path, {"clean": held_out, "poem": tmp_path / "nope.json"})
+    assert present == {"clean": held_out} and absent == ["poem"]
+    with pytest.raises(ValueError, match="unknown capture 'poems'"):
+        capture_paths(tmp_path, {"poems": held_out})
+
+
+def test_a_requirement_is_stated_only_where_its_runs_exist():
+    engine = SimpleNamespace(monitors=[])
+    clean = Run("clean", "committed", True)
+    # only answer-stable runs: no recall to state (0.0 of nothing is no failure), the FPR is stated
+    found = requirements(engine, {clean: [_score("self_correction", 0, 10, 0.0, 0.0)]})
+    assert [(r.what, r.holds) for r in found] == [("FPR on answer-stable runs", True)]
+    # only revised runs: no FPR to state (0.0 of nothing is no pass)
+    found = requirements(engine, {clean: [_score("self_correction", 5, 0, 0.4, 0.0)]})
+    assert [(r.what, r.holds) for r in found] == [("recall on revised answers", False)]
+
+
+def test_real_eval_skips_what_is_absent_and_says_so(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "real_eval.py"), "--real", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "skipped gallery, clean, bench_order, films, poem" in run.stderr
+    assert "no capture to score" in run.stderr and "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "real_eval.py"), "--capture", "clean"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "expected NAME=FILE" in run.stderr
