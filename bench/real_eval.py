@@ -1,12 +1,13 @@
 """The monitors on the real DiffusionGemma captures: every capture x probability rule x signals.
 
-    python bench/real_eval.py [--real ../shared/real] [--capture NAME=FILE ...] [--config FILE] [--limit N]
-                              [--json out.json]
+    python bench/real_eval.py [--real ../shared/real] [--capture NAME=FILE ...] [--strict] [--config FILE]
+                              [--limit N] [--json out.json]
 
 Prints, per run (capture/rule/signals), `canvaswatch eval`'s table, then the requirements of
 issue 11 item 4 (canvaswatch.server.evaluation.real_data) with whether each holds. The
 captures are read from --real (never copied into the repository; BENCHMARKS.md cites their
-repository, files and commits). A capture whose file is absent is skipped, and said so;
+repository, files and commits). A malformed run is left out and named on stderr (--strict:
+it refuses its file instead). A capture whose file is absent is skipped, and said so;
 `--capture gallery=heldout/gallery.json` (repeatable) scores those files alone, each with the
 anim_curves.json beside it (else the one under --real) for the entropy rule.
 """
@@ -36,6 +37,8 @@ def main() -> int:
     parser.add_argument("--config")
     parser.add_argument("--limit", type=int, help="at most N runs per capture")
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--strict", action="store_true",
+                        help="a malformed run refuses its whole file (default: it is left out and named on stderr)")
     parser.add_argument("--capture", action="append", default=[], metavar="NAME=FILE",
                         help=f"score this file as capture NAME ({', '.join(FORMATS)}); repeatable; only these then")
     args = parser.parse_args()
@@ -56,8 +59,10 @@ def main() -> int:
     config = load_config(args.config)
     engine = Engine(config, load_vocabulary(config.vocab.tokenizer))
     started = time.perf_counter()
+    skipped: dict[str, CaptureError] = {}  # one entry per malformed run (each file is read once per rule/signals)
     try:
-        scores = score_runs(engine, real, captures=tuple(paths), paths=paths, limit=args.limit)
+        scores = score_runs(engine, real, captures=tuple(paths), paths=paths, limit=args.limit,
+                            on_invalid=None if args.strict else lambda err: skipped.setdefault(str(err), err))
     except CaptureError as err:  # a malformed capture, or no curves for the entropy rule: one line
         print(f"real_eval: {err}", file=sys.stderr)
         engine.close()
@@ -65,6 +70,8 @@ def main() -> int:
     for run, rows in scores.items():
         print(f"\n### {run.name}\n")
         print(ev.as_table(rows))
+    for message in skipped:
+        print(f"real_eval: skipped a malformed run: {message}", file=sys.stderr)
     found = requirements(engine, scores)
     print("\n### requirements on real dynamics\n")
     print(as_table(found))
@@ -73,6 +80,7 @@ def main() -> int:
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({
             "runs": {run.name: ev.as_json(rows) for run, rows in scores.items()},
+            "skipped": list(skipped),
             "requirements": [{"monitor": r.monitor, "run": r.run.name, "what": r.what, "value": r.value,
                               "limit": r.limit, "holds": r.holds} for r in found],
         }, indent=2) + "\n")

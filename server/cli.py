@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     imported.add_argument("--canvas-length", type=int,
                           help="require this canvas length (clean, bench_order, poem; films: the content's canvas); "
                                "default: what the capture records")
+    imported.add_argument("--skip-invalid", action="store_true",
+                          help="leave out a malformed run (each named on stderr) instead of refusing the file")
     imported.add_argument("--steps", type=int,
                           help="clean only: steps per trace (default: the run's T, else max(48, last lock + 2))")
 
@@ -326,6 +328,8 @@ def _simulate(args: argparse.Namespace) -> int:
                               request_id=f"sim-{args.seed}-{i:04d}", seed=args.seed + i, **shape)
             for i in range(args.requests)
         ]
+    for err in skipped:
+        print(f"canvaswatch: import: skipped {err}", file=sys.stderr)
     count = write_traces(Path(args.output), traces)
     print(f"wrote {count} SIMULATED traces to {args.output}")
     return 0
@@ -351,19 +355,23 @@ def _import(args: argparse.Namespace) -> int:
     from canvaswatch.server.importers import CaptureError, import_capture
 
     configure_logging("warning")
+    skipped: list[CaptureError] = []
     try:
         traces = import_capture(args.format, Path(args.path), rule=args.rule, k=args.k,
                                 curves=Path(args.curves) if args.curves else None, seed=args.seed,
-                                signals=not args.no_signals, canvas_length=args.canvas_length, steps=args.steps)
+                                signals=not args.no_signals, canvas_length=args.canvas_length, steps=args.steps,
+                                on_invalid=skipped.append if args.skip_invalid else None)
     except (CaptureError, ValueError) as err:  # malformed capture or bad argument: one line, nothing written
         print(f"canvaswatch: import: {err}", file=sys.stderr)
         return 2
+    for err in skipped:
+        print(f"canvaswatch: import: skipped {err}", file=sys.stderr)
     count = write_traces(Path(args.output), traces)
     labels = Counter(label for t in traces for label in t.info.attributes["labels"].split(",") if label)
     unlabelled = sum(1 for t in traces if not t.info.attributes["labels"])
     summary = ", ".join(f"{name} {n}" for name, n in sorted(labels.items())) or "none"
     print(f"wrote {count} traces from {Path(args.path).name} (rule {args.rule}, k {args.k}) to {args.output}; "
-          f"labels: {summary}; unlabelled {unlabelled}")
+          f"labels: {summary}; unlabelled {unlabelled}" + (f"; skipped {len(skipped)} malformed" if skipped else ""))
     return 0
 
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from canvaswatch.monitors.base import Severity
 from canvaswatch.server.evaluation.evaluate import OUTPUT_ONLY, MonitorScore, evaluate
-from canvaswatch.server.importers import FORMATS, import_capture
+from canvaswatch.server.importers import FORMATS, CaptureError, import_capture
 from canvaswatch.server.pipeline.engine import Engine
 
 ORDINARY = ("bench_order", "films", "poem")
@@ -73,16 +73,18 @@ def capture_paths(real: Path, overrides: dict[str, Path] | None = None) -> tuple
 
 def score_runs(engine: Engine, real: Path, *, captures: Iterable[str] = tuple(FORMATS),
                rules: Iterable[str] = ("committed", "entropy"), signals: Iterable[bool] = (True, False),
-               limit: int | None = None, paths: dict[str, Path] | None = None) -> dict[Run, list[MonitorScore]]:
+               limit: int | None = None, paths: dict[str, Path] | None = None,
+               on_invalid: Callable[[CaptureError], None] | None = None) -> dict[Run, list[MonitorScore]]:
     """Every (capture, rule, signals) combination's per-monitor scores. `limit`: at most that many runs a file.
-    `paths`: each capture's file (capture_paths); default: its usual name under `real`."""
+    `paths`: each capture's file (capture_paths); default: its usual name under `real`. `on_invalid`: as
+    import_capture's (None: a malformed run refuses its file)."""
     out: dict[Run, list[MonitorScore]] = {}
     for capture in captures:
         path = paths[capture] if paths is not None else real / FORMATS[capture].file
         for rule in rules:
             for with_signals in signals:
                 traces = import_capture(capture, path, rule=rule, signals=with_signals, encoder=engine.vocab,
-                                        curves=_curves_for(path, real))
+                                        curves=_curves_for(path, real), on_invalid=on_invalid)
                 out[Run(capture, rule, with_signals)] = evaluate(engine, traces[:limit])
     return out
 

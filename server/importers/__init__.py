@@ -67,8 +67,9 @@ def import_capture(format: str, path: Path, *, rule: str = "committed", k: int =
     `rule`: "committed" or "entropy" (rules.py). `k`: top-k width. `curves`:
     anim_curves.json for the entropy rule (default: beside `path`). `opts`:
     ImportOptions fields (seed, vocab_size, canvas_length, steps,
-    placeholder_base, change_prob, neighbour_share, signals, tokenizer, encoder).
-    Raises CaptureError for malformed input, ValueError for bad arguments.
+    placeholder_base, change_prob, neighbour_share, signals, tokenizer, encoder, on_invalid).
+    Raises CaptureError for malformed input (with `on_invalid`, a malformed run is handed to it
+    and skipped instead), ValueError for bad arguments.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown capture format {format!r}; one of {', '.join(FORMATS)}")
@@ -90,7 +91,7 @@ def import_capture(format: str, path: Path, *, rule: str = "committed", k: int =
     spec = FORMATS[format]
     runs = spec.read(path, options)
     if not runs:
-        raise CaptureError(path.name, "(top level)", "no runs in the file")
+        raise CaptureError(path.name, "(top level)", "no valid runs in the file" if options.on_invalid else "no runs in the file")
     traces = []
     for run in runs:
         extra = {}

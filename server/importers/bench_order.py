@@ -56,7 +56,8 @@ def _read(path: Path, options: ImportOptions, format_name: str) -> list[RebuiltR
     data = load_json(path)
     if not isinstance(data, list):
         raise CaptureError(path.name, "(top level)", "expected a list of runs")
-    return [_run(Fields(path.name, f"[{index}]", record), options, format_name) for index, record in enumerate(data)]
+    return options.each_run(enumerate(data), lambda item: _run(Fields(path.name, f"[{item[0]}]", item[1]), options,
+                                                                 format_name))
 
 
 def _run(fields: Fields, options: ImportOptions, format_name: str) -> RebuiltRun:

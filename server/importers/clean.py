@@ -72,7 +72,7 @@ def read(path: Path, options: ImportOptions) -> list[RebuiltRun]:
     data = load_json(path)
     if not isinstance(data, dict):
         raise CaptureError(path.name, "(top level)", "expected an object of runs keyed by name")
-    return [_run(name, Fields(path.name, name, record), options) for name, record in data.items()]
+    return options.each_run(data.items(), lambda item: _run(item[0], Fields(path.name, item[0], item[1]), options))
 
 
 def _run(name: str, fields: Fields, options: ImportOptions) -> RebuiltRun:

@@ -75,7 +75,7 @@ def read(path: Path, options: ImportOptions) -> list[RebuiltRun]:
     data = load_json(path)
     if not isinstance(data, list):
         raise CaptureError(path.name, "(top level)", "expected a list of runs")
-    return [_run(Fields(path.name, f"[{index}]", record), options) for index, record in enumerate(data)]
+    return options.each_run(enumerate(data), lambda item: _run(Fields(path.name, f"[{item[0]}]", item[1]), options))
 
 
 def labels_from_text(label: str, why: str) -> list[str]:

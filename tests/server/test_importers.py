@@ -475,6 +475,21 @@ def test_malformed_input_is_refused_naming_file_and_field(tmp_path, fmt, capture
     assert "\n" not in text and err.value.file == file
 
 
+def test_malformed_runs_can_be_left_out_and_named_instead_of_refusing_the_file(tmp_path):
+    late = films_run()
+    late["lock"][0] = 8
+    path = write(tmp_path, "films_order.json", [films_run(), "oops", late, films_run(lock=[5, 5, 4, 4, 3, 2, 1, 0, 0, 0])])
+    with pytest.raises(CaptureError, match=r"\[1\]: expected an object"):
+        import_capture("films", path)
+    skipped: list[CaptureError] = []
+    traces = import_capture("films", path, on_invalid=skipped.append)
+    assert [t.info.attributes["name"] for t in traces] == ["000-reverse_chain-d3-s7", "003-reverse_chain-d3-s7"]
+    assert [str(e).split(":")[1].strip() for e in skipped] == ["[1]", "[2].lock[0]"]
+    write(tmp_path, "films_order.json", ["oops"])
+    with pytest.raises(CaptureError, match="no valid runs in the file"):
+        import_capture("films", path, on_invalid=skipped.append)
+
+
 def test_unreadable_files_and_bad_arguments(tmp_path):
     bad = tmp_path / "gallery.json"
     bad.write_text("{not json")
@@ -515,6 +530,20 @@ def test_import_command_passes_canvas_length_and_steps(tmp_path, capsys, monkeyp
     assert trace.info.total_steps == 7 and trace.info.canvas_length == 16
     assert cli.main(["import", "clean", str(path), "-o", str(out), "--canvas-length", "20"]) == 2
     assert "r.final_ids: expected 20 integers, got 16" in capsys.readouterr().err
+
+
+def test_import_command_skips_malformed_runs_when_asked(tmp_path, capsys):
+    from canvaswatch.server.cli import main
+
+    path = write(tmp_path, "films_order.json", [films_run(), "oops"])
+    out = tmp_path / "films.cwtrace"
+    assert main(["import", "films", str(path), "-o", str(out)]) == 2 and not out.exists()
+    capsys.readouterr()
+    assert main(["import", "films", str(path), "-o", str(out), "--skip-invalid"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "canvaswatch: import: skipped films_order.json: [1]: expected an object, got a string ('oops')"
+    assert "wrote 1 traces" in captured.out and "skipped 1 malformed" in captured.out
+    assert len(list(read_traces(out))) == 1
 
 
 def _late_lock():

@@ -55,3 +55,19 @@ def test_real_eval_skips_what_is_absent_and_says_so(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "real_eval.py"), "--capture", "clean"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "expected NAME=FILE" in run.stderr
+
+
+def test_real_eval_leaves_out_a_malformed_run_and_names_it(tmp_path):
+    from tests.server.test_importers import curves, films_run, write
+
+    late = films_run()
+    late["lock"][0] = 8
+    write(tmp_path, "films_order.json", [films_run(), late])
+    curves(tmp_path)
+    command = [sys.executable, str(ROOT / "bench" / "real_eval.py"), "--real", str(tmp_path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "skipped a malformed run: films_order.json: [1].lock[0]: lock step 8 is beyond T" in run.stderr
+    assert "skipped gallery, clean, bench_order, poem" in run.stderr and "films/committed/signals" in run.stdout
+    run = subprocess.run(command + ["--strict"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "real_eval: films_order.json: [1].lock[0]" in run.stderr
