@@ -55,6 +55,7 @@ _uncached: list[str] = []
 LARGE_CANVAS = 8192  # positions from which `sized` picks a kernel's GIL-free twin
 _TWIN_SUFFIX = "__gil_free"  # the twin's qualified name, so the disk cache keeps it apart (numba keys on the name)
 _twins: list[tuple[Callable, Callable]] = []  # (kernel, twin), for compile_twins
+_kernels: list[Callable] = []  # every kernel, for compiled_signatures
 
 
 def kernel(function: Callable | None = None, *, gil_free_twin: bool = False) -> Callable:
@@ -71,6 +72,7 @@ def kernel(function: Callable | None = None, *, gil_free_twin: bool = False) -> 
     if function is None:
         return lambda f: kernel(f, gil_free_twin=gil_free_twin)
     compiled = _njit(function)
+    _kernels.append(compiled)
     if gil_free_twin:
         twin_function = FunctionType(function.__code__, function.__globals__, function.__name__,
                                            function.__defaults__, function.__closure__)
@@ -110,6 +112,12 @@ def compile_twins() -> None:
     for compiled, twin in _twins:
         for signature in getattr(compiled, "signatures", ()):  # none under NUMBA_DISABLE_JIT
             twin.compile(signature)
+
+
+def compiled_signatures() -> dict[str, tuple]:
+    """Each kernel's qualified name -> the signatures this process has compiled or loaded it for. A request
+    that adds one after the warm-up paid a compile (or a disk-cache load) while it was served."""
+    return {f"{k.py_func.__module__}.{k.py_func.__qualname__}": tuple(getattr(k, "signatures", ())) for k in _kernels}
 
 
 @intrinsic

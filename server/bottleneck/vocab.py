@@ -103,7 +103,8 @@ class _PieceTable:
         self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
 
     def join(self, ids: Sequence[int]) -> str:
-        joined = _gather_pieces(np.asarray(ids, dtype=np.int64).reshape(-1), self.buffer, self.starts)
+        # contiguous: a strided slice (a column of [L, k] ids) would be another compiled signature
+        joined = _gather_pieces(np.ascontiguousarray(ids, dtype=np.int64).reshape(-1), self.buffer, self.starts)
         if joined is None:
             bad = [int(t) for t in np.asarray(ids).reshape(-1) if not 0 <= t < len(self.starts) - 1][0]
             raise IndexError(f"token id {bad} is outside the vocabulary [0, {len(self.starts) - 1})")

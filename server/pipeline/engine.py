@@ -86,12 +86,15 @@ class Engine:
         return sinks
 
     def warm_up(self) -> None:
-        """Run the top-k path once on a synthetic request, off the books, before serving.
+        """Run the top-k path on synthetic requests, off the books, before serving: one with the top-k
+        alone and one with the sampler's signals as well (accepted mask, entropy, argmax canvas,
+        temperature: what the transformers and vLLM adapters send), whose kernels differ.
 
         The per-step kernels are compiled on first use (~0.5 s each on a machine that has not
         cached them yet), with their GIL-free twins, and the phrase scan builds its table per
-        vocabulary: done here, no request waits for it. Nothing is counted, logged or kept; a
-        monitor that fails on the synthetic canvas is left to fail (and be isolated) on real ones.
+        vocabulary: done here, no request waits for it (tests/server/test_warm_up.py checks that
+        serving flagged traffic of both kinds compiles nothing more). Nothing is counted, logged or
+        kept; a monitor that fails on the synthetic canvas is left to fail (and be isolated) on real ones.
         """
         length, k = 16, 4
         ids = (torch.arange(length * k, dtype=torch.int32).reshape(length, k) * 7919) % self.vocab.size
@@ -99,19 +102,29 @@ class Engine:
         drafting = settled.clone()
         drafting[length // 2:] = torch.tensor([0.3, 0.2, 0.1, 0.0])  # half the canvas settles a step later:
         # an order to judge (non_chronological's block-end kernels run too)
-        messages = [pb.StepState(step=number, topk=pb.TopK(ids=encode_tensor(ids), probs=encode_tensor(probs)))
-                    for number, probs in enumerate((drafting, settled))]
+        topk_only = [pb.StepState(step=number, topk=pb.TopK(ids=encode_tensor(ids), probs=encode_tensor(probs)))
+                     for number, probs in enumerate((drafting, settled))]
+        with_signals = []
+        for message, probs in zip(topk_only, (drafting, settled)):
+            signalled = pb.StepState()
+            signalled.CopyFrom(message)
+            signalled.accepted.CopyFrom(encode_tensor((probs[:, 0] >= 0.5).to(torch.uint8)))
+            signalled.entropy.CopyFrom(encode_tensor(torch.full((length,), 0.5, dtype=torch.float16)))
+            signalled.argmax_ids.CopyFrom(encode_tensor(ids[:, 0].contiguous()))
+            signalled.temperature = 0.6
+            with_signals.append(signalled)
         decoder = StepDecoder(self.vocab, Metrics(), self.dense)
         meta = request_meta(pb.RequestInfo(request_id="warm-up", canvas_length=length), "info")
         for monitor in self.monitors:
-            try:
-                state = monitor.start(meta)
-                for number, message in enumerate(messages):
-                    step = decoder.decode(message, length, "warm-up")
-                    monitor.on_step(state, dataclasses.replace(step, new_block=True) if number == 0 else step)
-                monitor.on_finish(state, FinalCanvas(output_ids=(), text="", steps_seen=2, steps_dropped=0))
-            except Exception as err:  # noqa: BLE001 - warm-up must never stop a start-up
-                log.debug("warm_up_skipped", monitor=monitor.name, error=f"{type(err).__name__}: {err}")
+            for messages in (topk_only, with_signals):
+                try:
+                    state = monitor.start(meta)
+                    for number, message in enumerate(messages):
+                        step = decoder.decode(message, length, "warm-up")
+                        monitor.on_step(state, dataclasses.replace(step, new_block=True) if number == 0 else step)
+                    monitor.on_finish(state, FinalCanvas(output_ids=(), text="", steps_seen=2, steps_dropped=0))
+                except Exception as err:  # noqa: BLE001 - warm-up must never stop a start-up
+                    log.debug("warm_up_skipped", monitor=monitor.name, error=f"{type(err).__name__}: {err}")
         # The final canvas's text (finish decodes the output ids): otherwise the text kernel is first loaded
         # (~10 ms from the disk cache, ~0.5 s to compile without one) inside the first request's final message.
         self.vocab.decode(tuple(int(token) for token in ids[:, 0]))

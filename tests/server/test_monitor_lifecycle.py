@@ -128,8 +128,8 @@ def test_what_only_a_constructor_finds_fails_the_engine_naming_the_key_and_close
 
 def test_the_engine_marks_the_first_step_of_each_block(plugins, vocab):
     engine = Engine(_config({"counting": {}}), vocab)
-    engine.warm_up()
-    assert plugins.STEPS == [(0, 0, True), (0, 1, False)]
+    engine.warm_up()  # two synthetic requests of two steps: top-k only, then with the sampler's signals
+    assert plugins.STEPS == [(0, 0, True), (0, 1, False)] * 2
     plugins.STEPS.clear()
     engine.check_trace(_trace(blocks=3))
     assert plugins.STEPS == [(0, 0, True), (0, 1, False), (1, 0, True), (1, 1, False), (2, 0, True), (2, 1, False)]
