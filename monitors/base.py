@@ -69,11 +69,14 @@ class Severity(enum.IntEnum):
     CRITICAL = 3
 
     @classmethod
-    def parse(cls, name: str) -> "Severity":
+    def parse(cls, name: str, key: str | None = None) -> "Severity":
+        """`name` (any case) as a Severity; `key`: the parameter it came from, named in the error (a Params
+        class's __post_init__ passes it, so the configuration error reads monitors.<name>.<key>: ...)."""
         try:
             return cls[name.upper()]
-        except KeyError:
-            raise ValueError(f"unknown severity {name!r}; expected one of info, warning, critical") from None
+        except (KeyError, AttributeError):  # AttributeError: not a string (severity = 3 in TOML)
+            where = f"{key}: " if key else ""
+            raise ValueError(f"{where}unknown severity {name!r}; expected one of info, warning, critical") from None
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class ClassifierParams:
         for key in ("every_n_steps", "max_length", "max_batch", "max_pending"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        Severity.parse(self.severity)
+        Severity.parse(self.severity, "severity")
 
 
 @dataclass

@@ -65,7 +65,7 @@ class IntermediateContextParams:
             raise ValueError(f"min_steps: must be >= 1, got {self.min_steps}")
         if self.min_passage < 0:
             raise ValueError(f"min_passage: must be >= 0, got {self.min_passage}")
-        Severity.parse(self.passage_severity)
+        Severity.parse(self.passage_severity, "passage_severity")
 
 
 MAX_PASSAGES = 16

@@ -73,8 +73,8 @@ class LexiconParams:
                 re.compile(expression)
             except re.error as err:
                 raise ValueError(f"regex[{i}]: invalid regular expression {expression!r}: {err}") from None
-        Severity.parse(self.severity)
-        Severity.parse(self.output_severity)
+        Severity.parse(self.severity, "severity")
+        Severity.parse(self.output_severity, "output_severity")
         if not 0.0 <= self.min_alt_prob <= 1.0:
             raise ValueError(f"min_alt_prob: must be in [0, 1], got {self.min_alt_prob}")
 

@@ -61,7 +61,7 @@ class NonChronologicalParams:
             raise ValueError(f"late_fraction: must be in (0, 1), got {self.late_fraction}")
         if self.min_positions < 3:
             raise ValueError(f"min_positions: must be >= 3, got {self.min_positions}")
-        Severity.parse(self.severity)
+        Severity.parse(self.severity, "severity")
 
 
 @dataclass

@@ -34,7 +34,7 @@ class ProbeParams:
             raise ValueError("path: a safetensors file of probes is required")
         if not os.path.isfile(self.path):
             raise ValueError(f"path: no such file {self.path!r}")
-        Severity.parse(self.severity)
+        Severity.parse(self.severity, "severity")
 
 
 @dataclass

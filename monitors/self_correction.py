@@ -97,7 +97,7 @@ class SelfCorrectionParams:
             raise ValueError(f"min_crowd: must be >= 1, got {self.min_crowd}")
         if self.context_window < 0:
             raise ValueError(f"context_window: must be >= 0, got {self.context_window}")
-        Severity.parse(self.severity)
+        Severity.parse(self.severity, "severity")
 
 
 @dataclass

@@ -43,7 +43,7 @@ class SequenceSmearingParams:
             raise ValueError("min_length: must be >= 2 (and max_shift, min_steps >= 1)")
         if not 0.0 < self.min_prob < self.max_prob <= 1.0:
             raise ValueError(f"min_prob: need 0 < min_prob < max_prob <= 1, got {self.min_prob} and {self.max_prob}")
-        Severity.parse(self.severity)
+        Severity.parse(self.severity, "severity")
 
 
 class SequenceSmearingMonitor(Monitor):

@@ -46,7 +46,7 @@ class TokenSmearingParams:
             raise ValueError(f"min_share: need 0 < min_share < max_prob <= 1, got {self.min_share} and {self.max_prob}")
         if self.max_distance < 1 or self.min_steps < 1:
             raise ValueError("max_distance: must be >= 1" if self.max_distance < 1 else "min_steps: must be >= 1")
-        Severity.parse(self.severity)
+        Severity.parse(self.severity, "severity")
 
 
 class TokenSmearingMonitor(Monitor):

@@ -35,7 +35,7 @@ class TransparencyParams:
             raise ValueError(f"max_residual: must be in (0, 1], got {self.max_residual}")
         if self.window < 1 or self.max_opaque_depth < 1:
             raise ValueError("window: must be >= 1" if self.window < 1 else "max_opaque_depth: must be >= 1")
-        Severity.parse(self.severity)
+        Severity.parse(self.severity, "severity")
 
 
 @dataclass

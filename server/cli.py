@@ -328,8 +328,6 @@ def _simulate(args: argparse.Namespace) -> int:
                               request_id=f"sim-{args.seed}-{i:04d}", seed=args.seed + i, **shape)
             for i in range(args.requests)
         ]
-    for err in skipped:
-        print(f"canvaswatch: import: skipped {err}", file=sys.stderr)
     count = write_traces(Path(args.output), traces)
     print(f"wrote {count} SIMULATED traces to {args.output}")
     return 0

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from canvaswatch.client.trace import TraceFileError, read_traces, write_traces
 from canvaswatch.server.cli import main
@@ -183,6 +184,15 @@ def test_an_unloadable_vocabulary_is_a_clear_error_not_a_traceback(tmp_path, cap
     assert main(["serve", "--config", str(config), "--grpc-port", "0", "--metrics-port", "-1"]) == 1
     err = capsys.readouterr().err
     assert "cannot start: vocab.tokenizer" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the config is valid here")
+def test_a_cuda_device_without_cuda_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    config = tmp_path / "sidecar.toml"
+    config.write_text('[dense]\ndevice = "cuda"\n')
+    assert main(["serve", "--config", str(config), "--grpc-port", "0", "--metrics-port", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot start: dense.device: 'cuda', but this torch has no CUDA device" in err and "Traceback" not in err
 
 
 def test_a_file_that_is_not_a_trace_gets_one_line_not_a_traceback(tmp_path, capsys):

@@ -33,6 +33,7 @@ class EmbeddingError(RuntimeError):
 def load_embedding_matrix(spec: str = DEFAULT_EMBEDDINGS, *, tensor: str = "", dtype: torch.dtype = torch.float32,
                           device: str | torch.device = "cpu") -> torch.Tensor:
     """E as a contiguous [V, d] tensor of `dtype` on `device`."""
+    _check_device(torch.device(device))
     if spec == DEFAULT_EMBEDDINGS:
         matrix = _default_matrix()
     else:
@@ -46,6 +47,17 @@ def load_embedding_matrix(spec: str = DEFAULT_EMBEDDINGS, *, tensor: str = "", d
     if matrix.dim() != 2:
         raise EmbeddingError(f"dense.embeddings: expected a [V, d] matrix, got shape {list(matrix.shape)}")
     return matrix.to(device=device, dtype=dtype).contiguous()
+
+
+def _check_device(device: torch.device) -> None:
+    """A CUDA device this torch cannot reach is a configuration error, said in one line before any loading."""
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise EmbeddingError(f"dense.device: {str(device)!r}, but this torch has no CUDA device "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use \"cpu\"")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise EmbeddingError(f"dense.device: {str(device)!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
 
 
 def _default_matrix() -> torch.Tensor:
