@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import signal
 import sys
@@ -254,11 +255,13 @@ def _offline_engine(config_path: str | None):
 
     Errors only: a monitor's budget overrun is worth a warning where a client waits for the verdict,
     not here, where the first call of a kernel alone can overrun it (its effect, a stopped monitor,
-    is in the verdict's monitor_errors either way)."""
+    is in the verdict's monitor_errors either way). No audit log, whatever the configuration says:
+    it is the record of served traffic, and a trace checked offline is not that."""
     from canvaswatch.server.pipeline.engine import Engine
     from canvaswatch.server.bottleneck.vocab import load_vocabulary
 
     config = load_config(config_path)
+    config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, audit_log=""))
     configure_logging("error")
     return Engine(config, load_vocabulary(config.vocab.tokenizer))
 

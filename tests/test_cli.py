@@ -61,6 +61,16 @@ def test_check_prints_a_verdict_per_trace(trace_file, capsys):
     assert "flags" not in next(v for k, v in by_id.items() if k.endswith("0000"))
 
 
+def test_offline_commands_never_write_the_audit_log_of_served_traffic(trace_file, tmp_path, capsys):
+    audit = tmp_path / "audit" / "audit.jsonl"
+    config = tmp_path / "sidecar.toml"
+    config.write_text(f'[logging]\naudit_log = "{audit}"\n')
+    assert main(["check", str(trace_file), "--config", str(config)]) == 0
+    assert "CRITICAL" in capsys.readouterr().out  # flags were raised, and none reached the audit log
+    assert main(["eval", str(trace_file), "--config", str(config)]) in (0, 2)
+    assert not audit.exists()
+
+
 def test_check_reports_a_corrupt_file(tmp_path):
     path = tmp_path / "bad.cwtrace"
     path.write_bytes(b"\x05abc")

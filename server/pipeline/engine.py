@@ -10,6 +10,7 @@ session or touches another stream.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable
 
 import structlog
@@ -78,7 +79,7 @@ class Engine:
                                  max_bytes=config.logging.audit_max_bytes, backups=config.logging.audit_backups)
             except OSError as err:  # one line naming the key at start-up, not a traceback
                 raise OSError(f"logging.audit_log: cannot write {config.logging.audit_log!r}: "
-                              f"{err.strerror or err}") from None
+                              f"{_why_unwritable(config.logging.audit_log, err)}") from None
             sinks.append(AuditSink(audit))
         if self.reports is not None:
             sinks.append(ReportSink(self.reports, self.vocab))
@@ -227,3 +228,12 @@ class Engine:
 def _params_of(monitor: Monitor) -> dict[str, str]:
     params = getattr(monitor, "params", None)
     return describe_params(params) if dataclasses.is_dataclass(params) else {}
+
+
+def _why_unwritable(path: str, err: OSError) -> str:
+    """The reason to print: a file where a folder of the path should be, named (making the folders
+    reports only 'File exists' there), else the OS's own."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            return f"{str(parent)!r} is a file, not a folder" if not parent.is_dir() else (err.strerror or str(err))
+    return err.strerror or str(err)

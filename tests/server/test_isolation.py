@@ -361,7 +361,7 @@ def test_an_unwritable_audit_log_fails_start_with_one_line_naming_the_key(tmp_pa
                            "--grpc-port", "0", "--metrics-port", "-1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     [line] = [line for line in done.stderr.splitlines() if line.startswith("canvaswatch:")]
-    assert line.startswith(f"canvaswatch: logging.audit_log: cannot write '{blocker}/audit.jsonl'")
+    assert line == f"canvaswatch: logging.audit_log: cannot write '{blocker}/audit.jsonl': '{blocker}' is a file, not a folder"
     assert "Traceback" not in done.stderr
 
 
