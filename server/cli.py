@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     record.add_argument("--per-scenario", type=int, default=20, help="with --corpus: requests per scenario (default: 20)")
     record.add_argument("--profile", default=None,
                         help="simulated dynamics calibrated to the real model: default, hot, high_entropy or "
-                             "default_noise_drafts (default: default_noise_drafts; hot wants --steps 64)")
-    record.add_argument("--steps", type=int, default=24, help="denoising steps per canvas")
+                             "default_noise_drafts (default: default_noise_drafts)")
+    record.add_argument("--steps", type=int, default=None,
+                        help=f"denoising steps per canvas (default: {HOT_STEPS} for --profile hot, whose positions keep "
+                             f"changing for 30-60 steps, else {DEFAULT_STEPS})")
     record.add_argument("--canvas-length", type=int, default=64, help="positions per canvas (default: 64)")
 
     inspect = sub.add_parser("inspect", help="render a trace's denoising timeline as one self-contained HTML file")
@@ -250,6 +252,9 @@ def _version() -> str:
         return "(not installed)"
 
 
+DEFAULT_STEPS, HOT_STEPS = 24, 64  # simulate's steps per canvas: the hot sampler keeps changing for 30-60 steps
+
+
 def _offline_engine(config_path: str | None):
     """An in-process engine for the offline commands (check, inspect, eval): no server, quiet logs.
 
@@ -316,6 +321,8 @@ def _simulate(args: argparse.Namespace) -> int:
     profile = _profile(args.profile)
     if profile is None:
         return 2
+    if args.steps is None:
+        args.steps = HOT_STEPS if profile == "hot" else DEFAULT_STEPS
     if args.steps < 6 or args.canvas_length < 16:
         print(f"canvaswatch: simulate: need --steps >= 6 and --canvas-length >= 16, got {args.steps} and "
               f"{args.canvas_length}", file=sys.stderr)

@@ -43,10 +43,12 @@ def test_simulate_writes_readable_labelled_traces(trace_file):
 
 def test_simulate_takes_a_calibrated_profile(vocab, tmp_path, capsys):
     path = tmp_path / "hot.cwtrace"
-    assert main(["simulate", str(path), "--requests", "2", "--profile", "hot", "--steps", "64"]) == 0
+    assert main(["simulate", str(path), "--requests", "2", "--profile", "hot"]) == 0
     traces = list(read_traces(path))
     assert [t.info.attributes["profile"] for t in traces] == ["hot", "hot"]
-    assert all(t.info.total_steps == 64 for t in traces)
+    assert all(t.info.total_steps == 64 for t in traces)  # the hot sampler's length unless --steps says otherwise
+    assert main(["simulate", str(path), "--requests", "1", "--profile", "hot", "--steps", "30"]) == 0
+    assert [t.info.total_steps for t in read_traces(path)] == [30]
     assert main(["simulate", str(path), "--profile", "tepid"]) == 2
     assert "--profile: unknown 'tepid'" in capsys.readouterr().err
 
