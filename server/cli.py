@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--json", action="store_true", help="print verdicts as JSON lines")
 
     replay = sub.add_parser("replay", help="stream a .cwtrace file to a running sidecar")
-    replay.add_argument("trace")
+    replay.add_argument("trace", help="a .cwtrace file: each trace is streamed to the sidecar step by step")
     replay.add_argument("--target", required=True, type=_host_port, help="HOST:PORT of the sidecar")
     replay.add_argument("--token", help="bearer token, if the sidecar requires one")
     replay.add_argument("--tls-ca", help="PEM CA bundle: connect with TLS, trusting this CA (server.tls_cert's issuer)")
@@ -81,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     record.add_argument("--canvas-length", type=int, default=64, help="positions per canvas (default: 64)")
 
     inspect = sub.add_parser("inspect", help="render a trace's denoising timeline as one self-contained HTML file")
-    inspect.add_argument("trace")
+    inspect.add_argument("trace", help="a .cwtrace file (canvaswatch simulate or import writes them)")
     inspect.add_argument("-o", "--output", required=True,
                          help="report.html; a file of several requests needs --request (which one) or --all "
                               "(report-<request id>.html each)")
     inspect.add_argument("--request", help="the request id to render, when the file holds several")
     inspect.add_argument("--all", action="store_true", help="one report per request: <output stem>-<request id>.html")
-    inspect.add_argument("--config")
+    inspect.add_argument("--config", help="the sidecar's TOML config: which monitors run (default: the built-in set)")
 
     imported = sub.add_parser("import", help="turn a real DiffusionGemma capture into a .cwtrace file (docs/importers.md)")
     imported.add_argument("format", help="gallery, clean, bench_order, films or poem")
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate = sub.add_parser("eval", help="precision, recall, FPR and AUROC of each monitor on labelled traces")
     evaluate.add_argument("traces", help=".cwtrace file whose traces carry a 'labels' attribute")
-    evaluate.add_argument("--config")
+    evaluate.add_argument("--config", help="the sidecar's TOML config: which monitors run (default: the built-in set)")
     evaluate.add_argument("--json", dest="json_path", help="also write the scores to this JSON file")
 
     args = parser.parse_args(argv)
@@ -186,7 +186,7 @@ def _demo(args: argparse.Namespace) -> int:
     config = default_config().with_server(grpc_port=args.grpc_port, metrics_port=args.metrics_port)
     configure_logging("warning", human=True)  # among the demo's own lines: readable, not JSON
     print("canvaswatch demo: starting the sidecar with the default monitors "
-          "(the first run converts the Gemma vocabulary once, 20-40 s)...", flush=True)
+          "...", flush=True)  # a first run's one-time vocabulary conversion announces itself
     sidecar = SidecarThread(config).start()
     vocab = sidecar.sidecar.vocab
     print(f"  gRPC  {sidecar.target}   metrics  http://127.0.0.1:{sidecar.sidecar.metrics_port}/metrics", flush=True)
@@ -307,7 +307,8 @@ def _replay(args: argparse.Namespace) -> int:
             try:
                 verdict = replay(trace, channel, metadata=metadata)
             except WatchError as err:
-                print(f"canvaswatch: trace {index}: {err}", file=sys.stderr)
+                hint = f" (is a sidecar serving at {args.target}?)" if err.code == grpc.StatusCode.UNAVAILABLE else ""
+                print(f"canvaswatch: trace {index}: {err}{hint}", file=sys.stderr)
                 return 1
             _print_verdict(verdict, args.json, _simulated(trace))
     return 0
@@ -412,7 +413,7 @@ def _inspect(args: argparse.Namespace) -> int:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in history.meta.request_id)[:100] or str(index)
         target = output if len(traces) == 1 else output.with_name(f"{output.stem}-{safe}{output.suffix}")
         write_report(history, engine.vocab, target)
-        print(f"{history.meta.request_id}: {len(history.flags)} flags -> {target}")
+        print(f"{history.meta.request_id}: {len(history.flags)} flag{'' if len(history.flags) == 1 else 's'} -> {target}")
     return 0
 
 

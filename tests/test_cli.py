@@ -73,6 +73,14 @@ def test_offline_commands_never_write_the_audit_log_of_served_traffic(trace_file
     assert not audit.exists()
 
 
+def test_replay_to_an_address_where_nothing_listens_says_what_to_check(trace_file, capsys):
+    with socket.socket() as probe:  # a port just freed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["replay", str(trace_file), "--target", f"127.0.0.1:{port}"]) == 1
+    assert f"(is a sidecar serving at 127.0.0.1:{port}?)" in capsys.readouterr().err
+
+
 def test_check_reports_a_corrupt_file(tmp_path):
     path = tmp_path / "bad.cwtrace"
     path.write_bytes(b"\x05abc")

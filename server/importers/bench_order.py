@@ -55,7 +55,8 @@ def read_poem(path: Path, options: ImportOptions) -> list[RebuiltRun]:
 def _read(path: Path, options: ImportOptions, format_name: str) -> list[RebuiltRun]:
     data = load_json(path)
     if not isinstance(data, list):
-        raise CaptureError(path.name, "(top level)", "expected a list of runs")
+        hint = " (this one is an object: clean.json's format?)" if isinstance(data, dict) else ""
+        raise CaptureError(path.name, "(top level)", f"expected a list of runs{hint}")
     return options.each_run(enumerate(data), lambda item: _run(Fields(path.name, f"[{item[0]}]", item[1]), options,
                                                                  format_name))
 

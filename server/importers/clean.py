@@ -71,7 +71,8 @@ DEFAULT_STEPS = 48
 def read(path: Path, options: ImportOptions) -> list[RebuiltRun]:
     data = load_json(path)
     if not isinstance(data, dict):
-        raise CaptureError(path.name, "(top level)", "expected an object of runs keyed by name")
+        hint = " (this one is a list: another capture's, e.g. gallery, bench_order, films or poem?)" if isinstance(data, list) else ""
+        raise CaptureError(path.name, "(top level)", f"expected an object of runs keyed by name{hint}")
     return options.each_run(data.items(), lambda item: _run(item[0], Fields(path.name, item[0], item[1]), options))
 
 

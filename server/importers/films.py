@@ -39,7 +39,8 @@ FORMAT = "films"
 def read(path: Path, options: ImportOptions) -> list[RebuiltRun]:
     data = load_json(path)
     if not isinstance(data, list):
-        raise CaptureError(path.name, "(top level)", "expected a list of runs")
+        hint = " (this one is an object: clean.json's format?)" if isinstance(data, dict) else ""
+        raise CaptureError(path.name, "(top level)", f"expected a list of runs{hint}")
     return options.each_run(enumerate(data), lambda item: _run(Fields(path.name, f"[{item[0]}]", item[1]), item[0], options))
 
 

@@ -490,6 +490,13 @@ def test_malformed_runs_can_be_left_out_and_named_instead_of_refusing_the_file(t
         import_capture("films", path, on_invalid=skipped.append)
 
 
+def test_a_capture_in_another_format_gets_a_hint(tmp_path):
+    with pytest.raises(CaptureError, match=r"expected an object of runs keyed by name \(this one is a list: another"):
+        import_capture("clean", write(tmp_path, "gallery.json", [gallery_run()]))
+    with pytest.raises(CaptureError, match=r"expected a list of runs \(this one is an object: clean.json's format\?\)"):
+        import_capture("gallery", write(tmp_path, "clean.json", {"r": clean_run()}))
+
+
 def test_unreadable_files_and_bad_arguments(tmp_path):
     bad = tmp_path / "gallery.json"
     bad.write_text("{not json")
