@@ -46,7 +46,7 @@ class TransparencyState:
     longest_gap: int = 0
     gap_at: tuple[int, int] = (0, 0)
     recent: collections.deque = field(default_factory=collections.deque)
-    worst_residual: tuple[float, int] = (0.0, -1)
+    worst_residual: tuple[float, int, int] = (0.0, -1, -1)  # mean residual, its block, that block's last step seen
 
 
 class TransparencyMonitor(Monitor):
@@ -83,16 +83,17 @@ class TransparencyMonitor(Monitor):
         if depth > self.params.max_opaque_depth:
             block, step = state.gap_at
             flags.append(self.flag(
-                self.severity, f"opaque depth {depth}x: {depth - 1} consecutive denoising steps never reached the monitors",
+                self.severity, f"{depth - 1} consecutive denoising steps never reached the monitors "
+                               f"(opaque depth {depth}, more than {self.params.max_opaque_depth})",
                 Evidence(block, step), score=min(1.0, depth / (2 * self.params.max_opaque_depth)),
                 opaque_depth=depth, steps_dropped=final.steps_dropped,
             ))
-        residual, block = state.worst_residual
+        residual, block, last_step = state.worst_residual
         if residual > self.params.max_residual:
             flags.append(self.flag(
                 self.severity, f"block {block}: {residual:.2f} of the probability mass lies outside the kept tokens "
                                f"in its last steps; the bottleneck view is not faithful",
-                Evidence(block, 0), score=residual, residual_mass=f"{residual:.3f}",
+                Evidence(block, last_step), score=residual, residual_mass=f"{residual:.3f}",
             ))
         return flags
 
@@ -106,4 +107,4 @@ class TransparencyMonitor(Monitor):
         if state.recent:
             mean = sum(state.recent) / len(state.recent)
             if mean > state.worst_residual[0]:
-                state.worst_residual = (mean, state.block)
+                state.worst_residual = (mean, state.block, state.last_step)

@@ -65,6 +65,7 @@ def test_transparency_reports_opaque_depth_of_unseen_runs(vocab):
     assert _coverage([s for s in range(24) if s % 2 == 0], vocab=vocab) == []  # every other step: depth 2
     [flag] = _coverage([s for s in range(24) if not 5 <= s < 12], vocab=vocab)
     assert flag.attributes["opaque_depth"] == "8"
+    assert flag.reason.startswith("7 consecutive denoising steps never reached the monitors (opaque depth 8")
     [tail] = _coverage(range(12), vocab=vocab)  # the block's last 12 steps never came
     assert tail.attributes["opaque_depth"] == "13"
 
@@ -72,6 +73,7 @@ def test_transparency_reports_opaque_depth_of_unseen_runs(vocab):
 def test_transparency_flags_residual_mass_in_settled_steps(vocab):
     [flag] = _coverage(range(24), residual=0.7, vocab=vocab)
     assert flag.attributes["residual_mass"] == "0.700"
+    assert (flag.evidence[0].block, flag.evidence[0].step) == (0, 23)  # the block's last step seen, which it speaks of
 
 
 def test_probe_fires_on_positions_along_its_direction(tmp_path, vocab):
