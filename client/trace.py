@@ -40,17 +40,18 @@ def read_traces(path: str | Path) -> Iterator[pb.Trace]:
                     raise TraceFileError(f"{path}: holds no trace (an empty file); `canvaswatch simulate` and "
                                          f"`canvaswatch import` write .cwtrace files")
                 return
+            # a first record that does not read is most likely not a .cwtrace at all: say how to make one
+            hint = (" (is it a .cwtrace? a capture such as ../shared/real/clean.json is converted with "
+                    "`canvaswatch import`)") if index == 0 else ""
             if length > MAX_RECORD_BYTES:
-                raise TraceFileError(f"{path}: record {index} declares {length} bytes, more than a trace may hold")
+                raise TraceFileError(f"{path}: record {index} declares {length} bytes, more than a trace may hold{hint}")
             data = source.read(length)
             if len(data) != length:
-                raise TraceFileError(f"{path}: record {index} is truncated ({len(data)} of {length} bytes)")
+                raise TraceFileError(f"{path}: record {index} is truncated ({len(data)} of {length} bytes){hint}")
             trace = pb.Trace()
             try:
                 trace.ParseFromString(data)
             except Exception as err:
-                hint = (" (is it a .cwtrace? a capture such as ../shared/real/clean.json is converted with "
-                        "`canvaswatch import`)") if index == 0 else ""
                 raise TraceFileError(f"{path}: record {index} is not a canvaswatch.v1.Trace: {err}{hint}") from None
             yield trace
             index += 1

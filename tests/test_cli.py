@@ -84,7 +84,10 @@ def test_replay_to_an_address_where_nothing_listens_says_what_to_check(trace_fil
 def test_check_reports_a_corrupt_file(tmp_path):
     path = tmp_path / "bad.cwtrace"
     path.write_bytes(b"\x05abc")
-    with pytest.raises(TraceFileError, match="record 0 is truncated"):
+    with pytest.raises(TraceFileError, match="record 0 is truncated .*is it a .cwtrace"):
+        list(read_traces(path))
+    path.write_text("hello\n")  # a text file: its first byte reads as a length the rest cannot fill
+    with pytest.raises(TraceFileError, match="record 0 is truncated .*`canvaswatch import`"):
         list(read_traces(path))
 
 
