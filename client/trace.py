@@ -19,8 +19,9 @@ class TraceFileError(ValueError):
 
 
 def write_traces(path: str | Path, traces: Iterable[pb.Trace]) -> int:
-    """Write traces to path (replacing it); returns how many were written."""
+    """Write traces to path (replacing it, creating its folder as `inspect -o` does); returns how many were written."""
     count = 0
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as out:
         for trace in traces:
             data = trace.SerializeToString()

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"canvaswatch: configuration error: {err}", file=sys.stderr)
         return 2
     except FileNotFoundError as err:  # an input that is not there: a usage error, like a file that is not a trace
-        print(f"canvaswatch: {err}", file=sys.stderr)
+        print(f"canvaswatch: {err.filename}: no such file" if err.filename else f"canvaswatch: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a port in use, an unreadable trace file: say what, not a traceback
         print(f"canvaswatch: {err}", file=sys.stderr)

@@ -177,7 +177,9 @@ def test_a_port_in_use_is_a_clear_error_not_a_traceback(capsys):
 
 def test_a_missing_trace_file_is_a_clear_error(capsys, tmp_path):
     assert main(["check", str(tmp_path / "absent.cwtrace")]) == 2  # a usage error, like a file that is no trace
-    assert "absent.cwtrace" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == f"canvaswatch: {tmp_path / 'absent.cwtrace'}: no such file"
+    out = tmp_path / "new" / "folder" / "sim.cwtrace"  # an output's folder is made, as inspect -o makes it
+    assert main(["simulate", str(out), "--requests", "1"]) == 0 and len(list(read_traces(out))) == 1
 
 
 def test_an_empty_trace_file_is_refused_not_passed(capsys, tmp_path):
