@@ -1,7 +1,7 @@
 """The monitors on the real DiffusionGemma captures: every capture x probability rule x signals.
 
     python bench/real_eval.py [--real ../shared/real] [--capture NAME=FILE ...] [--strict] [--config FILE]
-                              [--limit N] [--json out.json]
+                              [--limit N] [--k K] [--seed N] [--json out.json]
 
 Prints, per run (capture/rule/signals), `canvaswatch eval`'s table, then the requirements of
 issue 11 item 4 (canvaswatch.server.evaluation.real_data) with whether each holds. The
@@ -24,7 +24,7 @@ from canvaswatch.server.bottleneck.vocab import load_vocabulary
 from canvaswatch.server.config import load_config
 from canvaswatch.server.evaluation import evaluate as ev
 from canvaswatch.server.evaluation.real_data import as_table, capture_paths, requirements, score_runs
-from canvaswatch.server.importers import FORMATS, CaptureError
+from canvaswatch.server.importers import DEFAULT_K, FORMATS, CaptureError
 from canvaswatch.server.ops.logs import configure_logging
 from canvaswatch.server.pipeline.engine import Engine
 
@@ -37,6 +37,8 @@ def main() -> int:
     parser.add_argument("--config")
     parser.add_argument("--limit", type=int, help="at most N runs per capture")
     parser.add_argument("--json", dest="json_path")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"top-k width of the imported traces (default {DEFAULT_K})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the importers' fill rules (default 0)")
     parser.add_argument("--strict", action="store_true",
                         help="a malformed run refuses its whole file (default: it is left out and named on stderr)")
     parser.add_argument("--capture", action="append", default=[], metavar="NAME=FILE",
@@ -61,7 +63,7 @@ def main() -> int:
     started = time.perf_counter()
     skipped: dict[str, CaptureError] = {}  # one entry per malformed run (each file is read once per rule/signals)
     try:
-        scores = score_runs(engine, real, captures=tuple(paths), paths=paths, limit=args.limit,
+        scores = score_runs(engine, real, captures=tuple(paths), paths=paths, limit=args.limit, k=args.k, seed=args.seed,
                             on_invalid=None if args.strict else lambda err: skipped.setdefault(str(err), err))
     except CaptureError as err:  # a malformed capture, or no curves for the entropy rule: one line
         print(f"real_eval: {err}", file=sys.stderr)

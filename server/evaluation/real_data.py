@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 from canvaswatch.monitors.base import Severity
 from canvaswatch.server.evaluation.evaluate import OUTPUT_ONLY, MonitorScore, evaluate
-from canvaswatch.server.importers import FORMATS, CaptureError, import_capture
+from canvaswatch.server.importers import DEFAULT_K, FORMATS, CaptureError, import_capture
 from canvaswatch.server.pipeline.engine import Engine
 
 ORDINARY = ("bench_order", "films", "poem")
@@ -74,17 +74,19 @@ def capture_paths(real: Path, overrides: dict[str, Path] | None = None) -> tuple
 def score_runs(engine: Engine, real: Path, *, captures: Iterable[str] = tuple(FORMATS),
                rules: Iterable[str] = ("committed", "entropy"), signals: Iterable[bool] = (True, False),
                limit: int | None = None, paths: dict[str, Path] | None = None,
-               on_invalid: Callable[[CaptureError], None] | None = None) -> dict[Run, list[MonitorScore]]:
+               on_invalid: Callable[[CaptureError], None] | None = None, k: int = DEFAULT_K,
+               seed: int = 0) -> dict[Run, list[MonitorScore]]:
     """Every (capture, rule, signals) combination's per-monitor scores. `limit`: at most that many runs a file.
     `paths`: each capture's file (capture_paths); default: its usual name under `real`. `on_invalid`: as
-    import_capture's (None: a malformed run refuses its file)."""
+    import_capture's (None: a malformed run refuses its file). `k`, `seed`: the traces' top-k width and the
+    fill rules' seed (the requirements should not depend on either)."""
     out: dict[Run, list[MonitorScore]] = {}
     for capture in captures:
         path = paths[capture] if paths is not None else real / FORMATS[capture].file
         for rule in rules:
             for with_signals in signals:
                 traces = import_capture(capture, path, rule=rule, signals=with_signals, encoder=engine.vocab,
-                                        curves=_curves_for(path, real), on_invalid=on_invalid)
+                                        curves=_curves_for(path, real), on_invalid=on_invalid, k=k, seed=seed)
                 out[Run(capture, rule, with_signals)] = evaluate(engine, traces[:limit])
     return out
 
