@@ -126,7 +126,9 @@ class _StreamCore:
                 pass
 
     def fail(self, err: BaseException) -> None:
-        if isinstance(err, grpc.RpcError) and hasattr(err, "code"):
+        if isinstance(err, WatchError):
+            self.error = err
+        elif isinstance(err, grpc.RpcError) and hasattr(err, "code"):
             self.error = WatchError(f"{err.code().name}: {err.details()}", err.code())
         else:
             self.error = WatchError(f"{type(err).__name__}: {err}")
@@ -299,5 +301,14 @@ class AsyncWatchStream:
         except grpc.RpcError as err:
             if self._core.verdict is None:
                 self._core.fail(err)
+        except asyncio.CancelledError:
+            # grpc.aio ends a call cancelled on this side (cancel(), or its channel closing) with
+            # CancelledError, not an RpcError as the sync API does. Record it like the sync stream,
+            # so result() raises WatchError: a CancelledError escaping result() would read as the
+            # caller's own task being cancelled, and gets past `except Exception` fail-open code.
+            # A cancellation of this task itself (the loop shutting down) still propagates.
+            if not self._call.cancelled() or asyncio.current_task().cancelling():
+                raise
+            self._core.fail(WatchError("CANCELLED: the call was cancelled on the client", grpc.StatusCode.CANCELLED))
         except Exception as err:
             self._core.fail(err)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real Gemma vocabulary, a real sidecar on an ephemeral loopback port, trace builders.
+"""Shared fixtures: the real Gemma vocabulary, a real sidecar on an ephemeral loopback port, trace builders,
+a tiny DiffusionGemma.
 
 Imports of gRPC and generated code stay inside the helpers, so GPU-only tests
 can run on a machine whose grpcio is older than the generated code needs.
@@ -7,6 +8,7 @@ can run on a machine whose grpcio is older than the generated code needs.
 from __future__ import annotations
 
 import importlib
+import socket
 import sys
 import textwrap
 import urllib.request
@@ -115,6 +117,27 @@ def install_plugin_source(directory: Path, monkeypatch: pytest.MonkeyPatch, pack
         install_entry_point(directory, monkeypatch, name, f"{package}:{cls}")
     yield importlib.import_module(package)
     sys.modules.pop(package, None)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (the OS just handed it out and took it back)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_diffusion_gemma(canvas_length: int = 16):
+    """transformers' DiffusionGemma built from a config with random weights (no download): tiny layers,
+    the full 262,144-token Gemma vocabulary, so generate() and its streamer hooks are the real ones."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    text = dict(vocab_size=262_144, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=32,
+                num_experts=4, top_k_experts=2, moe_intermediate_size=64)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16)
+    config = transformers.DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas_length)
+    return transformers.DiffusionGemmaForBlockDiffusion(config).eval()
 
 
 def topk_step(ids: torch.Tensor, probs: torch.Tensor, block: int = 0, step: int = 0, info=None):

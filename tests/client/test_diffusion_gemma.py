@@ -12,23 +12,12 @@ import torch
 
 from canvaswatch.client.diffusion_gemma import CanvasWatchStreamer
 from tests import recording_monitor
-from tests.conftest import install_entry_point, start_sidecar
+from tests.conftest import install_entry_point, start_sidecar, tiny_diffusion_gemma
 
 transformers = pytest.importorskip("transformers")
 
 CANVAS = 16
 STEPS = 6
-
-
-def tiny_diffusion_gemma():
-    torch.manual_seed(0)
-    text = dict(vocab_size=262_144, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=32,
-                num_experts=4, top_k_experts=2, moe_intermediate_size=64)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=2, head_dim=16)
-    config = transformers.DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=CANVAS)
-    return transformers.DiffusionGemmaForBlockDiffusion(config).eval()
 
 
 class _Witness(CanvasWatchStreamer):
@@ -48,7 +37,7 @@ def test_generate_streams_every_denoising_step_to_the_sidecar(vocab, tmp_path, m
     install_entry_point(tmp_path, monkeypatch, "recorder", "tests.recording_monitor:Recorder")
     recording_monitor.RECORDED.clear()
     running = start_sidecar(vocab, tmp_path, {"monitors": {"recorder": {}, "lexicon": {}, "self_correction": {}}})
-    model = tiny_diffusion_gemma()
+    model = tiny_diffusion_gemma(CANVAS)
     try:
         streamer = _Witness(running.target, request_id="dg-1", k=8, max_pending=1000)
         prompt = torch.tensor([[2, 9259, 1902]])
@@ -85,7 +74,7 @@ def test_on_device_bottleneck_sends_only_topk_and_matches_the_model(vocab, tmp_p
     install_entry_point(tmp_path, monkeypatch, "recorder", "tests.recording_monitor:Recorder")
     recording_monitor.RECORDED.clear()
     running = start_sidecar(vocab, tmp_path, {"monitors": {"recorder": {}}})
-    model = tiny_diffusion_gemma()
+    model = tiny_diffusion_gemma(CANVAS)
     seen_logits: list[list[int]] = []
     try:
         streamer = _Witness(running.target, request_id="dg-device", k=4, max_pending=1000)
@@ -126,7 +115,7 @@ def test_sampler_signals_reach_the_sidecar_and_match_what_the_sampler_did(vocab,
     install_entry_point(tmp_path, monkeypatch, "recorder", "tests.recording_monitor:Recorder")
     recording_monitor.RECORDED.clear()
     running = start_sidecar(vocab, tmp_path, {"monitors": {"recorder": {}}})
-    model = tiny_diffusion_gemma()
+    model = tiny_diffusion_gemma(CANVAS)
     # Random weights put every position near ln V = 12.45 nats: a bound of 30 accepts 3 positions a
     # step (12.45 + 12.45 <= 30 < 3 x 12.45), so the mask is not trivially one position.
     bound, t_min, t_max = 30.0, 0.4, 0.8
@@ -237,7 +226,7 @@ def test_without_the_hook_no_sampler_signals_are_sent(vocab, tmp_path, monkeypat
     install_entry_point(tmp_path, monkeypatch, "recorder", "tests.recording_monitor:Recorder")
     recording_monitor.RECORDED.clear()
     running = start_sidecar(vocab, tmp_path, {"monitors": {"recorder": {}}})
-    model = tiny_diffusion_gemma()
+    model = tiny_diffusion_gemma(CANVAS)
     try:
         streamer = CanvasWatchStreamer(running.target, request_id="dg-plain", k=2, max_pending=1000)
         model.generate(torch.tensor([[2, 9259]]), max_new_tokens=CANVAS, max_denoising_steps=2, streamer=streamer)
@@ -253,7 +242,7 @@ def test_without_the_hook_no_sampler_signals_are_sent(vocab, tmp_path, monkeypat
 def test_enforced_bottleneck_is_what_the_decoder_conditions_on():
     from canvaswatch.client.diffusion_gemma import attach_bottleneck
 
-    model = tiny_diffusion_gemma()
+    model = tiny_diffusion_gemma(CANVAS)
     conditioned: list[torch.Tensor] = []
 
     def capture(module, args, kwargs):

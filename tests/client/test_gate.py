@@ -8,7 +8,7 @@ import torch
 from canvaswatch.client.diffusion_gemma import CanvasWatchStreamer
 from canvaswatch.client.gate import Gate, GatePolicy, GenerationBlocked
 from canvaswatch.v1 import monitor_pb2 as pb
-from tests.conftest import install_entry_point, start_sidecar
+from tests.conftest import install_entry_point, start_sidecar, tiny_diffusion_gemma
 
 
 def _flag(severity) -> pb.MonitorEvent:
@@ -77,17 +77,16 @@ class _Watched(CanvasWatchStreamer):
 
 @pytest.mark.slow
 def test_a_planted_critical_flag_stops_generate_before_the_canvas_is_committed(vocab, tmp_path, monkeypatch):
-    from tests.client.test_diffusion_gemma import CANVAS, tiny_diffusion_gemma
-
     install_entry_point(tmp_path, monkeypatch, "trigger", "tests.trigger_monitor:Trigger")
     running = start_sidecar(vocab, tmp_path, {"monitors": {"trigger": {"at_step": 1}}})
     model = tiny_diffusion_gemma()
+    canvas = model.config.canvas_length
     prompt = torch.tensor([[2, 9259, 1902]])
     steps = 12
     try:
         bad = _Watched(running.target, request_id="gate-bad-1", gate=GatePolicy(budget_s=30))
         with pytest.raises(GenerationBlocked) as blocked:
-            model.generate(prompt, max_new_tokens=CANVAS, max_denoising_steps=steps, streamer=bad)
+            model.generate(prompt, max_new_tokens=canvas, max_denoising_steps=steps, streamer=bad)
         bad.close()
         assert blocked.value.reason == "flag" and [f.monitor for f in blocked.value.flags] == ["trigger"]
         # The flag came from step 1; generation stopped at the first step that saw it, long before the
@@ -95,7 +94,7 @@ def test_a_planted_critical_flag_stops_generate_before_the_canvas_is_committed(v
         assert bad.calls_after_trip == 1 and bad.calls < steps and bad.outputs == []
 
         clean = _Watched(running.target, request_id="gate-ok-1", gate=GatePolicy(budget_s=30))
-        output = model.generate(prompt, max_new_tokens=CANVAS, max_denoising_steps=steps, streamer=clean)
+        output = model.generate(prompt, max_new_tokens=canvas, max_denoising_steps=steps, streamer=clean)
         clean.close()
         [verdict] = clean.gate_verdicts
         assert verdict.request_id == "gate-ok-1" and verdict.max_severity == pb.SEVERITY_UNSPECIFIED

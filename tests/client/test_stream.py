@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import grpc
 import pytest
 import torch
 
 from canvaswatch.client.stream import AsyncWatchStream, WatchError, WatchStream, channel_options
-from tests.conftest import info_for, topk_step
+from tests.conftest import free_port, info_for, topk_step
 
 L, K = 16, 4
 
@@ -18,12 +17,6 @@ L, K = 16, 4
 def _step(step: int, token: int = 3000):
     ids = torch.full((L, K), token) + torch.arange(K)
     return topk_step(ids, torch.tensor([[0.5, 0.2, 0.1, 0.05]] * L), step=step)
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_every_step_arrives_in_order_when_nothing_is_dropped(sidecar):
@@ -67,7 +60,7 @@ def test_overflowing_client_drops_steps_counts_them_and_the_verdict_agrees(sidec
 
 
 def test_send_never_raises_or_waits_when_the_sidecar_is_gone():
-    stream = WatchStream(f"127.0.0.1:{_closed_port()}", info_for("nobody-home", L), max_pending=4)
+    stream = WatchStream(f"127.0.0.1:{free_port()}", info_for("nobody-home", L), max_pending=4)
     for step in range(1000):
         stream.send(_step(step))  # returns at once whatever happens to the stream
     stream.finish([1])
