@@ -58,7 +58,7 @@ import torch
 from canvaswatch.client.sampler_signals import SamplerSignals, entropy
 from canvaswatch.client.gate import Gate, GatePolicy
 from canvaswatch.client.token_bottleneck import Bottleneck, bottleneck
-from canvaswatch.client.stream import WatchStream, channel_options, new_request_id
+from canvaswatch.client.stream import WatchStream, channel_options, close_channel, new_request_id
 from canvaswatch.v1 import monitor_pb2 as pb
 
 
@@ -153,7 +153,7 @@ class CanvasWatchStreamer:
         for stream in self.streams:
             stream.close()
         if self._owns_channel:
-            self._channel.close()
+            close_channel(self._channel)
 
     # ---- internals --------------------------------------------------------------------------
 

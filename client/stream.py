@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import threading
 import uuid
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
@@ -30,6 +31,29 @@ from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 StepPayload = pb.StepState | Callable[[], pb.StepState]
+
+
+log = logging.getLogger("canvaswatch.client")
+CHANNEL_CLOSE_S = 5.0  # how long closing a channel may take before the caller goes on without it
+
+
+def close_channel(channel: grpc.Channel, timeout_s: float = CHANNEL_CLOSE_S) -> bool:
+    """Close `channel`, waiting at most `timeout_s`; whether it closed in that time.
+
+    grpc's Channel.close() returns only once every call on the channel has ended, and a call whose
+    message is part-way out to a frozen peer (a SIGSTOPped sidecar, full flow-control windows) does
+    not end while the peer stays frozen: seen with a shared channel and 4 MB steps. A serving
+    stack's shutdown must not wait on that, so the close runs on a daemon thread and is left to
+    finish, or not, once the timeout has passed (logged).
+    """
+    closer = threading.Thread(target=channel.close, name="canvaswatch-channel-close", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+    if closer.is_alive():
+        log.warning("canvaswatch: the gRPC channel to the sidecar did not close within %.1f s (calls still "
+                    "in flight to a peer that does not read); left closing in the background", timeout_s)
+        return False
+    return True
 
 
 class WatchError(RuntimeError):
@@ -204,7 +228,7 @@ class WatchStream:
             self.cancel()
         self._receiver.join(timeout=5)
         if self._owns_channel:
-            self._channel.close()
+            close_channel(self._channel)
 
     def _requests(self) -> Iterator[pb.StepState]:
         while True:

@@ -60,7 +60,7 @@ import grpc
 import torch
 
 from canvaswatch.client.sampler_signals import SamplerSignals
-from canvaswatch.client.stream import WatchStream, channel_options
+from canvaswatch.client.stream import WatchStream, channel_options, close_channel
 from canvaswatch.client.token_bottleneck import from_candidates
 from canvaswatch.client.vllm_gate import (RUNNER_MODULE, SCHEDULER_MODULE, RequestGates, patch_runner, patch_scheduler,
                                           policy_for, suppress)
@@ -705,7 +705,7 @@ class Watcher:
             if request.stream is not None:
                 request.stream.close()
         if self._owns_channel:
-            self.channel.close()
+            close_channel(self.channel)
 
 
 def _encode(tensor: torch.Tensor) -> pb.Tensor:

@@ -48,7 +48,7 @@ from typing import Any, Callable, Protocol
 import grpc
 
 from canvaswatch.client.gate import Gate, GatePolicy
-from canvaswatch.client.stream import channel_options
+from canvaswatch.client.stream import channel_options, close_channel
 from canvaswatch.client.vllm_config import PluginConfig
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
@@ -97,7 +97,7 @@ class SidecarVerdicts:
         call.add_done_callback(answered)
 
     def close(self) -> None:
-        self._channel.close()
+        close_channel(self._channel)
 
 
 @dataclass

@@ -376,3 +376,32 @@ def test_generate_and_its_gate_never_wait_past_the_budget_on_a_frozen_sidecar(si
     assert streamer.calls == streamer.steps_sent > 0
     # The sidecar really pushed back: the queue overflowed (else this test proved nothing).
     assert streamer.dropped > 0
+
+
+
+class _StuckChannel:
+    """A channel whose close() blocks, as grpc's does while a call is part-way out to a frozen peer."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.closing = threading.Event()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.release.wait()
+
+
+def test_closing_a_channel_stuck_on_a_frozen_peer_returns_at_its_timeout(caplog):
+    # What a serving stack's shutdown calls (WatchStream, the streamer and the vLLM plugin close the
+    # channels they own through it): it must return even when grpc's close() does not.
+    from canvaswatch.client.stream import close_channel
+
+    stuck = _StuckChannel()
+    try:
+        assert _bounded("close_channel", lambda: close_channel(stuck, timeout_s=0.2)) is False
+        assert stuck.closing.is_set() and "did not close within 0.2 s" in caplog.text
+    finally:
+        stuck.release.set()
+    free = _StuckChannel()
+    free.release.set()
+    assert _bounded("close_channel", lambda: close_channel(free)) is True
