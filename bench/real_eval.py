@@ -6,8 +6,9 @@
 Prints, per run (capture/rule/signals), `canvaswatch eval`'s table, then the requirements of
 issue 11 item 4 (canvaswatch.server.evaluation.real_data) with whether each holds. The
 captures are read from --real (never copied into the repository; BENCHMARKS.md cites their
-repository, files and commits). A malformed run is left out and named on stderr (--strict:
-it refuses its file instead). A capture whose file is absent is skipped, and said so;
+repository, files and commits). A malformed run is left out and named on stderr, and so is a
+capture that cannot be imported at all (--strict: either stops the run). A capture whose file
+is absent is skipped, and said so;
 `--capture gallery=heldout/gallery.json` (repeatable) scores those files alone, each with the
 anim_curves.json beside it (else the one under --real) for the entropy rule.
 """
@@ -62,18 +63,27 @@ def main() -> int:
     engine = Engine(config, load_vocabulary(config.vocab.tokenizer))
     started = time.perf_counter()
     skipped: dict[str, CaptureError] = {}  # one entry per malformed run (each file is read once per rule/signals)
+    unusable: dict[str, CaptureError] = {}
     try:
-        scores = score_runs(engine, real, captures=tuple(paths), paths=paths, limit=args.limit, k=args.k, seed=args.seed,
-                            on_invalid=None if args.strict else lambda err: skipped.setdefault(str(err), err))
-    except CaptureError as err:  # a malformed capture, or no curves for the entropy rule: one line
+        scores = score_runs(engine, real, paths=paths, limit=args.limit, k=args.k, seed=args.seed,
+                            on_invalid=None if args.strict else lambda err: skipped.setdefault(str(err), err),
+                            on_unusable=None if args.strict else unusable.__setitem__)
+    except (CaptureError, ValueError) as err:  # --strict: a malformed capture; a bad --k: one line
         print(f"real_eval: {err}", file=sys.stderr)
+        engine.close()
+        return 2
+    finally:
+        for message in skipped:  # before anything else is said: the reasons runs were left out
+            print(f"real_eval: skipped a malformed run: {message}", file=sys.stderr)
+    for capture, err in unusable.items():
+        print(f"real_eval: skipped capture {capture}: {err}", file=sys.stderr)
+    if not scores:
+        print("real_eval: no capture could be scored", file=sys.stderr)
         engine.close()
         return 2
     for run, rows in scores.items():
         print(f"\n### {run.name}\n")
         print(ev.as_table(rows))
-    for message in skipped:
-        print(f"real_eval: skipped a malformed run: {message}", file=sys.stderr)
     found = requirements(engine, scores)
     print("\n### requirements on real dynamics\n")
     print(as_table(found))
@@ -83,6 +93,7 @@ def main() -> int:
         Path(args.json_path).write_text(json.dumps({
             "runs": {run.name: ev.as_json(rows) for run, rows in scores.items()},
             "skipped": list(skipped),
+            "unusable": {capture: str(err) for capture, err in unusable.items()},
             "requirements": [{"monitor": r.monitor, "run": r.run.name, "what": r.what, "value": r.value,
                               "limit": r.limit, "holds": r.holds} for r in found],
         }, indent=2) + "\n")

@@ -371,6 +371,8 @@ def _import(args: argparse.Namespace) -> int:
                                 signals=not args.no_signals, canvas_length=args.canvas_length, steps=args.steps,
                                 on_invalid=skipped.append if args.skip_invalid else None)
     except (CaptureError, ValueError) as err:  # malformed capture or bad argument: one line, nothing written
+        for skip in skipped:  # with --skip-invalid and no valid run: what was wrong with each
+            print(f"canvaswatch: import: skipped {skip}", file=sys.stderr)
         print(f"canvaswatch: import: {err}", file=sys.stderr)
         return 2
     for err in skipped:

@@ -71,23 +71,36 @@ def capture_paths(real: Path, overrides: dict[str, Path] | None = None) -> tuple
     return present, [name for name in wanted if name not in present]
 
 
-def score_runs(engine: Engine, real: Path, *, captures: Iterable[str] = tuple(FORMATS),
+def score_runs(engine: Engine, real: Path, *, captures: Iterable[str] | None = None,
                rules: Iterable[str] = ("committed", "entropy"), signals: Iterable[bool] = (True, False),
                limit: int | None = None, paths: dict[str, Path] | None = None,
-               on_invalid: Callable[[CaptureError], None] | None = None, k: int = DEFAULT_K,
+               on_invalid: Callable[[CaptureError], None] | None = None,
+               on_unusable: Callable[[str, CaptureError], None] | None = None, k: int = DEFAULT_K,
                seed: int = 0) -> dict[Run, list[MonitorScore]]:
-    """Every (capture, rule, signals) combination's per-monitor scores. `limit`: at most that many runs a file.
-    `paths`: each capture's file (capture_paths); default: its usual name under `real`. `on_invalid`: as
-    import_capture's (None: a malformed run refuses its file). `k`, `seed`: the traces' top-k width and the
-    fill rules' seed (the requirements should not depend on either)."""
+    """Every (capture, rule, signals) combination's per-monitor scores. `captures`: which (default: those of
+    `paths`, else all). `limit`: at most that many runs a file. `paths`: each capture's file (capture_paths);
+    default: its usual name under `real`. `on_invalid`: as import_capture's (None: a malformed run refuses
+    its file). `on_unusable`: a capture that cannot be imported at all (no valid run, not the format, no
+    curves) is handed to it and left out (None: raised). `k`, `seed`: the traces' top-k width and the fill
+    rules' seed (the requirements should not depend on either)."""
+    if captures is None:
+        captures = tuple(paths) if paths is not None else tuple(FORMATS)
     out: dict[Run, list[MonitorScore]] = {}
     for capture in captures:
         path = paths[capture] if paths is not None else real / FORMATS[capture].file
-        for rule in rules:
-            for with_signals in signals:
-                traces = import_capture(capture, path, rule=rule, signals=with_signals, encoder=engine.vocab,
-                                        curves=_curves_for(path, real), on_invalid=on_invalid, k=k, seed=seed)
-                out[Run(capture, rule, with_signals)] = evaluate(engine, traces[:limit])
+        scored: dict[Run, list[MonitorScore]] = {}
+        try:
+            for rule in rules:
+                for with_signals in signals:
+                    traces = import_capture(capture, path, rule=rule, signals=with_signals, encoder=engine.vocab,
+                                            curves=_curves_for(path, real), on_invalid=on_invalid, k=k, seed=seed)
+                    scored[Run(capture, rule, with_signals)] = evaluate(engine, traces[:limit])
+        except CaptureError as err:
+            if on_unusable is None:
+                raise
+            on_unusable(capture, err)
+            continue
+        out.update(scored)
     return out
 
 

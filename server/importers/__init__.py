@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from canvaswatch.server.importers import bench_order, clean, films, gallery
 from canvaswatch.server.importers.canvas import RebuiltRun, to_trace
+from canvaswatch.server.importers.commit_order import MAX_CANVAS, MAX_STEPS
 from canvaswatch.server.importers.fields import CaptureError
 from canvaswatch.server.importers.options import ImportOptions
 from canvaswatch.server.importers.rules import RULES, EntropyRule, make_rule
@@ -43,17 +44,22 @@ class CaptureFormat:
     file: str          # the capture's file name in ../shared/real
     read: Callable[[Path, ImportOptions], list[RebuiltRun]]
     description: str
+    shape_options: frozenset[str] = frozenset()  # of canvas_length / steps, those this format reads (others: refused)
 
 
 FORMATS: dict[str, CaptureFormat] = {
     "gallery": CaptureFormat("gallery", "gallery.json", gallery.read,
                              "labelled runs: argmax frames and accepted mask per step"),
     "clean": CaptureFormat("clean", "clean.json", clean.read,
-                           "problem rollouts: answer/reasoning lock steps and the answer's trajectory"),
+                           "problem rollouts: answer/reasoning lock steps and the answer's trajectory",
+                           frozenset({"canvas_length", "steps"})),
     "bench_order": CaptureFormat("bench_order", "bench_order.json", bench_order.read_bench,
-                                 "GPQA/MATH/HumanEval/WildChat: lock steps and the text's start"),
-    "films": CaptureFormat("films", "films_order.json", films.read, "small reasoning tasks: lock steps only"),
-    "poem": CaptureFormat("poem", "poem_order.json", bench_order.read_poem, "poems: lock steps and the text"),
+                                 "GPQA/MATH/HumanEval/WildChat: lock steps and the text's start",
+                                 frozenset({"canvas_length"})),
+    "films": CaptureFormat("films", "films_order.json", films.read, "small reasoning tasks: lock steps only",
+                           frozenset({"canvas_length"})),
+    "poem": CaptureFormat("poem", "poem_order.json", bench_order.read_poem, "poems: lock steps and the text",
+                          frozenset({"canvas_length"})),
 }
 
 DEFAULT_K = 4
@@ -81,10 +87,14 @@ def import_capture(format: str, path: Path, *, rule: str = "committed", k: int =
     if unknown:
         raise ValueError(f"unknown option {unknown[0]!r}; options: {', '.join(_OPTION_NAMES)}")
     options = ImportOptions(**opts)
-    if options.steps is not None and options.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {options.steps}")
-    if options.canvas_length is not None and options.canvas_length < 1:
-        raise ValueError(f"canvas_length must be >= 1, got {options.canvas_length}")
+    if options.steps is not None and not 1 <= options.steps <= MAX_STEPS:
+        raise ValueError(f"steps must be in [1, {MAX_STEPS}], got {options.steps}")
+    if options.canvas_length is not None and not 1 <= options.canvas_length <= MAX_CANVAS:
+        raise ValueError(f"canvas_length must be in [1, {MAX_CANVAS}], got {options.canvas_length}")
+    for knob in ("canvas_length", "steps"):  # a setting the format does not read is refused, not ignored
+        if getattr(options, knob) is not None and knob not in FORMATS[format].shape_options:
+            readers = ", ".join(name for name, spec in FORMATS.items() if knob in spec.shape_options)
+            raise ValueError(f"{knob}: the {format} capture records its own; only {readers} take{'s' if ',' not in readers else ''} it")
     path = Path(path)
     probabilities = make_rule(rule, Path(curves) if curves is not None else path.parent / "anim_curves.json") \
         if rule == "entropy" else make_rule(rule, None)

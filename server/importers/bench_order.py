@@ -1,7 +1,7 @@
 """bench_order.json and poem_order.json: per-position commit steps of ordinary requests, with the text's start.
 
 Format (a list of runs): `bench` (gpqa, math, humaneval, wildchat; `poem` in
-poem_order.json), `pid`, `T` (steps, 48), `content` (the content positions),
+poem_order.json), `pid`, `T` (steps, 48), optional `C` (the canvas), `content` (the content positions),
 `lock` (per content position, same order: the step it committed for good),
 `final_text` (the first 300 characters of the output). All are read.
 
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from canvaswatch.server.importers.canvas import RebuiltRun, run_rng
-from canvaswatch.server.importers.commit_order import MAX_CANVAS, order_known, positions_and_locks, rebuild_content
+from canvaswatch.server.importers.commit_order import MAX_CANVAS, MAX_STEPS, order_known, positions_and_locks, rebuild_content
 from canvaswatch.server.importers.fields import CaptureError, Fields, load_json
 from canvaswatch.server.importers.options import ImportOptions
 from canvaswatch.server.importers.text import PAD_ID, TEXT_LIMIT, encode_text, placeholder_ids, ranges
@@ -64,8 +64,11 @@ def _read(path: Path, options: ImportOptions, format_name: str) -> list[RebuiltR
 def _run(fields: Fields, options: ImportOptions, format_name: str) -> RebuiltRun:
     bench = fields.string("bench")
     pid = fields.string("pid")
-    steps = fields.integer("T", low=1)
-    length = options.canvas_length or fields.integer("C", low=1, high=MAX_CANVAS, optional=True)
+    steps = fields.integer("T", low=1, high=MAX_STEPS)
+    recorded = fields.integer("C", low=1, high=MAX_CANVAS, optional=True)
+    if options.canvas_length is not None and recorded is not None and recorded != options.canvas_length:
+        raise fields.fail("C", f"the run records a canvas of {recorded} positions, not the {options.canvas_length} required")
+    length = options.canvas_length or recorded
     if length is None:  # the capture's canvas, or the content's extent where it reaches past it
         reach = fields.ints("content", high=MAX_CANVAS, what="positions").max(initial=-1)
         length = max(CANVAS_LENGTH, int(reach) + 1)

@@ -14,8 +14,9 @@ Rebuilt run (see commit_order.py for the shared rule):
   - steps: `steps` if given, else the run's `T` where it records one (a lock
     at or past either is refused), else max(48, last lock + 2) (48: the
     default sampler's budget, which bench_order.json records for the same
-    sampler; +2: the last change and one step repeating it); a lock step of
-    MAX_STEPS or more is refused as no real run's;
+    sampler; +2: the last change and one step repeating it); a `T` above
+    MAX_STEPS, or a lock step of MAX_STEPS or more where no T is known, is
+    refused as no real run's;
   - locks: `ans_lock` / `cot_lock` at their positions; the other positions
     (channel header, end of turn, padding) lock at step 0;
   - reasoning positions before their lock: drafts (commit_order.py);
@@ -35,8 +36,10 @@ Rebuilt run (see commit_order.py for the shared rule):
 Labels (`labels` attribute, comma-separated monitor names):
   - self_correction: `answer_traj` holds more than one answer (the answer was
     revised while the reasoning formed), counted after trimming white space,
-    dropping empty entries and merging an entry with the one before it when
-    they are the same (a list that repeats an answer shows one answer);
+    dropping empty entries and merging an answer into the one before it when
+    both show the same ids on the answer span (a list that repeats an answer,
+    or '600' then '60' on two positions, shows one answer); a run whose
+    recorded answers all show the same is not labelled for self_correction;
   - non_chronological: late-first commit order over ans_pos + cot_pos in canvas
     order (commit_order.py). The answer sits at the canvas start in these
     runs, so settling it first is left-to-right; whether it settled before
@@ -59,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from canvaswatch.server.importers.canvas import ROLE_ANSWER, ROLE_OTHER, ROLE_REASONING, RebuiltRun, run_rng
-from canvaswatch.server.importers.commit_order import order_attributes, order_known, positions_and_locks, rebuild
+from canvaswatch.server.importers.commit_order import MAX_STEPS, order_attributes, order_known, positions_and_locks, rebuild
 from canvaswatch.server.importers.fields import CaptureError, Fields, load_json
 from canvaswatch.server.importers.options import ImportOptions
 from canvaswatch.server.importers.text import PAD_ID, TextEncoder, encode_text, ranges
@@ -81,17 +84,23 @@ def _run(name: str, fields: Fields, options: ImportOptions) -> RebuiltRun:
     if not final.size:
         raise fields.fail("final_ids", "empty: the run has no canvas")
     length = final.size
-    recorded_steps = fields.integer("T", low=1, optional=True) if options.steps is None else None
+    recorded_steps = fields.integer("T", low=1, high=MAX_STEPS, optional=True) if options.steps is None else None
     steps_bound = options.steps or recorded_steps
     ans_pos, ans_lock = positions_and_locks(fields, "ans_pos", "ans_lock", length, steps_bound)
     cot_pos, cot_lock = positions_and_locks(fields, "cot_pos", "cot_lock", length, steps_bound)
     if np.intersect1d(ans_pos, cot_pos).size:
         raise fields.fail("cot_pos", f"position {int(np.intersect1d(ans_pos, cot_pos)[0])} is also in ans_pos")
-    answers = shown_answers(fields.strings("answer_traj"))
-    if answers and not ans_pos.size:
-        raise fields.fail("answer_traj", f"{len(answers)} answers but ans_pos is empty")
+    recorded = shown_answers(fields.strings("answer_traj"))
+    if recorded and not ans_pos.size:
+        raise fields.fail("answer_traj", f"{len(recorded)} answers but ans_pos is empty")
     pid = fields.string("pid")
     model_ans = fields.string("model_ans", optional=True)
+    encoder = options.text_encoder() if (len(recorded) > 1 or fields.has("q")) else None
+    span = final[ans_pos]
+    answers, tokens = (recorded, None) if len(recorded) < 2 else _distinct_on_span(encoder, recorded, span, model_ans)
+    # answers that differ as text but not on the span (cut to its length, formatted like it): the trace cannot
+    # show a revision, so the run is neither a positive nor a negative for self_correction
+    indistinct = len(recorded) > 1 and len(answers) == 1
 
     lock = np.zeros(length, dtype=np.int64)
     lock[ans_pos] = ans_lock
@@ -110,13 +119,9 @@ def _run(name: str, fields: Fields, options: ImportOptions) -> RebuiltRun:
     argmax, decided = rebuild(final, lock, steps, content, rng,
                               change_prob=options.change_prob, neighbour_share=options.neighbour_share)
     starts: list[int] = []
-    encoder = options.text_encoder() if (len(answers) > 1 or fields.has("q")) else None
     if ans_pos.size:
-        span = final[ans_pos]
-        if len(answers) > 1:
-            assert encoder is not None
+        if tokens is not None and len(answers) > 1:
             starts = [(j * answer_lock) // (len(answers) - 1) for j in range(len(answers))]
-            tokens = np.stack([_answer_tokens(encoder, a, span, model_ans) for a in answers])
             shown = np.searchsorted(np.asarray(starts), np.arange(steps), side="right") - 1
             per_step = tokens[shown]                         # [T, n_pos]
         else:
@@ -129,7 +134,7 @@ def _run(name: str, fields: Fields, options: ImportOptions) -> RebuiltRun:
     roles[ans_pos] = ROLE_ANSWER
     order, late = order_attributes(lock[content])
     labels = (["self_correction"] if len(answers) > 1 else []) + (["non_chronological"] if late else [])
-    labelled = (["self_correction"] if ans_pos.size and answers else []) + \
+    labelled = (["self_correction"] if ans_pos.size and answers and not indistinct else []) + \
         (["non_chronological"] if order_known(order) else [])
     attributes = {
         "task": pid, "answer_positions": ranges(ans_pos), "reasoning_positions": ranges(cot_pos),
@@ -163,6 +168,20 @@ def shown_answers(recorded: list[str]) -> list[str]:
         if answer and (not shown or shown[-1] != answer):
             shown.append(answer)
     return shown
+
+
+def _distinct_on_span(encoder: TextEncoder, answers: list[str], span: np.ndarray,
+                      model_ans: str | None) -> tuple[list[str], np.ndarray]:
+    """The answers as the span shows them ([n, span] ids), an answer whose ids equal the one before merged into
+    it ('600' then '60' on a two-position span show the same): what a monitor can see change."""
+    kept: list[str] = []
+    rows: list[np.ndarray] = []
+    for answer in answers:
+        row = _answer_tokens(encoder, answer, span, model_ans)
+        if not rows or not np.array_equal(row, rows[-1]):
+            kept.append(answer)
+            rows.append(row)
+    return kept, np.stack(rows)
 
 
 def _plain_number(text: str) -> bool:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from canvaswatch.server.importers.canvas import RebuiltRun, run_rng
-from canvaswatch.server.importers.commit_order import MAX_CANVAS, order_known, positions_and_locks, rebuild_content
+from canvaswatch.server.importers.commit_order import MAX_CANVAS, MAX_STEPS, order_known, positions_and_locks, rebuild_content
 from canvaswatch.server.importers.fields import CaptureError, Fields, load_json
 from canvaswatch.server.importers.options import ImportOptions
 from canvaswatch.server.importers.text import PAD_ID, placeholder_ids, ranges
@@ -49,7 +49,7 @@ def _run(fields: Fields, index: int, options: ImportOptions) -> RebuiltRun:
     depth = fields.integer("depth", optional=True)
     seed = fields.integer("seed", optional=True)
     ok = fields.boolean("ok", optional=True)
-    steps = fields.integer("T", low=1)
+    steps = fields.integer("T", low=1, high=MAX_STEPS)
     raw = fields.ints("content", high=MAX_CANVAS, what="positions")
     if raw.size == 0:
         raise fields.fail("content", "no content positions")

@@ -22,15 +22,19 @@ and `curated` = true: these runs were picked to show phenomena, several with
 interventions (planted text, prompt swaps, a clamped ending), so they are not
 a sample of ordinary traffic.
 
-Labels, from what `label` and `why` say (case-insensitive patterns; a match
-whose clause says "no", "not", "never", "without" or "-n't" before it does not
-count: "the count is never revised" names what a run lacks):
-  - self_correction: "revise(s/d/ing)", "repair", "self-correct...",
-    "correct(s/ed/ing)" or "rewrite(s)/rewrote/rewritten": the model states a
-    count, then rewrites it (the "eight" -> "seven" self-count repair). Not
-    "revision", which the acrostic run uses for room to revise, not a revision
-    seen, nor "correct" alone (the correct answer).
-  - intermediate_context: "wiped", "erased" or "deleted": a text present in the
+Labels, from what `label` and `why` say (case-insensitive patterns; quoted
+text ('eight', «...») is left out first, since it is what the model wrote, not
+what the run shows; a match whose clause says "no", "not", "never", "without",
+"nothing", "none", "nor", "neither", "cannot", "fails to" or "-n't" before it
+does not count: "the count is never revised" names what a run lacks. A clause
+ends at punctuation or at "and", "but", "then". The phrases that made each
+label are kept in the `label_evidence` attribute, for a person to check):
+  - self_correction: "revise(s/d/ing)", "repair" or "self-correct...": the
+    model states a count, then rewrites it (the "eight" -> "seven" self-count
+    repair). Not "revision", which the acrostic run uses for room to revise,
+    not a revision seen; not "correct(ed)" or "rewritten", which describe
+    interventions as often (a prompt corrected or rewritten at step 2).
+  - intermediate_context: "wiped" or "erased": a text present in the
     intermediate canvases is gone from the output (the planted news report wiped
     in one step). The model did not write it, so it is not a self-correction of
     its own answer.
@@ -55,19 +59,21 @@ from pathlib import Path
 import numpy as np
 
 from canvaswatch.server.importers.canvas import ROLE_OTHER, ROLE_REASONING, RebuiltRun
-from canvaswatch.server.importers.commit_order import order_attributes
+from canvaswatch.server.importers.commit_order import MAX_STEPS, order_attributes
 from canvaswatch.server.importers.fields import CaptureError, Fields, int_array, load_json
 from canvaswatch.server.importers.options import ImportOptions
 from canvaswatch.server.importers.text import ranges
 
 LABEL_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("self_correction", re.compile(r"\brevis(?:e|es|ed|ing)\b|\brepair|\bself-correct|\bcorrect(?:s|ed|ing)\b"
-                                   r"|\brewrit(?:e|es|ten|ing)\b|\brewrote\b")),
-    ("intermediate_context", re.compile(r"\b(?:wiped|erased|deleted)\b")),
+    ("self_correction", re.compile(r"\brevis(?:e|es|ed|ing)\b|\brepair\w*|\bself-correct\w*")),
+    ("intermediate_context", re.compile(r"\b(?:wiped|erased)\b")),
     ("non_chronological", re.compile(r"skeleton-first|before the filler|\bpinned\b|\bclamped\b")),
 )
-NEGATION = re.compile(r"\b(?:no|not|never|without)\b|n't\b")
-CLAUSE_END = re.compile(r"[.;:!?,()\u2014\u2013]|\s-\s")  # a match's clause starts after the last of these
+NEGATION = re.compile(r"\b(?:no|not|never|without|nothing|none|nor|neither|cannot|fails? to|failing to)\b|n['\u2019]t\b")
+# a match's clause starts after the last of these
+CLAUSE_END = re.compile(r"[.;:!?,()\u2014\u2013\u2192]|\s-\s|\b(?:and|but|then)\b")
+# quoted text, whose quotes stand apart from words (the apostrophe of "doesn't" opens nothing)
+QUOTED = re.compile(r"(?<!\w)'[^']*'(?!\w)|\u2018[^\u2019]*\u2019|\u201c[^\u201d]*\u201d|\"[^\"]*\"|\u00ab[^\u00bb]*\u00bb")
 REGIMES = {(0.8, 0.4, 0.1): "default", (1.3, 0.8, 0.3): "hot"}
 
 
@@ -80,9 +86,18 @@ def read(path: Path, options: ImportOptions) -> list[RebuiltRun]:
 
 
 def labels_from_text(label: str, why: str) -> list[str]:
-    text = f"{label}. {why}".lower()
-    return [name for name, pattern in LABEL_PATTERNS
-            if any(not _negated(text, match.start()) for match in pattern.finditer(text))]
+    return list(label_evidence(label, why))
+
+
+def label_evidence(label: str, why: str) -> dict[str, list[str]]:
+    """Each label the text gives, with the phrases (not negated, outside quotes) that gave it."""
+    text = QUOTED.sub(" ", f"{label}. {why}".lower())
+    found: dict[str, list[str]] = {}
+    for name, pattern in LABEL_PATTERNS:
+        phrases = [match.group(0) for match in pattern.finditer(text) if not _negated(text, match.start())]
+        if phrases:
+            found[name] = phrases
+    return found
 
 
 def _negated(text: str, at: int) -> bool:
@@ -96,7 +111,7 @@ def _run(fields: Fields, options: ImportOptions) -> RebuiltRun:
     label = fields.string("label")
     why = fields.string("why")
     outcome = fields.string("outcome", optional=True) if fields.has("outcome") else None
-    steps = fields.integer("T", low=1)
+    steps = fields.integer("T", low=1, high=MAX_STEPS)
     length = fields.integer("C", low=1)
     params = fields.child("params")
     t_max, t_min = params.number("t_max"), params.number("t_min")
@@ -117,7 +132,8 @@ def _run(fields: Fields, options: ImportOptions) -> RebuiltRun:
     changed[1:] = frames[1:] != frames[:-1]
     last_change = np.where(changed.any(axis=0), steps - 1 - np.argmax(changed[::-1], axis=0), 0)
     order, late = order_attributes(last_change[content])
-    labels = labels_from_text(label, why)
+    evidence = label_evidence(label, why)
+    labels = list(evidence)
     if late and "non_chronological" not in labels:
         labels.append("non_chronological")
     regime = REGIMES.get((round(t_max, 3), round(t_min, 3), round(bound, 3)), "custom")
@@ -126,6 +142,7 @@ def _run(fields: Fields, options: ImportOptions) -> RebuiltRun:
         "entropy_bound": f"{bound:g}", "pad_ids": ",".join(map(str, pad_ids.tolist())),
         "content_positions": ranges(np.nonzero(content)[0]), "curated": "true",
         "filled": "probabilities,alternatives", "labels": ",".join(labels), "labelled": ",".join(labels), **order,
+        "label_evidence": "; ".join(f"{name}: {', '.join(phrases)}" for name, phrases in evidence.items()),
     }
     for key, value in (("outcome", outcome), ("t_end", t_end), ("swap_k", swap_k), ("sampler_seed", sampler_seed)):
         if value is not None:

@@ -17,8 +17,9 @@ Built = TypeVar("Built")
 class ImportOptions:
     seed: int = 0                       # mixed with each request id into the fill rules' random streams
     vocab_size: int = GEMMA_VOCAB_SIZE  # ids at or above it are refused
-    canvas_length: int | None = None    # clean/bench_order/poem: the canvas (default 256); films: content length
-    steps: int | None = None            # clean only: steps per trace (default max(48, last lock + 2))
+    canvas_length: int | None = None    # clean/bench_order/poem: the canvas required (default: what the run records);
+                                        # films: the canvas around the content; gallery: refused
+    steps: int | None = None            # clean only: steps per trace (default: its T, else max(48, last lock + 2))
     placeholder_base: int = PLACEHOLDER_BASE
     change_prob: float = CHANGE_PROB
     neighbour_share: float = NEIGHBOUR_SHARE

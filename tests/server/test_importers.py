@@ -154,14 +154,21 @@ def test_sampler_signals_ride_on_each_step_and_say_where_they_come_from(tmp_path
     # what a run lacks is no label; other verb forms of the same phenomena are
     ("The count is never revised; traps are absorbing.", ""),
     ("No repair happens, the margin stays locked.", ""),
-    ("It does not revise at first; later it rewrites the count.", "self_correction"),
+    ("It does not revise at first; later it repairs the count.", "self_correction"),
     ("Self-corrects 'eight' to 'seven'.", "self_correction"),
     ("The planted text is erased in one step.", "intermediate_context"),
     ("The correct answer is written from the start.", ""),
+    ("The count doesn\u2019t get revised.", ""),                        # a typographic apostrophe
+    ("Nothing is wiped; without a prompt swap the story holds.", ""),
+    ("Says 'no' with no hesitation and revises to 'yes'.", "self_correction"),  # quotes, then a new clause
+    ("The prompt is rewritten at t=2 and corrected later.", ""),        # interventions, not the model's revision
 ])
 def test_gallery_labels_follow_what_the_run_says(tmp_path, why, labels):
     path = write(tmp_path, "gallery.json", [gallery_run(why=why, label="story")])
-    assert import_capture("gallery", path)[0].info.attributes["labels"] == labels
+    attributes = import_capture("gallery", path)[0].info.attributes
+    assert attributes["labels"] == labels
+    # the phrases behind each label, for a person to check new wording against
+    assert [part.split(":")[0] for part in attributes["label_evidence"].split("; ") if part] == labels.split(",") * bool(labels)
 
 
 def test_clean_rebuilds_commit_order_and_answer_trajectory(tmp_path):
@@ -216,6 +223,18 @@ def test_clean_counts_the_distinct_answers_shown(tmp_path, answers, shown):
     assert a["labelled"] == "self_correction,non_chronological"
 
 
+def test_clean_answers_that_show_the_same_on_the_span_are_one_answer(tmp_path):
+    # a one-position span: "50" and "5" both show '5' there, so the trace cannot show a revision
+    (same,) = import_capture("clean", write(tmp_path, "clean.json", {"r": clean_run(answers=("50", "5"))}),
+                             encoder=CharEncoder())
+    a = same.info.attributes
+    assert a["labels"] == "" and a["labelled"] == "non_chronological" and json.loads(a["answers"]) == ["50"]
+    (shown,) = import_capture("clean", write(tmp_path, "clean.json", {"r": clean_run(answers=("50", "3", "5"))}),
+                              encoder=CharEncoder())
+    assert json.loads(shown.info.attributes["answers"]) == ["50", "3", "5"]
+    assert shown.info.attributes["labels"] == "self_correction"
+
+
 def test_clean_without_an_answer_trajectory_is_no_negative_for_self_correction(tmp_path):
     path = write(tmp_path, "clean.json", {"r": clean_run(answers=())})
     (trace,) = import_capture("clean", path, encoder=CharEncoder())
@@ -233,8 +252,14 @@ def test_clean_reads_the_canvas_length_and_steps_the_run_records(tmp_path):
     write(tmp_path, "clean.json", {"r": run})
     with pytest.raises(CaptureError, match=r"r\.cot_lock\[0\]: lock step 9 is beyond T = 9 steps"):
         import_capture("clean", path, encoder=CharEncoder())
+    (given,) = import_capture("clean", path, steps=12, encoder=CharEncoder())  # --steps wins over T
+    assert given.info.total_steps == 12
+    run["T"] = 10**7  # a sentinel, not a step count: refused, not rebuilt into 10 million canvases
+    write(tmp_path, "clean.json", {"r": run})
+    with pytest.raises(CaptureError, match=r"r\.T: 10000000 is outside \[1, 10000\]"):
+        import_capture("clean", path, encoder=CharEncoder())
     run.pop("T")
-    run["cot_lock"][0] = 10**7  # a sentinel, not a step: refused, not rebuilt into 10 million canvases
+    run["cot_lock"][0] = 10**7  # likewise a lock step where no T is known
     write(tmp_path, "clean.json", {"r": run})
     with pytest.raises(CaptureError, match=r"r\.cot_lock\[0\]: 10000000 is outside \[0, 10000\)"):
         import_capture("clean", path, encoder=CharEncoder())
@@ -252,18 +277,44 @@ def test_order_records_take_the_canvas_the_run_records_or_its_content_needs(tmp_
     run["C"] = 64
     (trace,) = import_capture("bench_order", write(tmp_path, "bench_order.json", [run]), encoder=CharEncoder())
     assert trace.info.canvas_length == 64
+    with pytest.raises(CaptureError, match=r"\[0\]\.C: the run records a canvas of 64 positions, not the 80 required"):
+        import_capture("bench_order", tmp_path / "bench_order.json", canvas_length=80, encoder=CharEncoder())
+    run["content"][-1] = 64
+    with pytest.raises(CaptureError, match=r"\[0\]\.content\[39\]: 64 is outside \[0, 64\)"):
+        import_capture("bench_order", write(tmp_path, "bench_order.json", [run]), encoder=CharEncoder())
     run.pop("C")
-    run["content"] = [c + 260 for c in run["content"]]  # past the capture's usual 256 positions
+    run["content"] = [c + 260 for c in range(40)]  # past the capture's usual 256 positions
     (trace,) = import_capture("bench_order", write(tmp_path, "bench_order.json", [run]), encoder=CharEncoder())
     assert trace.info.canvas_length == 300
 
 
-@pytest.mark.parametrize("fmt, file, run", [("films", "films_order.json", films_run(lock=[0, 1, 2, 3])),
-                                            ("bench_order", "bench_order.json", order_run(n=5, text="ab"))])
-def test_a_commit_order_too_short_to_judge_is_no_negative(tmp_path, fmt, file, run):
-    (trace,) = import_capture(fmt, write(tmp_path, file, [run]), encoder=CharEncoder())
+def _short_clean():
+    run = clean_run(answers=("5",))
+    run["cot_pos"], run["cot_lock"] = [2, 3, 4], [0, 1, 2]  # with the answer, 4 content positions
+    return {"r": run}
+
+
+@pytest.mark.parametrize("fmt, file, data, labelled", [
+    ("films", "films_order.json", [films_run(lock=[0, 1, 2, 3])], ""),
+    ("bench_order", "bench_order.json", [order_run(n=5, text="ab")], ""),
+    ("clean", "clean.json", _short_clean(), "self_correction"),
+])
+def test_a_commit_order_too_short_to_judge_is_no_negative(tmp_path, fmt, file, data, labelled):
+    (trace,) = import_capture(fmt, write(tmp_path, file, data), encoder=CharEncoder())
     a = trace.info.attributes
-    assert a["late_first"] == "unknown" and a["labels"] == "" and a["labelled"] == ""
+    assert a["late_first"] == "unknown" and a["labels"] == "" and a["labelled"] == labelled
+
+
+@pytest.mark.parametrize("fmt, option, message", [
+    ("gallery", {"steps": 3}, "steps: the gallery capture records its own; only clean takes it"),
+    ("gallery", {"canvas_length": 12}, "canvas_length: the gallery capture records its own; only clean, bench_order"),
+    ("films", {"steps": 3}, "steps: the films capture records its own"),
+    ("clean", {"steps": 10**6}, "steps must be in [1, 10000]"),
+])
+def test_a_shape_option_a_format_does_not_read_is_refused(tmp_path, fmt, option, message):
+    with pytest.raises(ValueError) as err:
+        import_capture(fmt, tmp_path / "any.json", **option)
+    assert str(err.value).startswith(message), err.value
 
 
 @pytest.mark.parametrize("fmt, file, data", [("gallery", "gallery.json", []), ("clean", "clean.json", {})])
@@ -551,6 +602,11 @@ def test_import_command_skips_malformed_runs_when_asked(tmp_path, capsys):
     assert captured.err.strip() == "canvaswatch: import: skipped films_order.json: [1]: expected an object, got a string ('oops')"
     assert "wrote 1 traces" in captured.out and "skipped 1 malformed" in captured.out
     assert len(list(read_traces(out))) == 1
+    write(tmp_path, "films_order.json", ["oops"])  # nothing valid: the reasons come before the refusal
+    assert main(["import", "films", str(path), "-o", str(tmp_path / "none.cwtrace"), "--skip-invalid"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "canvaswatch: import: skipped films_order.json: [0]: expected an object, got a string ('oops')",
+        "canvaswatch: import: films_order.json: (top level): no valid runs in the file"]
 
 
 def _late_lock():

@@ -71,3 +71,24 @@ def test_real_eval_leaves_out_a_malformed_run_and_names_it(tmp_path):
     assert "skipped gallery, clean, bench_order, poem" in run.stderr and "films/committed/signals" in run.stdout
     run = subprocess.run(command + ["--strict"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "real_eval: films_order.json: [1].lock[0]" in run.stderr
+
+
+def test_real_eval_scores_named_files_with_the_curves_beside_them_and_skips_an_unusable_capture(tmp_path):
+    from tests.server.test_importers import curves, films_run, write
+
+    held_out, empty = tmp_path / "held_out", tmp_path / "empty"
+    held_out.mkdir()
+    empty.mkdir()
+    films = write(held_out, "films_later.json", [films_run(), films_run(lock=[5, 5, 4, 4, 3, 2, 1, 0, 0, 0])])
+    curves(held_out)  # beside the named file only: --real has none
+    broken = write(held_out, "poem_later.json", ["oops"])
+    command = [sys.executable, str(ROOT / "bench" / "real_eval.py"), "--real", str(empty),
+               "--capture", f"films={films}", "--capture", f"poem={broken}", "--k", "3", "--json", str(tmp_path / "out.json")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "skipped a malformed run: poem_later.json: [0]: expected an object" in run.stderr
+    assert "skipped capture poem: poem_later.json: (top level): no valid runs in the file" in run.stderr
+    assert "films/entropy/signals" in run.stdout and "poem/" not in run.stdout
+    import json
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert set(out["unusable"]) == {"poem"} and {r.split("/")[0] for r in out["runs"]} == {"films"}
