@@ -77,6 +77,8 @@ SUPPORTED_VLLM = ("0.33.",)
 _TINY = torch.finfo(torch.float32).tiny
 
 _local = threading.local()  # .watcher / .tiles / .stats while a WatchingSampler call runs on this thread
+SEEN_IDS = 65_536  # request ids remembered for preemption stream ids (<id>#2, ...); the oldest are forgotten
+MAX_CONSECUTIVE_ERRORS = 100  # plugin errors in a row (no step recorded between) before it switches itself off
 _installed: dict[str, Any] = {}
 _install_lock = threading.Lock()
 
@@ -142,7 +144,10 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module: Any) -> None:
             original_exec(module)
-            self.patch(module)
+            try:
+                self.patch(module)
+            except Exception:  # another vLLM's shape: vLLM must still start, without the plugin's hook
+                log.exception("canvaswatch plugin: could not patch %s; serving without this hook", fullname)
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
@@ -182,12 +187,18 @@ def _patch(module: Any) -> None:
         original_add(self, req_index, new_req_data)
         watcher = getattr(self, "_canvaswatch", None)
         if watcher is not None:
-            watcher.on_add(req_index, new_req_data)
+            try:
+                watcher.on_add(req_index, new_req_data)
+            except Exception:  # the plugin's error never fails vLLM's request
+                watcher.fail("adding a request")
 
     def remove_request(self: Any, req_id: str) -> None:
         watcher = getattr(self, "_canvaswatch", None)
         if watcher is not None:
-            watcher.on_remove(req_id)
+            try:
+                watcher.on_remove(req_id)
+            except Exception:  # ... nor skips vLLM's own clean-up below
+                watcher.fail("removing a request")
         original_remove(self, req_id)
 
     state_cls.custom_sampler, state_cls.add_request, state_cls.remove_request = custom_sampler, add_request, remove_request
@@ -222,6 +233,7 @@ def _patch(module: Any) -> None:
         if before is not None:
             try:
                 watcher.after_tile(bound, before, getattr(_local, "stats", None))
+                watcher.consecutive_errors = 0
             except Exception:
                 watcher.fail("after a sampler tile")
         # what the plugin adds to the engine thread (on a GPU: kernel launches and copies queued, not run)
@@ -258,22 +270,39 @@ class WatchingSampler:
 
     def __call__(self, logits: torch.Tensor, input_batch: Any, *args: Any, **kwargs: Any) -> Any:
         watcher = self._watcher
-        if not watcher.enabled or input_batch.num_draft_tokens == 0:
+        if input_batch.num_draft_tokens == 0:
             return self._inner(logits, input_batch, *args, **kwargs)  # prefill: nothing denoised
-        gated = watcher.gated_rows(input_batch)  # gate mode: requests a severe flag has ended (usually none)
+        gated: list[int] = []
+        try:
+            gated = watcher.gated_rows(input_batch)  # gate mode: requests a severe flag has ended (usually none)
+        except Exception:
+            watcher.fail("reading the gate")
+        if not watcher.enabled:  # switched off after errors: gated requests (fail-closed) still end
+            output = self._inner(logits, input_batch, *args, **kwargs)
+            self._suppress(output, gated, input_batch)
+            return output
         _local.watcher, _local.tiles, _local.stats = watcher, [], None
         try:
             output = self._inner(logits, input_batch, *args, **kwargs)
         finally:
             tiles = _local.tiles
             _local.watcher, _local.tiles, _local.stats = None, None, None
-        if gated:
-            watcher.suppress(output, gated, input_batch)
+        self._suppress(output, gated, input_batch)
         if tiles:
             started = time.perf_counter()
-            watcher.submit(tiles, input_batch)
+            try:
+                watcher.submit(tiles, input_batch)
+            except Exception:
+                watcher.fail("queueing a step")
             watcher.engine_seconds += time.perf_counter() - started
         return output
+
+    def _suppress(self, output: Any, gated: list[int], input_batch: Any) -> None:
+        if gated:
+            try:
+                self._watcher.suppress(output, gated, input_batch)
+            except Exception:
+                self._watcher.fail("ending gated requests")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -312,6 +341,7 @@ class _Request:
     stream_failed: bool = False
     lost: int = 0
     closed_at: float = 0.0
+    ended: bool = False  # its stream has had its final message (at removal, or when the plugin switched off)
 
 
 class Watcher:
@@ -344,7 +374,8 @@ class Watcher:
         self._cond = threading.Condition()
         self._lost: collections.Counter[str] = collections.Counter()  # step records dropped, per request id
         self._busy = False
-        self._seen_ids: collections.Counter[str] = collections.Counter()
+        self._seen_ids: collections.OrderedDict[str, int] = collections.OrderedDict()  # at most SEEN_IDS
+        self.consecutive_errors = 0  # plugin errors since a step was last recorded (engine thread)
         # collector-thread state
         self._by_slot: dict[int, _Request] = {}
         self._finishing: list[_Request] = []
@@ -358,15 +389,20 @@ class Watcher:
 
     def on_add(self, slot: int, new_req_data: Any) -> None:
         req_id = str(new_req_data.req_id)
-        if req_id.startswith("_warmup_") or not self.enabled:
+        if req_id.startswith("_warmup_"):
+            return
+        if not self.enabled:
+            if self.gates is not None and self.gates.fail_closed:  # unmonitored under fail-closed: ended
+                self.gates.open(req_id)
+                self.gates.on_stream_failed(req_id, "the plugin switched itself off after errors")
             return
         self.block[slot] = 0  # a device fill, queued like vLLM's own slot resets: no synchronisation
         prompt = list(getattr(new_req_data, "prompt_token_ids", None) or [])
         self._put("open", (req_id, int(slot), prompt))
 
     def on_remove(self, req_id: str) -> None:
-        if self.enabled:
-            self._put("close", str(req_id))
+        # also once switched off: a stream opened before must still end (and a gate be released)
+        self._put("close", str(req_id))
 
     def gated_rows(self, input_batch: Any) -> list[int]:
         """Engine thread, before the sampler: the batch rows of requests the gate has ended."""
@@ -439,7 +475,7 @@ class Watcher:
             accepted=host(accepted.to(torch.uint8)), entropy=host(token_entropy.to(torch.float16)),
             argmax=host(argmax), canvas=host(canvas))
         if on_gpu:
-            record.event = torch.cuda.Event()
+            record.event = torch.cuda.Event(blocking=True)  # the collector sleeps on it, not spins (as vLLM's own)
             record.event.record()
         _local.tiles.append(record)
 
@@ -483,9 +519,20 @@ class Watcher:
         self._put("step", (tiles, req_ids))
 
     def fail(self, where: str) -> None:
-        self.enabled = False
+        """A plugin error on the engine thread (called from an except block): counted and logged, the step
+        goes on without it. MAX_CONSECUTIVE_ERRORS in a row with no step recorded between switch the
+        plugin off: open streams end, and under gate_fail = "closed" every open request is ended too."""
         self.counters["errors"] += 1
-        log.exception("canvaswatch plugin: error %s; streaming stops, serving goes on", where)
+        self.consecutive_errors += 1
+        if self.consecutive_errors <= 3 or self.consecutive_errors % MAX_CONSECUTIVE_ERRORS == 0:
+            log.exception("canvaswatch plugin: error %s; serving goes on (%d in a row)", where, self.consecutive_errors)
+        if self.enabled and self.consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
+            self.enabled = False
+            log.error("canvaswatch plugin: %d errors in a row; streaming stops, serving goes on%s",
+                      self.consecutive_errors,
+                      " and open requests end (gate_fail = closed)" if self.gates is not None and self.gates.fail_closed
+                      else " unmonitored")
+            self._put("off", None)
 
     def _put(self, kind: str, item: Any) -> None:
         with self._cond:
@@ -535,6 +582,8 @@ class Watcher:
                         self._on_open(*item)
                     elif kind == "close":
                         self._on_close(item)
+                    elif kind == "off":
+                        self._on_off()
                 except Exception:
                     self.counters["errors"] += 1
                     log.exception("canvaswatch plugin: collector error on %s", kind)
@@ -546,8 +595,12 @@ class Watcher:
         previous = self._by_slot.pop(slot, None)
         if previous is not None:  # a slot is reused only after remove_request; be safe anyway
             self._finish(previous)
-        self._seen_ids[req_id] += 1
-        seen = self._seen_ids[req_id]
+        # vLLM makes request ids unique, so this would grow by one a request: the oldest are forgotten (an id
+        # preempted while SEEN_IDS others started would reuse its first stream id)
+        seen = self._seen_ids.pop(req_id, 0) + 1
+        self._seen_ids[req_id] = seen
+        if len(self._seen_ids) > SEEN_IDS:
+            self._seen_ids.popitem(last=False)
         # A request preempted and resumed (or re-added) is a new stream: the sidecar keeps ids unique.
         stream_id = req_id if seen == 1 else f"{req_id}#{seen}"
         self._by_slot[slot] = _Request(req_id, stream_id, slot, prompt)
@@ -557,6 +610,17 @@ class Watcher:
             if request.req_id == req_id:
                 del self._by_slot[slot]
                 self._finish(request)
+                return
+        if self.gates is not None:  # a request never opened here (added after a switch-off) may hold a gate
+            self.gates.close(req_id)
+
+    def _on_off(self) -> None:
+        """The plugin switched itself off: finish every open stream (its verdict may still come) and, under
+        gate_fail = "closed", end the requests that will go unmonitored."""
+        for request in self._by_slot.values():  # they stay until vLLM removes them, which releases their gates
+            if self.gates is not None:
+                self.gates.on_stream_failed(request.req_id, "the plugin switched itself off after errors")
+            self._end_stream(request)
 
     def _on_step(self, tiles: list[TileRecord]) -> None:
         for tile in tiles:
@@ -567,8 +631,8 @@ class Watcher:
             emitted = tile.emitted.tolist()
             for row, slot in enumerate(slots):
                 request = self._by_slot.get(slot)
-                if request is None:
-                    continue  # warm-up or a request the plugin never saw added
+                if request is None or request.ended:
+                    continue  # warm-up, a request the plugin never saw added, or one ended when it switched off
                 if denoising[row]:
                     self._send_step(request, tile, row)
                 if emitted[row] > 0:
@@ -627,6 +691,13 @@ class Watcher:
         if self.gates is not None:
             # here, in queue order, not in remove_request: a step queued before the removal may still open it
             self.gates.close(request.req_id)
+        self._end_stream(request)
+
+    def _end_stream(self, request: _Request) -> None:
+        """The request's final message (its committed output so far), once."""
+        if request.ended:
+            return
+        request.ended = True
         if request.stream is None:
             if self.config.gate != "hold":
                 return  # removed before its first denoising step: nothing was streamed

@@ -36,6 +36,8 @@ No dependency beyond the standard library: it is read in every vLLM process.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
 import tomllib
@@ -85,6 +87,8 @@ class PluginConfig:
 
 
 _KEYS = {name: spec.type for name, spec in PluginConfig.__dataclass_fields__.items()}
+NOT_SETTINGS = {ENV_PREFIX + "VENV"}  # .ci/vllm_venv.sh's cache location, not a plugin setting
+log = logging.getLogger("canvaswatch.vllm")
 
 
 def load_config(environ: Mapping[str, str] | None = None) -> PluginConfig:
@@ -105,8 +109,21 @@ def load_config(environ: Mapping[str, str] | None = None) -> PluginConfig:
         name = ENV_PREFIX + key.upper()
         if name in environ:
             raw[key] = (environ[name], name)
+    _warn_unknown(environ)
     return _validated({key: _parse(key, value, source) for key, (value, source) in raw.items()},
                       {key: source for key, (_, source) in raw.items()})
+
+
+def _warn_unknown(environ: Mapping[str, str]) -> list[str]:
+    """Warn about CANVASWATCH_VLLM_* names that are no setting (a misspelt one is otherwise silently
+    ignored, its default used), as vLLM warns about unknown VLLM_* names; returns them."""
+    known = {ENV_PREFIX + key.upper() for key in _KEYS} | {CONFIG_ENV} | NOT_SETTINGS
+    unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        log.warning("canvaswatch plugin: %s is no setting and is ignored%s", name,
+                    f" (did you mean {close[0]}?)" if close else "")
+    return unknown
 
 
 def _parse(key: str, value: Any, source: str) -> Any:

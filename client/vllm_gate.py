@@ -158,7 +158,11 @@ def _wrap_once(module: Any, where: str, class_name: str, method: str, wrap: Call
         return
     if getattr(cls, "_canvaswatch_gate", False):
         return
-    setattr(cls, method, wrap(getattr(cls, method)))
+    original = getattr(cls, method, None)
+    if original is None:
+        log.error("canvaswatch gate disabled: vLLM's %s.%s has no %s", where, class_name, method)
+        return
+    setattr(cls, method, wrap(original))
     cls._canvaswatch_gate = True
 
 
@@ -170,7 +174,10 @@ def patch_runner(module: Any) -> None:
             result = original(self, *args, **kwargs)
             watcher = getattr(getattr(self, "model_state", None), "_canvaswatch", None)
             if watcher is not None and result is not None:
-                hand_over(result, watcher)
+                try:
+                    hand_over(result, watcher)
+                except Exception:  # the plugin's error never fails vLLM's step
+                    watcher.fail("handing gated requests to the scheduler")
             return result
         return sample_tokens
 
@@ -203,7 +210,10 @@ def patch_scheduler(module: Any) -> None:
             outputs = original(self, scheduler_output, model_runner_output)
             gated = gated_of(model_runner_output)
             if gated:
-                finish_gated(self, gated, outputs)
+                try:
+                    finish_gated(self, gated, outputs)
+                except Exception:  # the engine core keeps this step's outputs for every other request
+                    log.exception("canvaswatch gate: could not end %s; they go on", ", ".join(sorted(gated)))
             return outputs
         return update_from_output
 

@@ -289,7 +289,11 @@ def hold_of(output_processor: Any) -> Hold | None:
 
 
 def _wrap(cls: Any, method: str, wrap: Callable[[Any], Any]) -> None:
-    setattr(cls, method, wrap(getattr(cls, method)))
+    original = getattr(cls, method, None)
+    if original is None:  # another vLLM's shape: vLLM must still start; this hook is missing, said loudly
+        log.error("canvaswatch gate hold: vLLM's %s has no %s; that hook is not installed", cls.__name__, method)
+        return
+    setattr(cls, method, wrap(original))
 
 
 def patch_output_processor(module: Any) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from canvaswatch.client.trace import TraceFileError, read_traces, write_traces
+from canvaswatch.client.trace import TraceFileError, read_traces
 from canvaswatch.server.cli import main
 
 CLI = [sys.executable, "-m", "canvaswatch.server.cli"]
