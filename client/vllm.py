@@ -79,6 +79,7 @@ _TINY = torch.finfo(torch.float32).tiny
 _local = threading.local()  # .watcher / .tiles / .stats while a WatchingSampler call runs on this thread
 SEEN_IDS = 65_536  # request ids remembered for preemption stream ids (<id>#2, ...); the oldest are forgotten
 MAX_CONSECUTIVE_ERRORS = 100  # plugin errors in a row (no step recorded between) before it switches itself off
+COMMITS_PER_STEP_SLOT = 4  # commit-only records of dropped steps kept, per step the queue holds
 _installed: dict[str, Any] = {}
 _install_lock = threading.Lock()
 
@@ -319,10 +320,11 @@ class TileRecord:
     step: torch.Tensor         # [n] int32: denoising step within the block
     emitted: torch.Tensor      # [n] int32: tokens the step emitted (a committed canvas), else 0
     temperature: torch.Tensor  # [n] float32
-    ids: torch.Tensor          # [n, W, k] int32
-    probs: torch.Tensor        # [n, W, k] float32
-    accepted: torch.Tensor     # [n, W] uint8
-    entropy: torch.Tensor      # [n, W] float16
+    # the four below are None in a dropped step's commit-only record (Watcher._commits_of)
+    ids: torch.Tensor | None       # [n, W, k] int32
+    probs: torch.Tensor | None     # [n, W, k] float32
+    accepted: torch.Tensor | None  # [n, W] uint8
+    entropy: torch.Tensor | None   # [n, W] float16
     argmax: torch.Tensor       # [n, W] int32 (for a commit step: the committed canvas)
     canvas: torch.Tensor | None  # [n, W] int32: the sampled canvas the next step starts from
 
@@ -371,6 +373,7 @@ class Watcher:
         self.engine_seconds = 0.0  # time the plugin spent on the engine thread (hooks and queueing)
         self._queue: collections.deque[tuple[str, Any]] = collections.deque()
         self._queued_steps = 0
+        self._queued_commits = 0  # commit-only records of dropped steps, at most COMMITS_PER_STEP_SLOT x step_queue
         self._cond = threading.Condition()
         self._lost: collections.Counter[str] = collections.Counter()  # step records dropped, per request id
         self._busy = False
@@ -540,10 +543,18 @@ class Watcher:
                 if self._queued_steps >= self.config.step_queue:
                     if self.config.drop_policy == "newest":
                         self._count_lost(item)
+                        commits = self._commits_of(item)
+                        if commits is not None:
+                            self._queue.append(("commits", commits))
+                            self._cond.notify()
                         return
                     for index, (queued_kind, queued) in enumerate(self._queue):
                         if queued_kind == "step":
-                            del self._queue[index]
+                            commits = self._commits_of(queued)
+                            if commits is None:
+                                del self._queue[index]
+                            else:  # in its place: the request's output keeps its order
+                                self._queue[index] = ("commits", commits)
                             self._queued_steps -= 1
                             self._count_lost(queued)
                             break
@@ -551,6 +562,20 @@ class Watcher:
             # lifecycle messages ("open", "close") are never dropped: a stream must always end
             self._queue.append((kind, item))
             self._cond.notify()
+
+    def _commits_of(self, item: Any) -> list[TileRecord] | None:
+        """A dropped step record's part that must not be lost: what its rows committed (the canvases the
+        request's final output is made of), without the top-k, kept while fewer than COMMITS_PER_STEP_SLOT x
+        step_queue are queued (under the lock). Whether a row committed is known only once the device has
+        run the step, so every dropped record keeps its [n, W] argmax and [n] counts, a few KB."""
+        if self._queued_commits >= COMMITS_PER_STEP_SLOT * self.config.step_queue:
+            self.counters["commits_lost"] += 1
+            if self.counters["commits_lost"] == 1:
+                log.warning("canvaswatch plugin: the collector is far behind; committed canvases of dropped steps "
+                            "are lost from the final output sent to the sidecar (counted in commits_lost)")
+            return None
+        self._queued_commits += 1
+        return [replace(tile, ids=None, probs=None, accepted=None, entropy=None, canvas=None) for tile in item[0]]
 
     def _count_lost(self, item: Any) -> None:
         self.counters["steps_dropped_before_streams"] += 1
@@ -573,11 +598,15 @@ class Watcher:
                     self._busy = True
                     if entry[0] == "step":
                         self._queued_steps -= 1
+                    elif entry[0] == "commits":
+                        self._queued_commits -= 1
             if entry is not None:
                 kind, item = entry
                 try:
                     if kind == "step":
                         self._on_step(item[0])
+                    elif kind == "commits":
+                        self._on_step(item, send=False)
                     elif kind == "open":
                         self._on_open(*item)
                     elif kind == "close":
@@ -622,7 +651,9 @@ class Watcher:
                 self.gates.on_stream_failed(request.req_id, "the plugin switched itself off after errors")
             self._end_stream(request)
 
-    def _on_step(self, tiles: list[TileRecord]) -> None:
+    def _on_step(self, tiles: list[TileRecord], send: bool = True) -> None:
+        """Stream each denoising row of the step's tiles (unless `send` is False: a dropped step's commit-only
+        record) and add what each row committed to its request's output."""
         for tile in tiles:
             if tile.event is not None:
                 tile.event.synchronize()  # the collector waits for the device; the engine never does
@@ -633,7 +664,7 @@ class Watcher:
                 request = self._by_slot.get(slot)
                 if request is None or request.ended:
                     continue  # warm-up, a request the plugin never saw added, or one ended when it switched off
-                if denoising[row]:
+                if send and denoising[row]:
                     self._send_step(request, tile, row)
                 if emitted[row] > 0:
                     request.outputs.extend(tile.argmax[row, :emitted[row]].tolist())

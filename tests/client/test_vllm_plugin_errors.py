@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
+import pytest
+
 import torch
 
 from canvaswatch.client import vllm
@@ -106,3 +108,45 @@ def test_a_misspelt_setting_is_named_with_the_one_meant(caplog):
     [record] = [r for r in caplog.records if "is no setting" in r.getMessage()]
     assert "CANVASWATCH_VLLM_GATE_ONTIMEOUT" in record.getMessage()
     assert "did you mean CANVASWATCH_VLLM_GATE_ON_TIMEOUT?" in record.getMessage()
+
+
+def _commit_tile(step: int, emitted: int = 3) -> "vllm.TileRecord":
+    tile = _tile(step)
+    tile.denoising = torch.tensor([False])  # the block's commit step: it emits the canvas
+    tile.emitted = torch.tensor([emitted], dtype=torch.int32)
+    tile.argmax = torch.full_like(tile.argmax, 7000 + step)
+    return tile
+
+
+@pytest.mark.parametrize("policy", ["oldest", "newest"])
+def test_a_dropped_step_keeps_what_it_committed_in_the_requests_output(sidecar, policy):
+    import threading
+
+    watcher = _watcher(sidecar.target, step_queue=1, drop_policy=policy)
+    outputs: list[list[int]] = []
+    end_stream = watcher._end_stream
+    watcher._end_stream = lambda request: (outputs.append(list(request.outputs)), end_stream(request))
+    entered, release = threading.Event(), threading.Event()
+    on_step = watcher._on_step
+
+    def slow_first(tiles, send=True):
+        if not entered.is_set():
+            entered.set()
+            release.wait(10)  # the collector is busy: the engine keeps queueing, and steps are dropped
+        on_step(tiles, send)
+
+    watcher._on_step = slow_first
+    try:
+        watcher.on_add(0, SimpleNamespace(req_id="req-1", prompt_token_ids=[2]))
+        watcher.submit([_tile(0)], BATCH)
+        assert entered.wait(10)
+        for step in (1, 2, 3):  # three commits while the queue holds one step: two are dropped
+            watcher.submit([_commit_tile(step)], BATCH)
+        watcher.on_remove("req-1")
+        release.set()
+        assert watcher.flush(timeout=30)
+    finally:
+        watcher.close()
+    assert watcher.counters["steps_dropped_before_streams"] == 2
+    # every committed canvas reached the final output, in order, whichever steps were dropped
+    assert outputs == [[7001] * 3 + [7002] * 3 + [7003] * 3]
