@@ -693,8 +693,13 @@ class Watcher:
         message = pb.StepState(
             block=int(tile.block[row]), step=int(tile.step[row]),
             topk=pb.TopK(ids=_encode(tile.ids[row]), probs=_encode(tile.probs[row]), top_p=self.config.top_p or 0.0))
-        signals = SamplerSignals(accepted=tile.accepted[row], entropy=tile.entropy[row], argmax_ids=tile.argmax[row],
-                                 canvas_ids=tile.canvas[row] if tile.canvas is not None else None,
+        # The signals are written into the message later, on the stream's sender thread. A row of a GPU tile is
+        # a view of page-locked memory: copied, so a message waiting in a queue holds a few KB of ordinary
+        # memory rather than its whole tile's pinned buffer (which PyTorch does not give back to the system).
+        own = (lambda t: t.clone()) if tile.event is not None else (lambda t: t)
+        signals = SamplerSignals(accepted=own(tile.accepted[row]), entropy=own(tile.entropy[row]),
+                                 argmax_ids=own(tile.argmax[row]),
+                                 canvas_ids=own(tile.canvas[row]) if tile.canvas is not None else None,
                                  temperature=float(tile.temperature[row]))
         request.stream.send(message, signals=signals)
         request.steps_sent += 1
