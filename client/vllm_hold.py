@@ -169,6 +169,8 @@ class Hold:
         group.finished_at = self.clock()
         self.counters["held"] += 1
         if not any(completion.token_ids for completion in getattr(group.output, "outputs", ())):
+            for req_id in group.req_ids:  # its preemption counts go with it
+                self.streams.pop(req_id, None)
             self._finish(group, "released_empty", [], "")  # nothing was generated: nothing to judge
             return
         # the worker streams a request preempted and resumed n - 1 times as <id>, <id>#2, ..., <id>#n
