@@ -28,6 +28,11 @@ def _errors(watcher, count: int) -> None:
             watcher.fail("in a test")
 
 
+def _open_stream(watcher) -> None:
+    watcher.on_add(0, SimpleNamespace(req_id="req-1", prompt_token_ids=[2, 5]))
+    watcher.submit([_tile(0)], BATCH)  # its first step opens its stream
+
+
 def test_an_error_in_the_plugin_returns_vllms_own_output_and_is_counted(sidecar):
     watcher = _watcher(sidecar.target)
     output = object()
@@ -51,8 +56,7 @@ def test_errors_in_a_row_switch_the_plugin_off_and_end_its_open_streams(sidecar,
     monkeypatch.setattr(vllm, "MAX_CONSECUTIVE_ERRORS", 3)
     watcher = _watcher(sidecar.target)
     try:
-        watcher.on_add(0, SimpleNamespace(req_id="req-1", prompt_token_ids=[2, 5]))
-        watcher.submit([_tile(0)], BATCH)  # its stream is open
+        _open_stream(watcher)
         _errors(watcher, 2)
         assert watcher.enabled
         watcher.consecutive_errors = 0  # a step recorded in between: the count starts again
@@ -72,8 +76,7 @@ def test_switched_off_under_gate_fail_closed_ends_the_requests_it_cannot_judge(s
     monkeypatch.setattr(vllm, "MAX_CONSECUTIVE_ERRORS", 2)
     watcher = _watcher(sidecar.target, gate="abort", gate_fail="closed")
     try:
-        watcher.on_add(0, SimpleNamespace(req_id="req-1", prompt_token_ids=[2]))
-        watcher.submit([_tile(0)], BATCH)
+        _open_stream(watcher)
         _errors(watcher, 2)
         assert watcher.flush(timeout=30)
         assert watcher.gated_rows(BATCH) == [0]  # the open request ends at the next step
