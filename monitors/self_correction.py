@@ -53,8 +53,14 @@ Hard negatives this excludes: ordinary refinement (positions that change while
 still uncertain never settled) and a settled token's probability wobbling
 without another token overtaking it.
 
-State per request: thirteen [L] arrays, reset at each new block. Each step is one compiled pass
-over the canvas (`_advance`); the flag and its evidence are built only on steps with a flip.
+A stood-out token replaced at its block's last step, or the request's, is reported when the
+block or the request ends (the canvas is final: the old token cannot come back). Other positions
+count as changes elsewhere only once seen (the block's first step is no change), and a settled
+position's step is the first of its confident run as seen (steps may have been dropped).
+
+State per request: fifteen [L] arrays, reset at each new block, and the block's last step. Each
+step is one compiled pass over the canvas (`_advance`); the flag and its evidence are built only
+on steps with a flip.
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ import numpy as np
 
 from canvaswatch.monitors.canvas_ops import contiguous_spans
 from canvaswatch.monitors.compiled import kernel, sized
-from canvaswatch.monitors.base import DecodedStep, Evidence, Flag, Monitor, RequestMeta, Severity
+from canvaswatch.monitors.base import DecodedStep, Evidence, FinalCanvas, Flag, Monitor, RequestMeta, Severity
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,7 @@ class SelfCorrectionState:
     steps_in_block: int = 0
     previous: np.ndarray | None = None  # [L] top-1 at the last step
     run: np.ndarray | None = None  # [L] consecutive confident steps of that top-1
+    run_start: np.ndarray | None = None  # [L] the step that run began at (steps may have been dropped between)
     settled: np.ndarray | None = None  # [L] bool
     settled_token: np.ndarray | None = None  # [L]
     settled_step: np.ndarray | None = None  # [L] step at which it settled
@@ -120,6 +127,8 @@ class SelfCorrectionState:
     pending: np.ndarray | None = None  # [L] bool
     pending_from: np.ndarray | None = None  # [L]
     pending_since: np.ndarray | None = None  # [L]
+    last: DecodedStep | None = None  # the block's last step and its token column: pending revisions flush there
+    last_token: np.ndarray | None = None
 
 
 # What made a position settled (SelfCorrectionState.held_by), named in the flag's `held_by`.
@@ -143,7 +152,9 @@ class SelfCorrectionMonitor(Monitor):
 
     def on_step(self, state: SelfCorrectionState, step: DecodedStep) -> list[Flag]:
         top1, prob = step.ids_np[:, 0], step.probs_np[:, 0]
+        flushed = []
         if state.block != step.block or state.previous is None or state.previous.shape != top1.shape:
+            flushed = self._flush_pending(state)
             self._reset(state, step.block, top1)
         p = self.params
         # standing out counts only in the block's opening canvases (the model's first view)
@@ -160,18 +171,37 @@ class SelfCorrectionMonitor(Monitor):
         else:
             advance = sized(_advance, len(top1))
             flips = advance(top1, prob, step.step, p.settle_prob, p.flip_prob, p.settle_steps, ratio,
-                            p.hold_prob, p.crowd_prob, p.min_crowd, state.previous, state.run, state.settled,
-                            state.settled_token, state.settled_step, state.changed_step, state.held_by,
-                            state.flipped, state.flipped_from, state.flipped_since, state.flipped_held_by)
+                            p.hold_prob, p.crowd_prob, p.min_crowd, state.previous, state.run, state.run_start,
+                            state.settled, state.settled_token, state.settled_step, state.changed_step,
+                            state.held_by, state.flipped, state.flipped_from, state.flipped_since,
+                            state.flipped_held_by)
         if flips or state.pending.any():
             flips = _confirm_stand_outs(state, top1)
-        return [self._flag(state, step, top1)] if flips else []
+        state.last, state.last_token = step, top1
+        return flushed + ([self._flag(state, step, top1)] if flips else [])
+
+    def on_finish(self, state: SelfCorrectionState, final: FinalCanvas) -> list[Flag]:
+        return self._flush_pending(state)
+
+    def _flush_pending(self, state: SelfCorrectionState) -> list[Flag]:
+        """A stood-out token replaced at its block's last step (or the request's) cannot come back: the block's
+        canvas is final, so the revision is reported at that step rather than dropped with the block's state."""
+        if state.pending is None or state.last is None or not state.pending.any():
+            return []
+        pending = state.pending
+        state.flipped_from[pending] = state.pending_from[pending]
+        state.flipped_since[pending] = state.pending_since[pending]
+        state.flipped_held_by[pending] = HELD_STOOD_OUT
+        state.flipped = pending.copy()
+        state.pending = np.zeros_like(pending)
+        return [self._flag(state, state.last, state.last_token)]
 
     def _reset(self, state: SelfCorrectionState, block: int, top1: np.ndarray) -> None:
         state.block = block
         state.steps_in_block = 0
         state.previous = np.full_like(top1, -1)
         state.run = np.zeros_like(top1)
+        state.run_start = np.zeros_like(top1)
         state.settled = np.zeros(top1.shape, dtype=bool)
         state.settled_token = np.full_like(top1, -1)
         state.settled_step = np.zeros_like(top1)
@@ -251,7 +281,7 @@ def _stand_out_level(prob, drafting, hold_ratio, hold_prob, crowd_prob, min_crow
 
 @kernel(gil_free_twin=True)
 def _advance(top1, prob, step, settle_prob, flip_prob, settle_steps, hold_ratio, hold_prob, crowd_prob, min_crowd,
-             previous, run, settled, settled_token, settled_step, changed_step, held_by, flipped, flipped_from,
+             previous, run, run_start, settled, settled_token, settled_step, changed_step, held_by, flipped, flipped_from,
              flipped_since, flipped_held_by):
     """One step of every position's settle/flip state machine; returns how many settled positions flipped.
 
@@ -267,10 +297,14 @@ def _advance(top1, prob, step, settle_prob, flip_prob, settle_steps, hold_ratio,
         p = prob[i]
         same = token == previous[i]
         if p >= settle_prob:
-            run[i] = run[i] + 1 if same else 1
+            if same and run[i] > 0:
+                run[i] += 1
+            else:
+                run[i] = 1
+                run_start[i] = step
         else:
             run[i] = 0
-        if not same:
+        if not same and previous[i] >= 0:  # a change, not the block's first sight of the position
             changed_step[i] = step
         flip = settled[i] and token != settled_token[i] and p >= flip_prob
         flipped[i] = flip
@@ -284,7 +318,7 @@ def _advance(top1, prob, step, settle_prob, flip_prob, settle_steps, hold_ratio,
             if run[i] >= settle_steps:
                 settled[i] = True
                 settled_token[i] = token
-                settled_step[i] = step - settle_steps + 1
+                settled_step[i] = run_start[i]  # not step - settle_steps + 1: steps may have been dropped
                 held_by[i] = 1  # HELD_SETTLED
             elif p >= level:
                 settled[i] = True
@@ -306,7 +340,7 @@ def _advance_accepted(token, prob, accepted, step, hold_ratio, hold_prob, crowd_
     flips = 0
     for i in range(token.shape[0]):
         t = token[i]
-        if t != previous[i]:
+        if t != previous[i] and previous[i] >= 0:  # a change, not the block's first sight of the position
             changed_step[i] = step
         flip = settled[i] and t != settled_token[i]
         flipped[i] = flip

@@ -66,6 +66,11 @@ class TransparencyMonitor(Monitor):
     def on_step(self, state: TransparencyState, step: DecodedStep) -> list[Flag]:
         if step.block != state.block:
             self._close_block(state)
+            skipped = step.block - state.block - 1 if state.block >= 0 else step.block
+            if state.total_steps and skipped > 0:  # whole blocks no step of which arrived: unseen steps too
+                gap = skipped * state.total_steps  # at least: the tails and heads beside them are counted apart
+                if gap > state.longest_gap:
+                    state.longest_gap, state.gap_at = gap, (state.block + 1, 0)
             state.block, state.last_step = step.block, -1
             state.recent.clear()
         gap = step.step - state.last_step - 1  # unseen steps since the last one (or since the block began)

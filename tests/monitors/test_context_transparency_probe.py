@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -68,6 +70,16 @@ def test_transparency_reports_opaque_depth_of_unseen_runs(vocab):
     assert flag.reason.startswith("7 consecutive denoising steps never reached the monitors (opaque depth 8")
     [tail] = _coverage(range(12), vocab=vocab)  # the block's last 12 steps never came
     assert tail.attributes["opaque_depth"] == "13"
+
+
+def test_transparency_counts_a_block_that_never_arrived_as_unseen_steps(vocab):
+    monitor = TransparencyMonitor(TransparencyParams())
+    state = monitor.start(RequestMeta(request_id="r", model="m", tenant="", prompt_ids=(), canvas_length=4, total_steps=8))
+    for block in (0, 2):  # block 1 never sent: its 8 steps reached no monitor
+        for step in range(8):
+            monitor.on_step(state, dataclasses.replace(canvas_step([3000] * 4, 0.9, step=step, vocab=vocab), block=block))
+    [flag] = monitor.on_finish(state, FinalCanvas((), "", 16, 0))
+    assert flag.attributes["opaque_depth"] == "9" and flag.evidence[0].block == 1
 
 
 def test_transparency_flags_residual_mass_in_settled_steps(vocab):

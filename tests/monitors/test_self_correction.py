@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from canvaswatch.monitors.base import RequestMeta
+from canvaswatch.monitors.base import FinalCanvas, RequestMeta
 from canvaswatch.monitors.self_correction import SelfCorrectionMonitor, SelfCorrectionParams
 from tests.monitors.canvas import canvas_step
 
@@ -211,3 +211,41 @@ def test_two_candidates_trading_the_top_spot_is_refinement_not_a_revision(vocab)
     stays = wobble[:1] + [(_drafting(step)[:0] + [seven] + _drafting(step)[1:], probs) for step in range(1, 4)]
     [flag] = _run(SelfCorrectionMonitor(SelfCorrectionParams()), stays, vocab=vocab)
     assert flag.evidence[0].snippet == "' eight' -> ' seven'" and flag.evidence[0].step == 2
+
+
+# --- what the block's edges and dropped steps must not distort
+
+
+def test_a_flip_early_in_a_block_counts_only_real_changes_elsewhere(vocab):
+    # the block's first step shows every position for the first time: that is no change elsewhere
+    canvases = [(BASE, 0.9)] * 3 + [(_with(0, 3999), 0.9)]
+    [flag] = _run(SelfCorrectionMonitor(SelfCorrectionParams()), canvases, vocab=vocab)
+    assert flag.attributes["changes_elsewhere"] == "0" and flag.score == 0.5
+
+
+def test_a_stand_out_replaced_at_the_blocks_last_step_is_reported_when_the_block_ends(vocab):
+    eight, seven = vocab.encode(" eight")[0], vocab.encode(" seven")[0]
+    steps = _answer_revision(eight, seven, 0.6)[:3]  # replaced at step 2, the block's last step
+    monitor = SelfCorrectionMonitor(SelfCorrectionParams())
+    state = monitor.start(META)
+    flags = [f for number, (canvas, probs) in enumerate(steps)
+             for f in monitor.on_step(state, canvas_step(canvas, probs, step=number, vocab=vocab))]
+    assert flags == []  # waiting one step to see whether the old token comes back
+    [flag] = monitor.on_step(state, canvas_step(_drafting(0), 0.2, block=1, step=0, vocab=vocab))
+    assert (flag.evidence[0].block, flag.evidence[0].step) == (0, 2) and flag.evidence[0].snippet == "' eight' -> ' seven'"
+    # the same at the request's end
+    state = monitor.start(META)
+    for number, (canvas, probs) in enumerate(steps):
+        monitor.on_step(state, canvas_step(canvas, probs, step=number, vocab=vocab))
+    [flag] = monitor.on_finish(state, FinalCanvas((), "", 3, 0))
+    assert flag.attributes["held_by"] == "stood_out"
+
+
+def test_the_settled_step_is_one_that_was_seen_when_steps_were_dropped(vocab):
+    monitor = SelfCorrectionMonitor(SelfCorrectionParams())
+    state = monitor.start(META)
+    flags = []
+    for number, canvas in ((0, BASE), (10, BASE), (20, BASE), (30, _with(5, 3999))):  # steps 1-9, 11-19, ... dropped
+        flags += monitor.on_step(state, canvas_step(canvas, 0.9, step=number, vocab=vocab))
+    [flag] = flags
+    assert "settled at step 0" in flag.reason and flag.attributes["held_steps"] == "30"
