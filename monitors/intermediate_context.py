@@ -123,13 +123,14 @@ class IntermediateContextMonitor(WatchesPhrases, Monitor):
                     text = step.vocab.decode(held[start:stop].tolist())
                     state.passages.append((step.block, step.step, start, stop, text))
         held[withdrawn] = -1
-        held[step.accepted] = token[step.accepted]
+        accepted = np.asarray(step.accepted, dtype=bool)  # a mask, never indices (a 0/1 int array would index)
+        held[accepted] = token[accepted]
 
     def on_finish(self, state: IntermediateContextState, final: FinalCanvas) -> list[Flag]:
         flags = []
         for block, at, start, stop, text in state.passages:
-            if text.strip() and text in final.text:
-                continue  # written again later: not withdrawn from the output
+            if not text.strip() or text in final.text:
+                continue  # no visible text (padding, end of text), or written again later: nothing withdrawn
             flags.append(self.flag(
                 self.params.passage_severity,
                 f"block {block} step {at}: {stop - start} accepted positions ({start}-{stop - 1}) were withdrawn "

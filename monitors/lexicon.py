@@ -70,9 +70,11 @@ class LexiconParams:
                 raise ValueError(f"patterns[{i}]: empty pattern")
         for i, expression in enumerate(self.regex):
             try:
-                re.compile(expression)
+                compiled = re.compile(expression)
             except re.error as err:
                 raise ValueError(f"regex[{i}]: invalid regular expression {expression!r}: {err}") from None
+            if compiled.search("") is not None:  # it would match everywhere, with no text to point at
+                raise ValueError(f"regex[{i}]: {expression!r} matches the empty string, so it matches every canvas")
         Severity.parse(self.severity, "severity")
         Severity.parse(self.output_severity, "output_severity")
         if not 0.0 <= self.min_alt_prob <= 1.0:

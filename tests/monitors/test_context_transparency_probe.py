@@ -156,3 +156,21 @@ def test_short_revisions_and_passages_that_reach_the_output_are_not_withdrawn(vo
         for step in steps:
             monitor.on_step(state, step)
         assert monitor.on_finish(state, final) == []
+
+
+def test_a_withdrawn_passage_with_no_visible_text_is_not_flagged(vocab):
+    space = vocab.encode("   ")[0]  # a whitespace piece: a withdrawn run of it leaves nothing a reader would miss
+    base = list(range(3000, 3016))
+    steps = []
+    for number in range(3):
+        top1 = list(base)
+        top1[2:12] = [space] * 10 if number == 0 else list(range(4000, 4010))
+        accepted = [1 if 2 <= i < 12 and number == 0 else 0 for i in range(16)]  # a 0/1 mask, as a client may send
+        steps.append(canvas_step(top1, 0.9, step=number, vocab=vocab, accepted=accepted, argmax=top1))
+    monitor = IntermediateContextMonitor(IntermediateContextParams())
+    state = monitor.start(RequestMeta("r", "m", "", (), 16, 0))
+    for step in steps:
+        monitor.on_step(state, step)
+    assert state.passages and state.passages[0][4].strip() == ""  # the run was seen withdrawn ...
+    final = steps[-1].ids_np[:, 0].tolist()
+    assert monitor.on_finish(state, FinalCanvas(tuple(final), vocab.decode(final), 3, 0)) == []  # ... and not flagged

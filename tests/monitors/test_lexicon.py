@@ -110,6 +110,7 @@ def test_case_sensitivity_is_configurable(vocab):
     ("table", "message"),
     [
         ({"regex": ["(unclosed"]}, "monitors.lexicon.regex[0]: invalid regular expression"),
+        ({"regex": ["ok", "zz|$"]}, "monitors.lexicon.regex[1]: 'zz|$' matches the empty string"),
         ({"patterns": ["ok", ""]}, "monitors.lexicon.patterns[1]: empty pattern"),
         ({"patterns": "not a list"}, "monitors.lexicon.patterns: expected a list"),
         ({"severity": "loud"}, "monitors.lexicon.severity: unknown severity 'loud'"),
