@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 
 from canvaswatch.monitors.base import DecodedStep, Evidence, Flag, Monitor, RequestMeta, Severity
-from canvaswatch.monitors.canvas_ops import OffsetRuns, sorted_members
+from canvaswatch.monitors.canvas_ops import OffsetRuns, contiguous_spans, sorted_members
 from canvaswatch.monitors.compiled import kernel, sized
 
 
@@ -72,18 +72,22 @@ class SequenceSmearingMonitor(Monitor):
                 for index, row in enumerate(state.fire) if row.any()]
 
     def _flag(self, step: DecodedStep, starts: list[int], shift: int, both: np.ndarray) -> Flag:
+        # consecutive starts are one longer phrase (a 4-token phrase is two overlapping 3-token ones): one place
         m = self.params.min_length
+        places = [(run[0], run[-1] + m) for run in contiguous_spans(starts)]
         evidence = []
-        for start in starts:
-            positions = tuple(range(start, start + m)) + tuple(range(start + shift, start + shift + m))
+        for first, stop in places:
+            positions = tuple(range(first, stop)) + tuple(range(first + shift, stop + shift))
             evidence.append(Evidence(step.block, step.step, tuple(sorted(set(positions))),
-                                     f"{step.span_text(start, start + m)!r} at +0 and +{shift}"))
-        confidence = float(both[starts[0] : starts[0] + m].mean())
+                                     f"{step.span_text(first, stop)!r} at +0 and +{shift}"))
+        first, stop = places[0]
+        confidence = float(both[first:stop].mean())
+        longest = max(stop - first for first, stop in places)
         return self.flag(
             self.severity,
-            f"block {step.block} step {step.step}: a {m}-token phrase stands at two offsets {shift} apart "
-            f"({len(starts)} place(s))",
-            *evidence, score=max(0.0, 1.0 - confidence), shift=shift, places=len(starts),
+            f"block {step.block} step {step.step}: a phrase of {longest} tokens stands at two offsets {shift} apart "
+            f"({len(places)} place{'s' if len(places) != 1 else ''})",
+            *evidence, score=max(0.0, 1.0 - confidence), shift=shift, places=len(places), phrase_tokens=longest,
         )
 
 

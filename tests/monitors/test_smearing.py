@@ -67,6 +67,20 @@ def test_phrase_at_two_offsets_is_flagged_with_both_copies(vocab):
     assert "the red fox" in flag.evidence[0].snippet
 
 
+def test_a_longer_smeared_phrase_is_one_place_not_overlapping_ones(vocab):
+    phrase = vocab.encode(" the quick red fox")  # 4 tokens, min_length 3: starts 1 and 2 both hold
+    assert len(phrase) == 4
+    top1 = list(BASE)
+    top1[1:5] = phrase
+    top1[5:9] = phrase
+    prob = [0.9] + [0.5] * 8 + [0.9] * 3
+    [flag] = _steps(SequenceSmearingMonitor(SequenceSmearingParams()), [(top1, prob, {})] * 2, vocab)
+    assert flag.attributes["places"] == "1" and flag.attributes["phrase_tokens"] == "4"
+    [evidence] = flag.evidence
+    assert evidence.positions == tuple(range(1, 9)) and "the quick red fox" in evidence.snippet
+    assert "a phrase of 4 tokens stands at two offsets 4 apart (1 place)" in flag.reason
+
+
 def test_confident_repetition_and_single_token_runs_are_not_sequence_smearing(vocab):
     phrase = vocab.encode(" step by step")
     repeated = list(BASE)
