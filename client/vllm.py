@@ -539,29 +539,32 @@ class Watcher:
 
     def _put(self, kind: str, item: Any) -> None:
         with self._cond:
-            if kind == "step":
-                if self._queued_steps >= self.config.step_queue:
-                    if self.config.drop_policy == "newest":
-                        self._count_lost(item)
-                        commits = self._commits_of(item)
-                        if commits is not None:
-                            self._queue.append(("commits", commits))
-                            self._cond.notify()
+            if kind == "step" and self._queued_steps >= self.config.step_queue:
+                if self.config.drop_policy == "newest":  # the new step is refused: its commits are queued instead
+                    self._count_lost(item)
+                    kind, item = "commits", self._commits_of(item)
+                    if item is None:
                         return
-                    for index, (queued_kind, queued) in enumerate(self._queue):
-                        if queued_kind == "step":
-                            commits = self._commits_of(queued)
-                            if commits is None:
-                                del self._queue[index]
-                            else:  # in its place: the request's output keeps its order
-                                self._queue[index] = ("commits", commits)
-                            self._queued_steps -= 1
-                            self._count_lost(queued)
-                            break
+                else:
+                    self._evict_oldest_step()
+            if kind == "step":
                 self._queued_steps += 1
             # lifecycle messages ("open", "close") are never dropped: a stream must always end
             self._queue.append((kind, item))
             self._cond.notify()
+
+    def _evict_oldest_step(self) -> None:
+        """Under the lock: drop the oldest queued step record, leaving its commits in its place (in order)."""
+        for index, (queued_kind, queued) in enumerate(self._queue):
+            if queued_kind == "step":
+                commits = self._commits_of(queued)
+                if commits is None:
+                    del self._queue[index]
+                else:
+                    self._queue[index] = ("commits", commits)
+                self._queued_steps -= 1
+                self._count_lost(queued)
+                return
 
     def _commits_of(self, item: Any) -> list[TileRecord] | None:
         """A dropped step record's part that must not be lost: what its rows committed (the canvases the

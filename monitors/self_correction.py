@@ -127,8 +127,7 @@ class SelfCorrectionState:
     pending: np.ndarray | None = None  # [L] bool
     pending_from: np.ndarray | None = None  # [L]
     pending_since: np.ndarray | None = None  # [L]
-    last: DecodedStep | None = None  # the block's last step and its token column: pending revisions flush there
-    last_token: np.ndarray | None = None
+    last: DecodedStep | None = None  # the block's last step (its token column is `previous`): pending revisions flush there
 
 
 # What made a position settled (SelfCorrectionState.held_by), named in the flag's `held_by`.
@@ -177,7 +176,7 @@ class SelfCorrectionMonitor(Monitor):
                             state.flipped_held_by)
         if flips or state.pending.any():
             flips = _confirm_stand_outs(state, top1)
-        state.last, state.last_token = step, top1
+        state.last = step
         return flushed + ([self._flag(state, step, top1)] if flips else [])
 
     def on_finish(self, state: SelfCorrectionState, final: FinalCanvas) -> list[Flag]:
@@ -194,7 +193,7 @@ class SelfCorrectionMonitor(Monitor):
         state.flipped_held_by[pending] = HELD_STOOD_OUT
         state.flipped = pending.copy()
         state.pending = np.zeros_like(pending)
-        return [self._flag(state, state.last, state.last_token)]
+        return [self._flag(state, state.last, state.previous)]  # the kernels leave the last step's tokens there
 
     def _reset(self, state: SelfCorrectionState, block: int, top1: np.ndarray) -> None:
         state.block = block

@@ -365,18 +365,19 @@ def _import(args: argparse.Namespace) -> int:
 
     configure_logging("warning")
     skipped: list[CaptureError] = []
+    failure: Exception | None = None
     try:
         traces = import_capture(args.format, Path(args.path), rule=args.rule, k=args.k,
                                 curves=Path(args.curves) if args.curves else None, seed=args.seed,
                                 signals=not args.no_signals, canvas_length=args.canvas_length, steps=args.steps,
                                 on_invalid=skipped.append if args.skip_invalid else None)
     except (CaptureError, ValueError) as err:  # malformed capture or bad argument: one line, nothing written
-        for skip in skipped:  # with --skip-invalid and no valid run: what was wrong with each
-            print(f"canvaswatch: import: skipped {skip}", file=sys.stderr)
-        print(f"canvaswatch: import: {err}", file=sys.stderr)
+        failure = err
+    for skip in skipped:  # with --skip-invalid: what was wrong with each run left out (before any refusal)
+        print(f"canvaswatch: import: skipped {skip}", file=sys.stderr)
+    if failure is not None:
+        print(f"canvaswatch: import: {failure}", file=sys.stderr)
         return 2
-    for err in skipped:
-        print(f"canvaswatch: import: skipped {err}", file=sys.stderr)
     count = write_traces(Path(args.output), traces)
     labels = Counter(label for t in traces for label in t.info.attributes["labels"].split(",") if label)
     unlabelled = sum(1 for t in traces if not t.info.attributes["labels"])

@@ -91,14 +91,14 @@ def import_capture(format: str, path: Path, *, rule: str = "committed", k: int =
         raise ValueError(f"steps must be in [1, {MAX_STEPS}], got {options.steps}")
     if options.canvas_length is not None and not 1 <= options.canvas_length <= MAX_CANVAS:
         raise ValueError(f"canvas_length must be in [1, {MAX_CANVAS}], got {options.canvas_length}")
+    spec = FORMATS[format]
     for knob in ("canvas_length", "steps"):  # a setting the format does not read is refused, not ignored
-        if getattr(options, knob) is not None and knob not in FORMATS[format].shape_options:
+        if getattr(options, knob) is not None and knob not in spec.shape_options:
             readers = ", ".join(name for name, spec in FORMATS.items() if knob in spec.shape_options)
             raise ValueError(f"{knob}: the {format} capture records its own; only {readers} take{'s' if ',' not in readers else ''} it")
     path = Path(path)
     probabilities = make_rule(rule, Path(curves) if curves is not None else path.parent / "anim_curves.json") \
         if rule == "entropy" else make_rule(rule, None)
-    spec = FORMATS[format]
     runs = spec.read(path, options)
     if not runs:
         raise CaptureError(path.name, "(top level)", "no valid runs in the file" if options.on_invalid else "no runs in the file")

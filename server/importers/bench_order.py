@@ -37,7 +37,7 @@ import numpy as np
 
 from canvaswatch.server.importers.canvas import RebuiltRun, run_rng
 from canvaswatch.server.importers.commit_order import MAX_CANVAS, MAX_STEPS, order_known, positions_and_locks, rebuild_content
-from canvaswatch.server.importers.fields import CaptureError, Fields, load_json
+from canvaswatch.server.importers.fields import Fields, load_run_list
 from canvaswatch.server.importers.options import ImportOptions
 from canvaswatch.server.importers.text import PAD_ID, TEXT_LIMIT, encode_text, placeholder_ids, ranges
 
@@ -53,10 +53,7 @@ def read_poem(path: Path, options: ImportOptions) -> list[RebuiltRun]:
 
 
 def _read(path: Path, options: ImportOptions, format_name: str) -> list[RebuiltRun]:
-    data = load_json(path)
-    if not isinstance(data, list):
-        hint = " (this one is an object: clean.json's format?)" if isinstance(data, dict) else ""
-        raise CaptureError(path.name, "(top level)", f"expected a list of runs{hint}")
+    data = load_run_list(path)
     return options.each_run(enumerate(data), lambda item: _run(Fields(path.name, f"[{item[0]}]", item[1]), options,
                                                                  format_name))
 

@@ -45,6 +45,15 @@ def load_json(path: Path) -> Any:
         raise CaptureError(path.name, "(file)", f"not JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
 
 
+def load_run_list(path: Path) -> list:
+    """A capture that is a list of runs (gallery, bench_order, films, poem): its JSON, checked to be a list."""
+    data = load_json(path)
+    if not isinstance(data, list):
+        hint = " (this one is an object: clean.json's format?)" if isinstance(data, dict) else ""
+        raise CaptureError(path.name, "(top level)", f"expected a list of runs{hint}")
+    return data
+
+
 class Fields:
     """Typed reads of one record's fields, each refusal naming `file: record.field`."""
 

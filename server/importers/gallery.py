@@ -60,7 +60,7 @@ import numpy as np
 
 from canvaswatch.server.importers.canvas import ROLE_OTHER, ROLE_REASONING, RebuiltRun
 from canvaswatch.server.importers.commit_order import MAX_STEPS, order_attributes
-from canvaswatch.server.importers.fields import CaptureError, Fields, int_array, load_json
+from canvaswatch.server.importers.fields import Fields, int_array, load_run_list
 from canvaswatch.server.importers.options import ImportOptions
 from canvaswatch.server.importers.text import ranges
 
@@ -78,10 +78,7 @@ REGIMES = {(0.8, 0.4, 0.1): "default", (1.3, 0.8, 0.3): "hot"}
 
 
 def read(path: Path, options: ImportOptions) -> list[RebuiltRun]:
-    data = load_json(path)
-    if not isinstance(data, list):
-        hint = " (this one is an object: clean.json's format?)" if isinstance(data, dict) else ""
-        raise CaptureError(path.name, "(top level)", f"expected a list of runs{hint}")
+    data = load_run_list(path)
     return options.each_run(enumerate(data), lambda item: _run(Fields(path.name, f"[{item[0]}]", item[1]), options))
 
 

@@ -116,12 +116,17 @@ class Engine:
             with_signals.append(signalled)
         decoder = StepDecoder(self.vocab, Metrics(), self.dense)
         meta = request_meta(pb.RequestInfo(request_id="warm-up", canvas_length=length), "info")
+        try:  # decoded once, read by every monitor
+            requests = [[decoder.decode(message, length, "warm-up") for message in messages]
+                        for messages in (topk_only, with_signals)]
+        except Exception as err:  # noqa: BLE001 - warm-up must never stop a start-up
+            log.debug("warm_up_skipped", monitor=None, error=f"{type(err).__name__}: {err}")
+            requests = []
         for monitor in self.monitors:
-            for messages in (topk_only, with_signals):
+            for steps in requests:
                 try:
                     state = monitor.start(meta)
-                    for number, message in enumerate(messages):
-                        step = decoder.decode(message, length, "warm-up")
+                    for number, step in enumerate(steps):
                         monitor.on_step(state, dataclasses.replace(step, new_block=True) if number == 0 else step)
                     monitor.on_finish(state, FinalCanvas(output_ids=(), text="", steps_seen=2, steps_dropped=0))
                 except Exception as err:  # noqa: BLE001 - warm-up must never stop a start-up
