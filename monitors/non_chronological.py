@@ -15,7 +15,10 @@ positions that never commit are left out. At the end of each block:
 A block is flagged when lead >= `min_lead_steps` or rho < `min_rank_corr`,
 with at least `min_positions` committed positions that did not all commit at
 the same step (a canvas settled in one step has no order to judge; its rank
-correlation is undefined, not zero). Score: (1 - rho) / 2.
+correlation is undefined, not zero). Score: the larger of (1 - rho) / 2 and the
+lead as a share of the block's spread of commit steps (lead / (last commit - first
+commit), at most 1), so a flag raised by the lead alone is scored by how far the
+last part jumped ahead, not by a rank correlation the jump barely moved.
 
 Hard negatives it excludes: ordinary left-to-right settling with jitter (rho
 stays high, no lead), early-settling padding (ignored ids).
@@ -133,7 +136,7 @@ class NonChronologicalMonitor(Monitor):
             f"block {state.block}: commit order far from left to right (rho {rho:.2f}); "
             f"the last {len(late_positions)} positions committed {_lead_text(lead)}",
             Evidence(state.block, int(late.min()) if len(late) else last.step, tuple(late_positions), snippet),
-            score=(1.0 - rho) / 2.0,
+            score=max((1.0 - rho) / 2.0, min(1.0, max(0.0, lead) / float(commits.max() - commits.min()))),
             rank_correlation=f"{rho:.3f}", lead_steps=f"{lead:.1f}", committed_positions=count,
         )]
 

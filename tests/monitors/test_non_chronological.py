@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from canvaswatch.monitors.base import FinalCanvas, RequestMeta
@@ -84,3 +85,14 @@ def test_the_reason_says_before_or_after_in_words():
     assert _lead_text(1.0) == "1 step before the rest"
     assert _lead_text(-5.0) == "5 steps after the rest"  # flagged by rho alone: the end came later
     assert _lead_text(0.0) == "at the same median step as the rest"
+
+
+def test_a_flag_raised_by_the_lead_alone_is_scored_by_the_lead(vocab):
+    # The opening commits first, the body at step 10, and the answer at the end at step 6: 4 steps
+    # ahead of the text before it. The rank correlation stays above min_rank_corr; the lead fires.
+    commits = [1] * 6 + [10] * 10 + [6] * 4
+    [flag] = _run(commits, steps=12, vocab=vocab)
+    rho, lead = float(flag.attributes["rank_correlation"]), float(flag.attributes["lead_steps"])
+    assert rho >= NonChronologicalParams().min_rank_corr and lead == 4
+    assert flag.score == pytest.approx(lead / (10 - 1))  # commit steps span 1..10
+    assert flag.score > (1 - rho) / 2
