@@ -136,7 +136,9 @@ class Session:
             started = time.perf_counter()
             try:
                 result = monitor.on_step(self.states[name], step)
-            except Exception as err:  # isolation: a monitor's bug must not end the request
+            except KeyboardInterrupt:
+                raise
+            except BaseException as err:  # isolation: a monitor's bug (sys.exit in a plugin too) must not end the request
                 self._failed(monitor, "on_step", err)
                 result = None
             elapsed = time.perf_counter() - started
@@ -235,7 +237,9 @@ class Session:
         started = time.perf_counter()
         try:
             return call()
-        except Exception as err:  # isolation: a monitor's bug must not end the request
+        except KeyboardInterrupt:  # Ctrl-C in an offline command (eval, replay) runs monitors on the main thread
+            raise
+        except BaseException as err:  # isolation: a monitor's bug (sys.exit in a plugin too) must not end the request
             self._failed(monitor, phase, err)
             return None
         finally:
@@ -245,7 +249,7 @@ class Session:
             if elapsed > self.settings.budget_s:
                 self._overrun(monitor, phase, elapsed)
 
-    def _failed(self, monitor: Monitor, phase: str, err: Exception) -> None:
+    def _failed(self, monitor: Monitor, phase: str, err: BaseException) -> None:
         self.metrics.monitor_errors.labels(monitor.name, "exception").inc()
         log.error("monitor_failed", request_id=self.meta.request_id, monitor=monitor.name, phase=phase,
                   error=f"{type(err).__name__}: {err}")

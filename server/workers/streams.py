@@ -80,7 +80,9 @@ class StreamTable:
         except StepError as err:
             log.warning("stream_rejected", request_id=handler.request_id, refusal=err.refusal.value, error=err.message)
             status = StreamStatus.refused(err)
-        except Exception as err:  # a bug: end this stream, keep the runner and its other streams
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # a bug (or a SystemExit): end this stream, keep the runner and its other streams
             log.exception("stream_failed", request_id=handler.request_id)
             handler.outcome = Outcome.ERROR
             status = StreamStatus(StreamEnd.REFUSED, Refusal.INTERNAL, f"step runner: {type(err).__name__}: {err}")

@@ -120,6 +120,52 @@ def test_strikes_zero_only_counts_overruns():
     assert monitor.calls == 5 and session.verdict().monitor_errors == ()
 
 
+class Exits(Monitor):
+    """Calls sys.exit in `phase` (what a plugin using argparse or click internally can do)."""
+
+    name = "exits"
+
+    def __init__(self, phase: str) -> None:
+        super().__init__()
+        self.phase = phase
+
+    def start(self, request):
+        if self.phase == "start":
+            sys.exit(2)
+        return None
+
+    def on_step(self, state, step):
+        if self.phase == "on_step":
+            sys.exit(2)
+        return []
+
+    def on_finish(self, state, final):
+        if self.phase == "on_finish":
+            sys.exit(2)
+        return []
+
+
+@pytest.mark.parametrize("phase", ["start", "on_step", "on_finish"])
+def test_a_monitor_calling_sys_exit_is_a_monitor_error_not_the_end_of_the_thread(phase):
+    # SystemExit is no Exception: caught as one, it killed the step thread (the stream hung to the hard
+    # deadline and readiness stayed NOT_SERVING for good).
+    session = _session(Exits(phase), policy="fail_closed")
+    _steps(session, 2)
+    _, verdict = session.finish((), "")
+    assert verdict.monitor_errors == (f"exits: {phase} raised SystemExit: 2",)
+    assert verdict.max_severity == Severity.CRITICAL  # fail_closed: a monitor that did not run is no clean verdict
+
+
+def test_ctrl_c_in_a_monitor_still_stops_an_offline_command():
+    class Interrupted(Exits):
+        def on_step(self, state, step):
+            raise KeyboardInterrupt
+
+    session = _session(Interrupted("none"))
+    with pytest.raises(KeyboardInterrupt):
+        _steps(session, 1)
+
+
 @pytest.mark.parametrize("server, key", [
     ({"monitor_budget_strikes": -1}, "monitor_budget_strikes"),
     ({"monitor_budget_hard_ms": 10.0}, "monitor_budget_hard_ms"),  # under monitor_budget_ms = 50
