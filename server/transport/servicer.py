@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING
 import grpc
 import structlog
 
-from canvaswatch.server.errors import StepError
 from canvaswatch.server.pipeline.engine import Engine
 from canvaswatch.server.pipeline.wire import verdict_to_pb
-from canvaswatch.server.transport.lifecycle import StreamSlots
+from canvaswatch.server.transport.lifecycle import StreamSlots, watch_call
 from canvaswatch.server.transport.messages import Undecodable, tolerant
-from canvaswatch.server.transport.status import SERVICE_NAME, grpc_status
+from canvaswatch.server.transport.status import SERVICE_NAME
 from canvaswatch.server.transport.verdicts import RecentVerdicts
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
@@ -69,21 +68,26 @@ class CanvasMonitorServicer(pb_grpc.CanvasMonitorServicer):
                 self.executor.submit(engine.close)
 
     async def Check(self, request: pb.Trace, context: grpc.aio.ServicerContext) -> pb.Verdict:
-        engine = self.borrow()
-        try:
-            if isinstance(request, Undecodable):
-                raise request.refusal("request")
-            verdict = await self.threads.check(engine, request)  # under server.monitor_hard_deadline_s
-        except StepError as err:
-            await context.abort(grpc_status(err.refusal), err.message)
-        finally:
-            self.give_back(engine)
+        # A Check holds a stream slot while it runs, under the same limits (total, per peer, per token), the
+        # drain and its deadline as a Watch: each one in flight holds a step thread and its decoded trace.
+        async with watch_call(self.slots, context, request_id=lambda: _request_id(request)):
+            engine = self.borrow()
+            try:
+                if isinstance(request, Undecodable):
+                    raise request.refusal("request")
+                verdict = await self.threads.check(engine, request)  # under server.monitor_hard_deadline_s
+            finally:
+                self.give_back(engine)
         return verdict_to_pb(verdict)
 
     async def ListMonitors(self, request: pb.ListMonitorsRequest, context: grpc.aio.ServicerContext) -> pb.ListMonitorsResponse:
         if isinstance(request, Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.refusal("request").message)
         return self.engine.list_monitors()
+
+
+def _request_id(request: pb.Trace | Undecodable) -> str | None:
+    return None if isinstance(request, Undecodable) else request.info.request_id or None
 
 
 def service_handler(servicer: CanvasMonitorServicer, relayed_watch) -> grpc.GenericRpcHandler:

@@ -327,6 +327,31 @@ def test_a_runaway_monitor_in_check_ends_the_call_and_health_says_so_until_it_re
         running.thread.stop()
 
 
+def test_check_calls_hold_stream_slots_like_watch(vocab, tmp_path, slow_plugins):
+    """Each Check in flight holds a step thread and its trace: it counts against the stream limits (a
+    client could otherwise start threads without bound), and gives its slot back when it ends."""
+    running = start_sidecar(vocab, tmp_path, {
+        "server": {"max_streams_per_peer": 1},
+        "monitors": {"blocking": {"request_prefix": "held"}, "lexicon": {}},
+    })
+    try:
+        with running.channel() as channel, ThreadPoolExecutor(1) as pool:
+            held = pool.submit(_check, _trace(vocab, "held-c"), channel)
+            _wait_until(lambda: "canvaswatch_active_streams 1.0" in running.metrics_text())
+            for call in (lambda: _check(_trace(vocab, "second-c"), channel),
+                         lambda: replay(_trace(vocab, "second-w"), channel)):
+                with pytest.raises((grpc.RpcError, WatchError)) as refused:
+                    call()
+                err = refused.value
+                code, details = (err.code, str(err)) if isinstance(err, WatchError) else (err.code(), err.details())
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "server.max_streams_per_peer" in details
+            slow_monitors.RELEASE.set()
+            assert held.result(timeout=60).steps_seen > 0
+            assert _check(_trace(vocab, "after-c"), channel).steps_seen > 0  # the slot came back
+    finally:
+        running.thread.stop()
+
+
 def test_sigterm_ends_the_process_with_a_runaway_monitor_in_process_and_the_audit_log_whole(vocab, tmp_path):
     """The stuck thread cannot be stopped, but it cannot keep the process either: the drain cuts its
     stream at server.drain_grace_s, the audit log is closed, and the process exits 0 (daemon threads)."""
