@@ -27,6 +27,7 @@ from canvaswatch.server.workers.streams import StreamTable
 log = structlog.get_logger(__name__)
 
 SNAPSHOT_EVERY_S = 0.5
+ACK_EVERY_S = 0.1  # within a batch, acknowledge the frames done so far at least this often
 
 
 def worker_main(index: int, config: Config, embeddings: torch.Tensor | None, log_level: str,
@@ -70,23 +71,36 @@ def worker_main(index: int, config: Config, embeddings: torch.Tensor | None, log
             continue
         out: list[tuple] = []
         ended = False
+        done, acked_at = 0, time.monotonic()
         for kind, stream_id, body in frames:
             if kind == Frame.STOP:
                 worker.close()
                 return
             result = worker.handle(kind, stream_id, body)
+            done += 1
             if result is not None:
                 out.append(result)
                 ended = ended or result[2] is not None  # finished or over: the snapshot goes with it
-        dirty = True
-        if ended or time.monotonic() - last_snapshot >= SNAPSHOT_EVERY_S:
-            # in the same reply as a stream's last events: a client that saw its verdict sees its metrics
-            out.append(("metrics", worker.snapshot()))
-            last_snapshot, dirty = time.monotonic(), False
-        # Every batch is acknowledged, answered or not: the front's watchdog tells a worker making
-        # progress from one stuck in a call (server.monitor_hard_deadline_s) by these.
-        out.append(("progress", len(frames)))
-        reply(out)
+            if done < len(frames) and time.monotonic() - acked_at >= ACK_EVERY_S:
+                # A long batch (many frames, slow monitors) is acknowledged as it goes: the watchdog's
+                # deadline is for one call, not for everything that arrived in one read.
+                last_snapshot = _answer(reply, worker, out, done, ended, last_snapshot)
+                out, ended, done, acked_at = [], False, 0, time.monotonic()
+        sent_at = _answer(reply, worker, out, done, ended, last_snapshot)
+        dirty, last_snapshot = sent_at == last_snapshot, sent_at  # steps since the last snapshot, unsent
+
+
+def _answer(reply, worker: "Worker", out: list[tuple], done: int, ended: bool, last_snapshot: float) -> float:
+    """Send what `done` frames produced, with their acknowledgement; returns when metrics were last sent."""
+    if ended or time.monotonic() - last_snapshot >= SNAPSHOT_EVERY_S:
+        # in the same reply as a stream's last events: a client that saw its verdict sees its metrics
+        out.append(("metrics", worker.snapshot()))
+        last_snapshot = time.monotonic()
+    # Every frame is acknowledged, answered or not: the front's watchdog tells a worker making
+    # progress from one stuck in a call (server.monitor_hard_deadline_s) by these.
+    out.append(("progress", done))
+    reply(out)
+    return last_snapshot
 
 
 class Worker:

@@ -287,6 +287,24 @@ def test_a_runaway_monitor_in_a_worker_gets_the_worker_killed_and_replaced(vocab
         running.thread.stop()
 
 
+def test_a_worker_whose_calls_are_each_in_time_is_not_killed_however_many_arrive_at_once(vocab, tmp_path, slow_plugins):
+    """The hard deadline is for one call: steps that arrive together and are each under the hard budget
+    (0.6 s against 1 s) but together past the deadline (1.5 s) leave the worker alone."""
+    running = start_sidecar(vocab, tmp_path, {
+        "server": {"monitor_processes": 1, "monitor_budget_hard_ms": 1000.0, "monitor_hard_deadline_s": 1.5,
+                   "monitor_budget_strikes": 0},
+        "monitors": {"sleepy": {"request_prefix": "slow", "seconds": 0.6}, "lexicon": {}},
+    })
+    try:
+        trace = _trace(vocab, "slow-batch")
+        del trace.steps[6:-1]  # six steps and the final one: ~4 s of monitoring, sent at once
+        with running.channel() as channel:
+            assert replay(trace, channel, timeout=60).steps_seen == 6  # (the final message carries no step)
+            assert "canvaswatch_monitor_workers_killed_total 0.0" in running.metrics_text()
+    finally:
+        running.thread.stop()
+
+
 # --- Check: a whole trace on one step thread, under the same budgets and hard deadline ------------
 
 def _check(trace, channel, timeout: float = 60.0):
