@@ -63,7 +63,8 @@ class RelayWatch:
                         raise status.error()
             finally:
                 pump.cancel()
-                self.workers.release(stream)  # cancels it in the worker unless it already ended there
+                # cancels it in the worker unless it already ended there
+                self.workers.release(stream, cut=self.slots.cut_message is not None)
 
     async def _pump(self, request_iterator: AsyncIterator[bytes], stream: RelayStream) -> None:
         try:

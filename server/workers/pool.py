@@ -47,7 +47,7 @@ from canvaswatch.server.config import Config
 from canvaswatch.server.errors import Refusal, StepError
 from canvaswatch.server.ops.merged_metrics import Family
 from canvaswatch.server.workers.child import worker_main
-from canvaswatch.server.workers.protocol import REPLY, REQUEST, Frame, StreamEnd, StreamStatus
+from canvaswatch.server.workers.protocol import CUT, REPLY, REQUEST, Frame, StreamEnd, StreamStatus
 from canvaswatch.server.workers.shared_memory import shareable
 
 log = structlog.get_logger(__name__)
@@ -317,12 +317,13 @@ class MonitorWorkers:
     def end_input(self, stream: RelayStream) -> None:
         stream.worker.send(Frame.END, stream.stream_id)
 
-    def release(self, stream: RelayStream) -> None:
-        """The front is done with the stream; a worker still holding it is told to drop it as cancelled."""
+    def release(self, stream: RelayStream, cut: bool = False) -> None:
+        """The front is done with the stream; a worker still holding it is told to drop it as cancelled
+        (`cut`: cut at the drain deadline, so incomplete)."""
         stream.worker.streams.pop(stream.stream_id, None)
         if not stream.done:
             stream.done = True
-            stream.worker.send(Frame.CANCEL, stream.stream_id)
+            stream.worker.send(Frame.CANCEL, stream.stream_id, CUT if cut else b"")
 
     def metric_snapshots(self) -> list[list[Family]]:
         """Called from the /metrics thread: reads lists that the loop only ever replaces whole."""

@@ -26,8 +26,11 @@ class Frame(enum.IntEnum):
     OPEN = 0
     MESSAGE = 1
     END = 2  # the client half-closed: the worker ends the stream (incomplete unless it saw the final)
-    CANCEL = 3  # the front is gone: count the request as cancelled, answer nobody
+    CANCEL = 3  # the front is gone: count the request as cancelled (CUT as body: incomplete), answer nobody
     STOP = 4  # the worker exits
+
+
+CUT = b"cut"  # a CANCEL's body when the drain deadline ended the stream, not its client
 
 
 class StreamEnd(enum.Enum):

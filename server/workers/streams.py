@@ -19,7 +19,7 @@ from canvaswatch.server.errors import Refusal, StepError
 from canvaswatch.server.pipeline.engine import Engine
 from canvaswatch.server.pipeline.stream_handler import Outcome, StreamHandler, is_dense
 from canvaswatch.server.transport.messages import Undecodable
-from canvaswatch.server.workers.protocol import Frame, StreamEnd, StreamStatus
+from canvaswatch.server.workers.protocol import CUT, Frame, StreamEnd, StreamStatus
 from canvaswatch.v1 import monitor_pb2 as pb
 
 log = structlog.get_logger(__name__)
@@ -73,7 +73,8 @@ class StreamTable:
                 handler.end()
                 status = StreamStatus(StreamEnd.OK)
             else:  # CANCEL: the front is gone; count it, answer nobody
-                handler.outcome = Outcome.CANCELLED
+                if not handler.finished:  # a client leaving after its verdict was served: that request is ok
+                    handler.outcome = Outcome.INCOMPLETE if body == CUT else Outcome.CANCELLED
                 handler.count()
                 del self.handlers[stream_id]
                 return None

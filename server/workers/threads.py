@@ -43,7 +43,7 @@ from canvaswatch.server.pipeline.session import Session, SessionVerdict
 from canvaswatch.server.pipeline.stream_handler import Outcome
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.server.workers.pool import RelayStream
-from canvaswatch.server.workers.protocol import Frame, StreamEnd, StreamStatus
+from canvaswatch.server.workers.protocol import CUT, Frame, StreamEnd, StreamStatus
 from canvaswatch.server.workers.streams import StreamTable
 
 log = structlog.get_logger(__name__)
@@ -235,12 +235,13 @@ class StepThreads:
     def end_input(self, stream: RelayStream) -> None:
         stream.worker.send(Frame.END, stream.stream_id)
 
-    def release(self, stream: RelayStream) -> None:
-        """The front is done with the stream: a runner still holding it drops it as cancelled, then goes back."""
+    def release(self, stream: RelayStream, cut: bool = False) -> None:
+        """The front is done with the stream: a runner still holding it drops it as cancelled (`cut`: cut at
+        the drain deadline, so incomplete), then goes back."""
         runner = stream.worker
         if not stream.done:
             stream.done = True
-            runner.send(Frame.CANCEL, stream.stream_id)
+            runner.send(Frame.CANCEL, stream.stream_id, CUT if cut else b"")
         runner.stream = None
         if runner.abandoned:
             self.give_back(stream.engine)  # type: ignore[attr-defined]

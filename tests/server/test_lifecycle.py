@@ -98,7 +98,8 @@ class HeldStream:
         self.queue: list[pb.StepState | None] = [_step(0, request_id)]
         self.ready = threading.Condition()
         self.result: dict[str, object] = {}
-        call = pb_grpc.CanvasMonitorStub(channel).Watch(self._messages(), timeout=120)
+        self.events: list[pb.MonitorEvent] = []  # as they arrive
+        call = self.call = pb_grpc.CanvasMonitorStub(channel).Watch(self._messages(), timeout=120)
         self.thread = threading.Thread(target=self._collect, args=(call,), daemon=True)
         self.thread.start()
 
@@ -117,7 +118,7 @@ class HeldStream:
             self.ready.notify_all()
 
     def _collect(self, call) -> None:
-        events = []
+        events = self.events
         try:
             for event in call:
                 events.append(event)
@@ -268,6 +269,47 @@ def test_with_worker_processes_a_drain_cuts_with_unavailable_and_reload_says_it_
     assert cut == 1 and result.get("code") == grpc.StatusCode.UNAVAILABLE, result
     assert "server.drain_grace_s = 0.5 s" in result["details"]
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _outcomes(running) -> dict[str, float]:
+    import re
+
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r'canvaswatch_requests_total\{[^}]*outcome="(\w+)"\} ([0-9.]+)', running.metrics_text())}
+
+
+@pytest.mark.parametrize("processes", [0, 1], ids=["in_process", "worker_mode"])
+def test_a_stream_cut_at_the_drain_deadline_counts_incomplete_and_one_left_after_its_verdict_ok(vocab, tmp_path,
+                                                                                              processes):
+    """docs/operations.md: streams cut at the drain deadline are counted as incomplete (not as a client's
+    cancellation); a client that goes away once its verdict came was served: ok."""
+    import asyncio
+
+    running = start_sidecar(vocab, tmp_path, {"server": {"monitor_processes": processes}})
+    sidecar, loop = running.thread.sidecar, running.thread._loop
+    try:
+        with running.channel() as channel:
+            served = HeldStream(channel, "served")
+            served.send(_step(1), _final())  # never half-closes: the client cancels once the verdict is in
+            deadline = time.monotonic() + 60
+            while not any(e.HasField("verdict") for e in served.events) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            served.call.cancel()
+            served.join()
+            held = HeldStream(channel, "held")
+            while sidecar.slots.active < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            cut = asyncio.run_coroutine_threadsafe(sidecar.drain(0.5), loop).result(timeout=30)
+            held.join()
+            held.send(None)
+            deadline = time.monotonic() + 30
+            while sum(_outcomes(running).values()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)  # (a worker's counts reach /metrics with its next snapshot)
+            outcomes = _outcomes(running)
+    finally:
+        running.thread.stop()
+    assert cut == 1
+    assert outcomes == {"ok": 1.0, "incomplete": 1.0}, outcomes
 
 
 def test_drain_grace_is_validated_naming_the_key():
