@@ -83,6 +83,9 @@ DEFAULT_MONITORS: tuple[str, ...] = (
 )
 
 
+MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+
+
 class ConfigError(ValueError):
     """Invalid configuration; the message starts with the offending key."""
 
@@ -149,10 +152,13 @@ class ServerSection:
         for key in ("max_message_bytes", "max_streams", "workers"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.max_message_bytes > MAX_GRPC_MESSAGE_BYTES:  # gRPC's channel arguments are C ints
+            raise ValueError(f"max_message_bytes: must be at most {MAX_GRPC_MESSAGE_BYTES} (2 GiB - 1, gRPC's limit), "
+                             f"got {self.max_message_bytes}")
         if not 0 <= self.monitor_processes <= 256:
             raise ValueError(f"monitor_processes: must be in [0, 256] (0: monitors in the gRPC process), got {self.monitor_processes}")
-        if self.monitor_budget_ms <= 0:
-            raise ValueError(f"monitor_budget_ms: must be > 0, got {self.monitor_budget_ms}")
+        if not 0 < self.monitor_budget_ms <= 3_600_000:  # NaN fails this too (it turned the budgets off)
+            raise ValueError(f"monitor_budget_ms: must be in (0, 3600000], got {self.monitor_budget_ms}")
         if not 0 <= self.monitor_budget_strikes <= 1000:
             raise ValueError(f"monitor_budget_strikes: must be in [0, 1000] (0: overruns never stop a monitor), "
                              f"got {self.monitor_budget_strikes}")
@@ -171,8 +177,13 @@ class ServerSection:
         for key in ("first_message_timeout_s", "idle_timeout_s", "keepalive_time_s", "keepalive_timeout_s",
                     "min_ping_interval_s"):
             value = getattr(self, key)
-            if not 0 < value <= 86400:  # NaN fails this too
-                raise ValueError(f"{key}: must be in (0, 86400] seconds, got {value}")
+            # NaN fails this too; gRPC takes milliseconds, so a value under 1 ms would become 0 (no limit)
+            if not 0.001 <= value <= 86400:
+                raise ValueError(f"{key}: must be in [0.001, 86400] seconds, got {value}")
+        for token in self.auth_tokens:
+            if not isinstance(token, str) or not token.strip():
+                raise ValueError("auth_tokens: every token must be a non-blank string (a blank one would let in "
+                                 "a client sending a bare 'Bearer ')")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert: tls_cert and tls_key go together (the certificate and its private key)")
         if self.tls_client_ca and not self.tls_cert:
@@ -229,8 +240,12 @@ class DenseSection:
             raise ValueError(f"top_p: must be in [0, 1] (0 = off), got {self.top_p}")
         if not 0.0 <= self.batch_window_ms <= 100.0:
             raise ValueError(f"batch_window_ms: must be in [0, 100], got {self.batch_window_ms}")
-        if self.softcap < 0 or self.chunk < 1:
-            raise ValueError("softcap: must be >= 0" if self.softcap < 0 else f"chunk: must be >= 1, got {self.chunk}")
+        if not 0 <= self.softcap < float("inf"):  # NaN fails this too
+            raise ValueError(f"softcap: must be a finite number >= 0 (0 = off), got {self.softcap}")
+        if not 0 < self.logit_scale < float("inf"):
+            raise ValueError(f"logit_scale: must be a finite number > 0, got {self.logit_scale}")
+        if self.chunk < 1:
+            raise ValueError(f"chunk: must be >= 1, got {self.chunk}")
 
 
 @dataclass(frozen=True)

@@ -237,6 +237,12 @@ def test_check_rpc_refuses_a_trace_without_final(sidecar, vocab):
         ({"dense": {"dtype": "int8"}}, "dense.dtype: expected float32, bfloat16 or float16"),
         ({"dense": {"device": "tpu"}}, "dense.device"),
         ({"dense": {"top_p": 1.5}}, "dense.top_p"),
+        # accepted before, then a traceback at start (gRPC's C int) or a silent change at run time:
+        ({"server": {"max_message_bytes": 2**31}}, "server.max_message_bytes: must be at most 2147483647"),
+        ({"server": {"monitor_budget_ms": float("nan"), "monitor_budget_hard_ms": 0}}, "server.monitor_budget_ms"),
+        ({"dense": {"logit_scale": float("nan")}}, "dense.logit_scale: must be a finite number > 0"),
+        ({"dense": {"logit_scale": -1.0}}, "dense.logit_scale: must be a finite number > 0"),
+        ({"dense": {"softcap": float("inf")}}, "dense.softcap: must be a finite number >= 0"),
     ],
 )
 def test_bad_config_is_refused_at_startup_naming_the_key(raw, message):

@@ -152,10 +152,15 @@ def test_peer_address_drops_the_port_so_new_connections_count_as_the_same_client
 @pytest.mark.parametrize(
     ("server", "message"),
     [
-        ({"first_message_timeout_s": 0}, "server.first_message_timeout_s: must be in (0, 86400] seconds"),
-        ({"idle_timeout_s": float("nan")}, "server.idle_timeout_s: must be in (0, 86400] seconds"),
+        ({"first_message_timeout_s": 0}, "server.first_message_timeout_s: must be in [0.001, 86400] seconds"),
+        ({"idle_timeout_s": float("nan")}, "server.idle_timeout_s: must be in [0.001, 86400] seconds"),
         ({"keepalive_time_s": -1}, "server.keepalive_time_s"),
         ({"min_ping_interval_s": 0}, "server.min_ping_interval_s"),
+        # gRPC takes milliseconds: 0.5 ms became 0, no ping-rate limit at all
+        ({"min_ping_interval_s": 0.0005}, "server.min_ping_interval_s: must be in [0.001, 86400] seconds"),
+        ({"keepalive_time_s": 0.0005}, "server.keepalive_time_s: must be in [0.001, 86400] seconds"),
+        ({"auth_tokens": [""]}, "server.auth_tokens: every token must be a non-blank string"),
+        ({"auth_tokens": ["ok", "  "]}, "server.auth_tokens: every token must be a non-blank string"),
         ({"max_streams": 8, "max_streams_per_peer": 9}, "server.max_streams_per_peer: must be in [0, max_streams = 8]"),
         ({"max_streams_per_token": 2}, "server.max_streams_per_token: needs auth_tokens"),
         ({"max_streams_per_peer": "many"}, "server.max_streams_per_peer: expected int"),
