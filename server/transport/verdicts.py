@@ -6,8 +6,9 @@ request's steps, so it cannot read the verdict off the Watch stream. It asks her
 every verdict the Watch RPC sends is also kept, and GetVerdict answers at once when the verdict is
 known, or waits for it (at most `wait_s`, MAX_WAIT_S and the call's deadline).
 
-Bounded: CAPACITY verdicts (the oldest are forgotten first) and MAX_WAITERS calls waiting at once
-(beyond: RESOURCE_EXHAUSTED). Scoped: a verdict is kept under the bearer token of the Watch call
+Bounded: CAPACITY verdicts and MAX_BYTES of them (the oldest are forgotten first; the newest is
+always kept, whatever its size: server.max_verdict_bytes bounds it), and MAX_WAITERS calls waiting
+at once (beyond: RESOURCE_EXHAUSTED). Scoped: a verdict is kept under the bearer token of the Watch call
 that produced it (a hash of it; "" without one) and is answered only to a call with the same token,
 so with auth_tokens one tenant cannot read another's verdicts (their flags carry decoded snippets).
 Authorization itself is the service's (transport/auth.py), as for Watch.
@@ -35,6 +36,9 @@ from canvaswatch.v1 import monitor_pb2 as pb
 log = structlog.get_logger(__name__)
 
 CAPACITY = 4096     # verdicts kept: minutes of traffic at hundreds of requests a second; a frontend asks within seconds
+# and at most this many bytes of them: a verdict is a few KB, but flag-heavy requests can send ones of up to
+# server.max_verdict_bytes (1 MiB by default), which at CAPACITY would be 4 GiB
+MAX_BYTES = 256 * 1024 * 1024
 MAX_WAIT_S = 30.0   # the longest one GetVerdict call waits for a verdict not yet known
 MAX_WAITERS = 4096  # GetVerdict calls waiting at once
 
@@ -52,11 +56,14 @@ def caller_of(context: grpc.aio.ServicerContext) -> str:
 class RecentVerdicts:
     """The last `capacity` verdicts by (caller, request id), and the GetVerdict calls waiting for one."""
 
-    def __init__(self, capacity: int = CAPACITY, max_wait_s: float = MAX_WAIT_S, max_waiters: int = MAX_WAITERS) -> None:
+    def __init__(self, capacity: int = CAPACITY, max_wait_s: float = MAX_WAIT_S, max_waiters: int = MAX_WAITERS,
+                 max_bytes: int = MAX_BYTES) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.bytes = 0  # of the verdicts kept (their serialised size)
         self.max_wait_s = max_wait_s
         self.max_waiters = max_waiters
-        self._verdicts: collections.OrderedDict[Key, pb.Verdict] = collections.OrderedDict()
+        self._verdicts: collections.OrderedDict[Key, tuple[pb.Verdict, int]] = collections.OrderedDict()
         self._waiters: dict[Key, list[asyncio.Future]] = {}
         self.waiting = 0
         self.counts: collections.Counter[str] = collections.Counter()  # recorded, evicted, found, not_found, refused
@@ -64,20 +71,27 @@ class RecentVerdicts:
     def __len__(self) -> int:
         return len(self._verdicts)
 
-    def record(self, caller: str, verdict: pb.Verdict) -> None:
+    def record(self, caller: str, verdict: pb.Verdict, size: int | None = None) -> None:
+        """Keep `verdict` (`size`: its serialised bytes, if known) and wake the calls waiting for it."""
         key = (caller, verdict.request_id)
-        self._verdicts[key] = verdict
-        self._verdicts.move_to_end(key)
+        size = verdict.ByteSize() if size is None else size
+        replaced = self._verdicts.pop(key, None)
+        if replaced is not None:
+            self.bytes -= replaced[1]
+        self._verdicts[key] = (verdict, size)
+        self.bytes += size
         self.counts["recorded"] += 1
-        while len(self._verdicts) > self.capacity:
-            self._verdicts.popitem(last=False)
+        while len(self._verdicts) > 1 and (len(self._verdicts) > self.capacity or self.bytes > self.max_bytes):
+            _, (_, evicted) = self._verdicts.popitem(last=False)
+            self.bytes -= evicted
             self.counts["evicted"] += 1
         for waiter in self._waiters.pop(key, ()):
             if not waiter.done():
                 waiter.set_result(verdict)
 
     def get(self, caller: str, request_id: str) -> pb.Verdict | None:
-        return self._verdicts.get((caller, request_id))
+        kept = self._verdicts.get((caller, request_id))
+        return None if kept is None else kept[0]
 
     async def wait(self, caller: str, request_id: str, wait_s: float) -> pb.Verdict | None:
         """The verdict, at once if known, else when it is recorded within `wait_s` (capped); None if not."""
@@ -123,7 +137,7 @@ class RecentVerdicts:
             log.warning("verdict_cache_unparsed_event", size=len(event))
             return
         if message.WhichOneof("event") == "verdict":
-            self.record(caller, message.verdict)
+            self.record(caller, message.verdict, len(event) if isinstance(event, (bytes, bytearray)) else None)
 
     async def GetVerdict(self, request: Any, context: grpc.aio.ServicerContext) -> pb.VerdictReply:
         if isinstance(request, Undecodable):
@@ -146,4 +160,4 @@ class RecentVerdicts:
         return pb.VerdictReply(found=True, verdict=verdict) if verdict is not None else pb.VerdictReply(found=False)
 
 
-__all__ = ["CAPACITY", "MAX_WAITERS", "MAX_WAIT_S", "RecentVerdicts", "caller_of"]
+__all__ = ["CAPACITY", "MAX_BYTES", "MAX_WAITERS", "MAX_WAIT_S", "RecentVerdicts", "caller_of"]

@@ -133,3 +133,18 @@ def test_the_cache_keeps_only_the_newest_verdicts_and_no_stale_waiters():
         assert (await pending).steps_seen == 7 and cache.waiting == 0 and not cache._waiters
 
     asyncio.run(scenario())
+
+
+def test_the_cache_is_bounded_by_bytes_too_and_always_keeps_the_newest():
+    # 4,096 verdicts of server.max_verdict_bytes each would be 4 GiB: bytes bound the cache as well.
+    big = "x" * 1000
+    cache = RecentVerdicts(capacity=100, max_bytes=3500)
+    for n in range(5):
+        cache.record("", pb.Verdict(request_id=f"r{n}", monitor_errors=[big]))
+    assert len(cache) == 3 and cache.bytes <= 3500 and cache.counts["evicted"] == 2
+    assert cache.get("", "r1") is None and cache.get("", "r2") is not None
+    assert cache.bytes == sum(cache.get("", f"r{n}").ByteSize() for n in (2, 3, 4))
+    cache.record("", pb.Verdict(request_id="huge", monitor_errors=["y" * 10_000]))  # alone past the budget
+    assert len(cache) == 1 and cache.get("", "huge") is not None  # the frontend asking for it still gets it
+    cache.record("", pb.Verdict(request_id="huge", steps_seen=1))  # recorded again: its old size leaves
+    assert cache.bytes == cache.get("", "huge").ByteSize()
