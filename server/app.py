@@ -57,6 +57,9 @@ class Sidecar:
         self._health: health.aio.HealthServicer | None = None
         self.slots: StreamSlots | None = None
         self.servicer: CanvasMonitorServicer | None = None
+        # One reload at a time, in signal order: each reads the file when its turn comes, so the last
+        # SIGHUP's engine is the one installed (two built at once finished in any order).
+        self._reloading = asyncio.Lock()
 
     async def start(self) -> int:
         s = self.config.server
@@ -175,16 +178,17 @@ class Sidecar:
                         "their monitors at start; restart the sidecar to change them")
             return False
         loop = asyncio.get_running_loop()
-        try:
-            engine, restart = await loop.run_in_executor(self.executor, self._reloaded_engine, path, overrides or {})
-        except Exception as err:  # ConfigError names the key; a monitor that fails to build says why
-            log.error("config_reload_refused", error=str(err), kind=type(err).__name__)
-            return False
-        self.config, self.engine = engine.config, engine
-        if self.servicer is not None:
-            self.servicer.use(engine)
-        log.info("config_reloaded", monitors=[m.name for m in engine.monitors], needs_restart=restart)
-        return True
+        async with self._reloading:
+            try:
+                engine, restart = await loop.run_in_executor(self.executor, self._reloaded_engine, path, overrides or {})
+            except Exception as err:  # ConfigError names the key; a monitor that fails to build says why
+                log.error("config_reload_refused", error=str(err), kind=type(err).__name__)
+                return False
+            self.config, self.engine = engine.config, engine
+            if self.servicer is not None:
+                self.servicer.use(engine)
+            log.info("config_reloaded", monitors=[m.name for m in engine.monitors], needs_restart=restart)
+            return True
 
     def _reloaded_engine(self, path: str | None, overrides: dict) -> tuple[Engine, list[str]]:
         new = load_config(path)
@@ -192,7 +196,11 @@ class Sidecar:
         restart = [name for name in ("server", "vocab", "dense") if getattr(new, name) != getattr(self.config, name)]
         config = dataclasses.replace(self.config, monitors=new.monitors, logging=new.logging)
         engine = Engine(config, self.vocab, metrics=self.engine.metrics, dense=self.engine.dense)
-        engine.warm_up()
+        try:
+            engine.warm_up()
+        except BaseException:
+            engine.close()  # refused: its monitors and sinks (an audit file) are let go
+            raise
         return engine, restart
 
     async def stop(self, grace: float = 2.0) -> None:

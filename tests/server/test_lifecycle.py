@@ -312,6 +312,38 @@ def test_a_stream_cut_at_the_drain_deadline_counts_incomplete_and_one_left_after
     assert outcomes == {"ok": 1.0, "incomplete": 1.0}, outcomes
 
 
+def test_two_quick_reloads_install_the_last_signalled_config(vocab, tmp_path, monkeypatch):
+    """Reloads run one at a time in signal order: a slow build of the first cannot land after the second."""
+    import asyncio
+
+    from canvaswatch.server.app import Sidecar
+
+    running = start_sidecar(vocab, tmp_path, {})
+    sidecar, loop = running.thread.sidecar, running.thread._loop
+    first, second = tmp_path / "first.toml", tmp_path / "second.toml"
+    first.write_text("[monitors.lexicon]\n")
+    second.write_text("[monitors.token_smearing]\n")
+    build = Sidecar._reloaded_engine
+
+    def slow_for_the_first(self, path, overrides):
+        if path == str(first):
+            time.sleep(1.0)
+        return build(self, path, overrides)
+
+    monkeypatch.setattr(Sidecar, "_reloaded_engine", slow_for_the_first)
+    try:
+        older = asyncio.run_coroutine_threadsafe(sidecar.reload(str(first)), loop)
+        time.sleep(0.1)
+        newer = asyncio.run_coroutine_threadsafe(sidecar.reload(str(second)), loop)
+        assert older.result(timeout=60) and newer.result(timeout=60)
+        with running.channel() as channel:
+            names = [m.name for m in pb_grpc.CanvasMonitorStub(channel).ListMonitors(pb.ListMonitorsRequest(),
+                                                                                     timeout=30).monitors]
+    finally:
+        running.thread.stop()
+    assert names == ["token_smearing"]
+
+
 def test_drain_grace_is_validated_naming_the_key():
     from canvaswatch.server.config import ConfigError, parse_config
 
