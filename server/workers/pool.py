@@ -45,7 +45,7 @@ import torch.multiprocessing as torch_mp
 
 from canvaswatch.server.config import Config
 from canvaswatch.server.errors import Refusal, StepError
-from canvaswatch.server.ops.merged_metrics import Family
+from canvaswatch.server.ops.merged_metrics import Family, add
 from canvaswatch.server.workers.child import worker_main
 from canvaswatch.server.workers.protocol import CUT, REPLY, REQUEST, Frame, StreamEnd, StreamStatus
 from canvaswatch.server.workers.shared_memory import shareable
@@ -346,7 +346,8 @@ class MonitorWorkers:
                    f"monitor worker {worker.index} exited (exit code {worker.process.exitcode}); retry the request")
         for stream in list(worker.streams.values()):
             stream.lose(StreamStatus(StreamEnd.LOST, Refusal.UNAVAILABLE, message))
-        self.retired_metrics = [*self.retired_metrics, worker.metrics]
+        # added into one snapshot: a sidecar whose workers are replaced again and again keeps one, not one each
+        self.retired_metrics = [add(*self.retired_metrics, worker.metrics)]
         worker.metrics = []
         replacement = WorkerProcess(self, worker.index)
         self.workers = [replacement if w is worker else w for w in self.workers]
