@@ -55,6 +55,7 @@ log = structlog.get_logger(__name__)
 WINDOW = 64  # messages a stream may have in flight to its runner ...
 WINDOW_BYTES = 16 * 1024 * 1024  # ... and bytes (beyond one message): a stream's read-ahead memory stays bounded
 START_TIMEOUT_S = 300.0
+RESTART_BACKOFF_MAX_S = 60.0  # between tries to start a replacement worker that keeps failing
 STALL_S = 1.0  # a worker silent this long with frames outstanding gets no new streams while others can take them
 
 
@@ -354,11 +355,25 @@ class MonitorWorkers:
         self.loop.create_task(self._restart(replacement))
 
     async def _restart(self, worker: WorkerProcess) -> None:
-        try:
-            await self._await_ready(worker)
-        except Exception as err:
-            log.error("monitor_worker_restart_failed", worker=worker.index, error=str(err))
-            return
+        """Start `worker` in its slot; a start that fails (or hangs past START_TIMEOUT_S) is killed and tried
+        again after 1, 2, 4 ... RESTART_BACKOFF_MAX_S seconds until it serves or the pool stops: a slot
+        never stays dead for good (with every slot dead, every Watch would get UNAVAILABLE forever)."""
+        delay = 1.0
+        while True:
+            try:
+                await self._await_ready(worker)
+                break
+            except Exception as err:
+                log.error("monitor_worker_restart_failed", worker=worker.index, error=str(err), retry_in_s=delay)
+            if worker.process.is_alive():
+                worker.process.kill()  # hung while starting: not left behind
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RESTART_BACKOFF_MAX_S)
+            if self._stopping:
+                return
+            replacement = WorkerProcess(self, worker.index)
+            self.workers = [replacement if w is worker else w for w in self.workers]
+            worker = replacement
         log.info("monitor_worker_restarted", worker=worker.index)
         if sum(w.alive for w in self.workers) == 1:
             self.on_serving_change(True)

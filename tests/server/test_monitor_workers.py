@@ -184,6 +184,32 @@ def test_a_worker_that_dies_fails_only_its_streams_and_is_replaced(vocab, tmp_pa
         running.thread.stop()
 
 
+def test_a_replacement_worker_that_fails_to_start_is_tried_again(vocab, tmp_path, monkeypatch):
+    """A replacement's start that fails (or hangs) is not the end of its slot: it is tried again."""
+    from canvaswatch.server.workers.pool import MonitorWorkers, WorkerStartError
+
+    running = start_sidecar(vocab, tmp_path, extra={"server": {"monitor_processes": 1}})
+    try:
+        pool = _pool(running)
+        start, failed = MonitorWorkers._await_ready, []
+
+        async def fails_once(self, worker):
+            if not failed:
+                failed.append(worker)
+                raise WorkerStartError("server.monitor_processes: worker 0 failed to start: (the test's)")
+            await start(self, worker)
+
+        monkeypatch.setattr(MonitorWorkers, "_await_ready", fails_once)
+        [first] = pool.workers
+        os.kill(first.process.pid, signal.SIGKILL)
+        _wait_until(lambda: failed and all(w.alive for w in pool.workers) and failed[0] not in pool.workers)
+        assert not failed[0].process.is_alive()  # the failed start's process was not left behind
+        with running.channel() as channel:
+            assert replay(_trace(vocab, "clean", "after-retry", seed=3), channel).steps_seen > 0
+    finally:
+        running.thread.stop()
+
+
 def _stalled_tensors():
     import torch
 
