@@ -55,6 +55,7 @@
     audit_max_bytes = 104857600    # the audit log rotates at this size (0: never) ...
     audit_backups = 5              # ... keeping this many old files (audit.jsonl.1 is the newest)
     report_dir = ""                # an HTML timeline per flagged request, linked from the audit log
+    report_max_files = 1000        # reports kept in report_dir, the oldest removed first (0: no limit)
 
     [monitors.lexicon]             # enabled by being present; `enabled = false` turns one off
     patterns = ["..."]
@@ -256,6 +257,7 @@ class LoggingSection:
     audit_max_bytes: int = 100 * 1024 * 1024
     audit_backups: int = 5
     report_dir: str = ""
+    report_max_files: int = 1000
 
     def __post_init__(self) -> None:
         if self.level.lower() not in ("debug", "info", "warning", "error"):
@@ -264,6 +266,8 @@ class LoggingSection:
             raise ValueError(f"audit_max_bytes: must be 0 (never rotate) or >= 1048576, got {self.audit_max_bytes}")
         if not 1 <= self.audit_backups <= 1000:
             raise ValueError(f"audit_backups: must be in [1, 1000], got {self.audit_backups}")
+        if not 0 <= self.report_max_files <= 1_000_000:
+            raise ValueError(f"report_max_files: must be in [0, 1000000] (0: no limit), got {self.report_max_files}")
 
 
 @dataclass(frozen=True)

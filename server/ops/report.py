@@ -12,6 +12,8 @@ one file to attach to an incident.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,9 @@ import numpy as np
 from canvaswatch.monitors.base import Flag, RequestMeta, Vocabulary
 
 SETTLED = 0.8
+# Cells (positions x steps) a report keeps: 6 bytes each in memory while the request runs, ~100 bytes of
+# HTML each in the file. 256 positions x 1,024 steps; later steps are counted, not shown.
+MAX_REPORT_CELLS = 262_144
 AXIS_EVERY = 10  # position labels on the grid's axis
 LEGEND_PROBS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -33,8 +38,15 @@ class RequestHistory:
     steps: list[tuple[int, int, np.ndarray, np.ndarray]] = field(default_factory=list)  # (block, step, ids, probs)
     flags: list[Flag] = field(default_factory=list)
     output_ids: tuple[int, ...] = ()
+    max_cells: int = MAX_REPORT_CELLS
+    cells: int = 0
+    steps_left_out: int = 0  # steps past max_cells: counted, not kept
 
     def add(self, block: int, step: int, top1: np.ndarray, prob: np.ndarray) -> None:
+        if self.cells + len(top1) > self.max_cells:
+            self.steps_left_out += 1
+            return
+        self.cells += len(top1)
         self.steps.append((block, step, top1.astype(np.int32, copy=True), prob.astype(np.float16, copy=True)))
 
 
@@ -53,6 +65,9 @@ def render(history: RequestHistory, vocab: Vocabulary) -> str:
     badge = '<span class="simulated">SIMULATED trace</span>' if simulated else ""
     parts.append(f'<p class="meta">model <b>{html.escape(meta.model or "?")}</b> · canvas {meta.canvas_length} · '
                  f'{len(history.steps)} steps seen · {len(history.flags)} flags {badge}</p>')
+    if history.steps_left_out:
+        parts.append(f'<p class="meta left-out">{history.steps_left_out} later steps are not shown: a report keeps '
+                     f'at most {history.max_cells:,} cells (positions x steps)</p>')
     parts.append('<h2>Flags</h2><ol class="flags">')
     for index, flag in enumerate(history.flags):
         evidence = "; ".join(
@@ -82,17 +97,40 @@ def render(history: RequestHistory, vocab: Vocabulary) -> str:
 
 
 class ReportWriter:
-    """Reports for flagged requests into one directory (`logging.report_dir`); audit lines link to them."""
+    """Reports for flagged requests into one directory (`logging.report_dir`); audit lines link to them.
 
-    def __init__(self, directory: str | Path) -> None:
+    At most `max_files` reports stay there (0: no limit): writing one more removes the oldest, those
+    found at start by modification time first, then in the order written."""
+
+    def __init__(self, directory: str | Path, max_files: int = 0) -> None:
         self.directory = Path(directory)
+        self.max_files = max_files
+        found = sorted(self.directory.glob("*.html"), key=_mtime) if self.directory.is_dir() else []
+        self._written: collections.OrderedDict[Path, None] = collections.OrderedDict((p, None) for p in found)
 
     def path_for(self, request_id: str) -> Path:
+        """A file name from the request id; where characters had to be replaced, a hash of the id keeps two ids
+        apart that read the same once replaced ("a/b" and "a_b")."""
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in request_id)[:200]
+        if safe != request_id or safe.startswith("."):
+            safe = f"{safe}-{hashlib.sha256(request_id.encode()).hexdigest()[:12]}"
         return self.directory / f"{safe}.html"
 
     def write(self, history: RequestHistory, vocab: Vocabulary, path: Path) -> Path:
-        return write_report(history, vocab, path)
+        written = write_report(history, vocab, path)
+        self._written.pop(written, None)
+        self._written[written] = None
+        while self.max_files and len(self._written) > self.max_files:
+            oldest, _ = self._written.popitem(last=False)
+            oldest.unlink(missing_ok=True)
+        return written
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def write_report(history: RequestHistory, vocab: Vocabulary, path: str | Path) -> Path:

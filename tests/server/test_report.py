@@ -103,6 +103,36 @@ def test_flagged_requests_get_a_report_linked_from_the_audit_log(vocab, tmp_path
     entries = [json.loads(line) for line in running.audit_path.read_text().splitlines()]
     [entry] = [e for e in entries if e["request_id"] == "linked/1"]
     report = Path(entry["report"])
-    assert report.name == "linked_1.html" and report.exists()
+    # "/" replaced: a hash of the id keeps the name apart from a request really called "linked_1"
+    assert report.name.startswith("linked_1-") and report.exists()
     assert "settled tokens flipped" in report.read_text()
-    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["linked_1.html"]  # clean: no report
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [report.name]  # clean: no report
+
+
+def test_report_history_keeps_at_most_max_cells_and_says_how_many_steps_it_left_out(vocab):
+    import numpy as np
+
+    from canvaswatch.monitors.base import RequestMeta
+    from canvaswatch.server.ops.report import RequestHistory, render
+
+    history = RequestHistory(RequestMeta("long", "m", "", (), 8, 0), max_cells=8 * 5)
+    for step in range(12):
+        history.add(0, step, np.full(8, 3000), np.full(8, 0.9))
+    assert len(history.steps) == 5 and history.cells == 40 and history.steps_left_out == 7
+    assert "7 later steps are not shown" in render(history, vocab)
+
+
+def test_report_files_are_capped_and_ids_that_read_alike_get_files_of_their_own(vocab, tmp_path: Path):
+    from canvaswatch.monitors.base import RequestMeta
+    from canvaswatch.server.ops.report import ReportWriter, RequestHistory
+
+    directory = tmp_path / "reports"
+    directory.mkdir()
+    (directory / "older.html").write_text("from an earlier run")
+    writer = ReportWriter(directory, max_files=3)
+    assert writer.path_for("a/b") != writer.path_for("a_b") and writer.path_for("plain-id.1").name == "plain-id.1.html"
+    assert writer.path_for("..").name != "...html"  # no hidden or relative-looking names
+    for n in range(4):
+        request_id = f"r{n}"
+        writer.write(RequestHistory(RequestMeta(request_id, "m", "", (), 8, 0)), vocab, writer.path_for(request_id))
+    assert sorted(p.name for p in directory.iterdir()) == ["r1.html", "r2.html", "r3.html"]  # the oldest went first
