@@ -25,7 +25,7 @@ from canvaswatch.server.config import ConfigError, parse_config
 from canvaswatch.v1 import monitor_pb2 as pb
 from canvaswatch.v1 import monitor_pb2_grpc as pb_grpc
 from tests.conftest import info_for, start_sidecar, topk_step
-from tests.server.test_bad_input import CASES, _good, _watch, assert_refused
+from tests.server.test_bad_input import CASES, _good, assert_refused
 from tests.server.test_watch import _trace, check_embeddings_form
 
 WORKERS = 2
