@@ -49,6 +49,7 @@ the final message always goes out.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Sequence
 
@@ -56,11 +57,13 @@ import grpc
 import torch
 
 from canvaswatch.client.sampler_signals import SamplerSignals, entropy
-from canvaswatch.client.gate import Gate, GatePolicy
+from canvaswatch.client.gate import Gate, GatePolicy, GenerationBlocked
 from canvaswatch.client.token_bottleneck import Bottleneck, bottleneck
 from canvaswatch.client.stream import WatchStream, channel_options, close_channel, new_request_id
 from canvaswatch.v1 import monitor_pb2 as pb
 
+log = logging.getLogger("canvaswatch.transformers")
+MAX_CONSECUTIVE_ERRORS = 100  # steps in a row whose monitoring failed before the hook stops trying
 
 class CanvasWatchStreamer:
     """A transformers streamer that streams every denoising step of every batch row to the sidecar."""
@@ -123,11 +126,13 @@ class CanvasWatchStreamer:
         ids, probs = kept.ids, kept.probs
         if ids.is_cuda:
             # Start the small copies now without waiting; the sender thread waits on the event.
-            event = torch.cuda.Event()
+            # The copies run on the current stream of the device the tensors are on (with device_map="auto"
+            # that is rarely the current device): the event must be recorded on that same stream.
+            event, stream = torch.cuda.Event(), torch.cuda.current_stream(ids.device)
             ids, probs = ids.to("cpu", non_blocking=True), probs.to("cpu", non_blocking=True)
             if signals is not None:
                 signals = signals.to("cpu", non_blocking=True)
-            event.record()
+            event.record(stream)
         else:
             event = None
         self._emit(ids.shape[0], ids.shape[1],
@@ -238,6 +243,10 @@ class BottleneckHook:
         self.k, self.top_p, self.enforce = k, top_p, enforce
         self.signals = signals and streamer is not None
         self._last_entropy: torch.Tensor | None = None
+        self.errors = 0  # steps whose monitoring failed (not sent); see _failed
+        self.consecutive_errors = 0
+        self.last_error = ""
+        self.switched_off = False
         self._original = model._denoising_step
         model._denoising_step = self._step
         if streamer is not None:
@@ -255,15 +264,43 @@ class BottleneckHook:
         finally:
             if undo is not None:
                 undo()
-        signals = None
-        if sampler is not None:
-            signals = self._signals(sampler, kwargs, scored, canvas, argmax, logits, finished_before)
-        kept = bottleneck(logits, k=self.k, top_p=self.top_p)
         if self.enforce:
+            # The model runs through the bottleneck: part of its computation, so an error here is the model's.
+            kept = bottleneck(logits, k=self.k, top_p=self.top_p)
             logits = enforce_bottleneck(logits, kept)
-        if self.streamer is not None:
-            self.streamer.put_bottleneck(kept, signals)
+        else:
+            kept = None
+        if self.streamer is not None and not self.switched_off:
+            self.streamer._check_gate()  # a gate's GenerationBlocked is meant for generate()
+            try:
+                signals = None
+                if sampler is not None:
+                    signals = self._signals(sampler, kwargs, scored, canvas, argmax, logits, finished_before)
+                if kept is None:
+                    kept = bottleneck(logits, k=self.k, top_p=self.top_p)
+                self.streamer.put_bottleneck(kept, signals)
+                self.consecutive_errors = 0
+            except GenerationBlocked:
+                raise
+            except Exception as err:  # monitoring never ends the user's generate()
+                self._failed(err)
         return canvas, argmax, logits, finished
+
+    def _failed(self, err: Exception) -> None:
+        """A step whose monitoring failed (a transformers version whose sampler differs, memory, a bug): the
+        step is not sent (counted in `errors`), the first failure is logged with its reason, and after
+        MAX_CONSECUTIVE_ERRORS in a row monitoring switches off for this model (`switched_off`), so a
+        failure on every step costs generate() nothing more."""
+        self.errors += 1
+        self.consecutive_errors += 1
+        self.last_error = f"{type(err).__name__}: {err}"
+        if self.errors == 1:
+            log.warning("canvaswatch: a denoising step was not monitored (%s); generate() goes on", self.last_error)
+        if self.consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
+            self.switched_off = True
+            log.error("canvaswatch: %d denoising steps in a row could not be monitored (last: %s); monitoring is "
+                      "off for this model until attach_bottleneck is called again", self.consecutive_errors,
+                      self.last_error)
 
     def _signals(self, sampler, kwargs: dict, scored: list[torch.Tensor], canvas: torch.Tensor, argmax: torch.Tensor,
                  logits: torch.Tensor, finished_before: torch.Tensor | None) -> SamplerSignals:
@@ -337,9 +374,13 @@ def _see_scored_logits(sampler, seen: list[torch.Tensor]):
     own = "accept_canvas" in vars(sampler)
 
     def scoring(*args, **kwargs):
-        # accept_canvas(current_canvas, denoiser_canvas, logits, cur_step)
-        scored = kwargs["logits"] if "logits" in kwargs else args[2]
-        seen.append(entropy(scored))
+        # accept_canvas(current_canvas, denoiser_canvas, logits, cur_step); a sampler of another signature
+        # (or a failure here) leaves `seen` empty, and the entropy comes from the returned logits instead
+        try:
+            scored = kwargs["logits"] if "logits" in kwargs else args[2]
+            seen.append(entropy(scored))
+        except Exception:  # noqa: BLE001 - the sampler's own call below must run whatever happens here
+            pass
         return accept(*args, **kwargs)
 
     sampler.accept_canvas = scoring

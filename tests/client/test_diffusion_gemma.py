@@ -222,6 +222,52 @@ def test_rows_whose_denoising_stopped_send_no_acceptance_and_keep_their_entropy(
     assert all(m.temperature == 1.0 for rows in streamer.messages for m in rows)  # no temperature processor
 
 
+class _KeywordSampler(_Sampler):
+    """A sampler of another signature (scores by keyword): what a later transformers may pass."""
+
+    def accept_canvas(self, current_canvas, denoiser_canvas, *, scores, cur_step):
+        return super().accept_canvas(current_canvas, denoiser_canvas, scores, cur_step)
+
+
+class _KeywordLoop(_Loop):
+    def _denoising_step(self, *, current_canvas, finished_denoising, sampler, logits_processor, cur_step, scores):
+        sampler.accept_canvas(current_canvas, current_canvas + 1, scores=scores, cur_step=cur_step)
+        return current_canvas + 1, current_canvas + 2, scores.float(), finished_denoising
+
+
+class _Failing(_Collect):
+    def put_bottleneck(self, kept, signals=None):
+        raise RuntimeError("CUDA out of memory (the test's)")
+
+
+def _steps_through(loop, streamer, count: int):
+    from canvaswatch.client.diffusion_gemma import attach_bottleneck
+
+    hook = attach_bottleneck(loop, streamer, k=2)
+    canvas, finished = torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.bool)
+    outputs = [loop._denoising_step(current_canvas=canvas, finished_denoising=finished, sampler=_KeywordSampler(),
+                                    logits_processor=[], cur_step=count - n, scores=torch.randn(2, 3, 50))
+               for n in range(count)]
+    hook.detach()
+    return hook, outputs
+
+
+def test_monitoring_errors_in_the_hook_never_reach_generate():
+    # A sampler whose accept_canvas takes its logits by keyword: the entropy wrapper could not find them
+    # (IndexError into the denoising step); now the entropy comes from the returned logits.
+    streamer = _Collect()
+    hook, outputs = _steps_through(_KeywordLoop(), streamer, 2)
+    assert len(streamer.messages) == 2 and hook.errors == 0
+    assert all(out[0].tolist() == [[1, 1, 1], [1, 1, 1]] for out in outputs)
+    # A failure past that (memory, a bug) loses the step, not the generation; a failure on every step
+    # switches monitoring off after MAX_CONSECUTIVE_ERRORS.
+    from canvaswatch.client.diffusion_gemma import MAX_CONSECUTIVE_ERRORS
+
+    hook, outputs = _steps_through(_KeywordLoop(), _Failing(), MAX_CONSECUTIVE_ERRORS + 5)
+    assert len(outputs) == MAX_CONSECUTIVE_ERRORS + 5
+    assert hook.errors == MAX_CONSECUTIVE_ERRORS and hook.switched_off and "CUDA out of memory" in hook.last_error
+
+
 def test_without_the_hook_no_sampler_signals_are_sent(vocab, tmp_path, monkeypatch):
     install_entry_point(tmp_path, monkeypatch, "recorder", "tests.recording_monitor:Recorder")
     recording_monitor.RECORDED.clear()
