@@ -90,6 +90,8 @@ class _StreamCore:
         self._on_event = on_event
         self._first = True
         self._finished = False
+        self.build_errors = 0  # queued steps whose message could not be built (dropped, counted in `dropped`)
+        self.build_error: str | None = None  # the first such failure
 
     @property
     def request_id(self) -> str:
@@ -109,7 +111,7 @@ class _StreamCore:
         if self._finished:
             raise RuntimeError("send() after finish()")
         if self.error is not None:
-            self.queue.dropped += 1  # the stream is gone; count, never raise into the serving loop
+            self.queue.count_dropped(1)  # the stream is gone; count, never raise into the serving loop
             return False
         if signals is not None:
             # Encoded with the message, on the sender thread: the serving loop only queues.
@@ -136,6 +138,23 @@ class _StreamCore:
             self._first = False
         message.client_dropped_steps = self.queue.dropped
         return message
+
+    def message_for(self, item: Any) -> pb.StepState | None:
+        """The message for a queued item, on the sender thread. A step that cannot be built (a lazy step's
+        error, bad sampler signals) is dropped and counted, not the end of the stream: None. A final whose
+        step cannot be built goes without that step, so the sidecar still gets the output and gives a verdict."""
+        try:
+            return self.build(item.payload, item.final)
+        except Exception as err:  # noqa: BLE001 - one bad step must not end the request's monitoring
+            self.build_errors += 1
+            if self.build_error is None:
+                self.build_error = f"{type(err).__name__}: {err}"
+                log.warning("canvaswatch: request %s: a step could not be built and was dropped: %s",
+                            self.request_id, self.build_error)
+            self.queue.count_dropped(1)
+            if item.final:
+                return self.build((None, item.payload[1]), True)
+            return None
 
     def receive(self, event: pb.MonitorEvent) -> None:
         kind = event.WhichOneof("event")
@@ -186,7 +205,9 @@ class WatchStream:
         self._receiver.start()
 
     request_id = property(lambda self: self._core.request_id)
-    dropped = property(lambda self: self._core.dropped, doc="Steps dropped so far (queue full or stream gone).")
+    dropped = property(lambda self: self._core.dropped,
+                       doc="Steps dropped so far (queue full, stream gone, or a step that could not be built).")
+    build_error = property(lambda self: self._core.build_error, doc="Why the first step that could not be built failed.")
     flags = property(lambda self: list(self._core.flags), doc="Flags received so far.")
 
     @property
@@ -235,12 +256,9 @@ class WatchStream:
             item = self._core.queue.get()
             if item is None:
                 return
-            try:
-                message = self._core.build(item.payload, item.final)
-            except Exception as err:
-                self._core.fail(err)
-                return
-            yield message
+            message = self._core.message_for(item)
+            if message is not None:
+                yield message
             if item.final:
                 return
 
@@ -278,6 +296,7 @@ class AsyncWatchStream:
 
     request_id = property(lambda self: self._core.request_id)
     dropped = property(lambda self: self._core.dropped)
+    build_error = property(lambda self: self._core.build_error)
     flags = property(lambda self: list(self._core.flags))
 
     def send(self, step: StepPayload, signals: SamplerSignals | None = None) -> bool:
@@ -309,12 +328,9 @@ class AsyncWatchStream:
                 if len(self._core.queue) == 0 and not self._core.queue.closed:
                     await self._wakeup.wait()
                 continue
-            try:
-                message = self._core.build(item.payload, item.final)
-            except Exception as err:
-                self._core.fail(err)
-                return
-            yield message
+            message = self._core.message_for(item)
+            if message is not None:
+                yield message
             if item.final:
                 return
 

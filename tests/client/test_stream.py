@@ -48,6 +48,23 @@ def test_lazy_steps_are_built_on_the_sender_thread(sidecar):
     assert threading.current_thread().name not in built_on
 
 
+@pytest.mark.parametrize("bad", [0, 3, "final"])
+def test_a_step_that_cannot_be_built_is_dropped_and_counted_not_the_end_of_the_request(sidecar, bad):
+    # One bad step (a lazy step's error, sampler signals that do not validate) used to end the stream:
+    # the sidecar answered "ended without a final message", every later step was lost, uncounted.
+    def broken():
+        raise ValueError("temperature: must be > 0 (the test's)")
+
+    with WatchStream(sidecar.target, info_for(f"bad-{bad}", L), max_pending=100) as stream:
+        for step in range(10):
+            stream.send(broken if step == bad else _step(step))
+        stream.finish([3000], step=broken if bad == "final" else None)
+        verdict = stream.result(timeout=30)
+    assert stream.dropped == 1 and "temperature" in stream.build_error
+    assert verdict.steps_seen == (10 if bad == "final" else 9)
+    assert verdict.steps_dropped == 1
+
+
 def test_overflowing_client_drops_steps_counts_them_and_the_verdict_agrees(sidecar):
     sent = 400
     with WatchStream(sidecar.target, info_for("overflow", L), max_pending=2) as stream:
