@@ -17,6 +17,7 @@ released_on_timeout, blocked_on_timeout) and logged.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -29,6 +30,9 @@ from canvaswatch.v1 import monitor_pb2 as pb
 log = logging.getLogger("canvaswatch.gate")
 
 _SEVERITY = {"info": pb.INFO, "warning": pb.WARNING, "critical": pb.CRITICAL}
+
+
+MAX_BUDGET_S = 3600.0  # a hold of more than an hour is a misconfiguration, not a budget
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,8 @@ class GatePolicy:
             value = getattr(self, key)
             if value is not None and value not in _SEVERITY:
                 raise ValueError(f"gate.{key}: expected one of {', '.join(_SEVERITY)} or None, got {value!r}")
-        if not self.budget_s > 0:
-            raise ValueError(f"gate.budget_s: must be > 0, got {self.budget_s}")
+        if not 0 < self.budget_s <= MAX_BUDGET_S:  # an infinite wait raised OverflowError: released unjudged at once
+            raise ValueError(f"gate.budget_s: must be in (0, {MAX_BUDGET_S:g}] seconds, got {self.budget_s}")
         if self.on_timeout not in ("open", "closed"):
             raise ValueError(f"gate.on_timeout: expected 'open' or 'closed', got {self.on_timeout!r}")
 
@@ -114,6 +118,9 @@ class Gate:
         verdicts: list[pb.Verdict] = []
         missing: list[str] = []
         for stream in streams:
+            if inspect.iscoroutinefunction(getattr(stream, "result", None)):
+                raise TypeError(f"Gate.release: {type(stream).__name__}.result is a coroutine; for asyncio streams "
+                                "await each stream's result() and call Gate.decide(verdicts, missing)")
             try:
                 verdicts.append(stream.result(max(0.0, deadline - time.monotonic())))
             except Exception:  # no verdict in time, or the stream failed: the sidecar is not answering

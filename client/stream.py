@@ -288,9 +288,8 @@ class AsyncWatchStream:
                  drop_policy: str = "oldest", metadata: Sequence[tuple[str, str]] = (),
                  on_event: Callable[[pb.MonitorEvent], None] | None = None) -> None:
         self._wakeup = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        self._core = _StreamCore(info, max_pending, drop_policy, on_event,
-                                 on_put=lambda: loop.call_soon_threadsafe(self._wakeup.set))
+        self._loop = asyncio.get_running_loop()
+        self._core = _StreamCore(info, max_pending, drop_policy, on_event, on_put=self._wake)
         self._call = pb_grpc.CanvasMonitorStub(channel).Watch(self._requests(), metadata=list(metadata))
         self._receiver = asyncio.create_task(self._receive())
 
@@ -300,10 +299,21 @@ class AsyncWatchStream:
     flags = property(lambda self: list(self._core.flags))
 
     def send(self, step: StepPayload, signals: SamplerSignals | None = None) -> bool:
+        """Queue a step from any thread; False (counted in `dropped`) if it was dropped, or if the stream's
+        event loop has closed (generation in an executor thread outliving its server's loop)."""
+        if self._loop.is_closed():
+            self._core.count_dropped(1)
+            return False
         return self._core.enqueue(step, signals)
 
     def finish(self, output_ids: Sequence[int], step: StepPayload | None = None) -> None:
         self._core.enqueue_final(output_ids, step)
+
+    def _wake(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+        except RuntimeError:  # the loop closed: nothing will send this stream's steps any more
+            pass
 
     async def result(self, timeout: float | None = None) -> pb.Verdict:
         try:

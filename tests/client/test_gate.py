@@ -54,10 +54,41 @@ def test_release_blocks_a_severe_verdict_and_fails_open_or_closed_on_timeout():
 
 
 @pytest.mark.parametrize("bad, key", [({"abort_at": "severe"}, "gate.abort_at"), ({"budget_s": 0}, "gate.budget_s"),
+                                      # an infinite wait overflowed and the output went out unjudged at once
+                                      ({"budget_s": float("inf")}, "gate.budget_s"),
+                                      ({"budget_s": float("nan")}, "gate.budget_s"),
                                       ({"on_timeout": "maybe"}, "gate.on_timeout")])
 def test_a_bad_policy_names_its_key(bad, key):
     with pytest.raises(ValueError, match=key):
         GatePolicy(**bad)
+
+
+def test_release_refuses_asyncio_streams_with_a_clear_error():
+    class _AsyncStream(_Stream):
+        async def result(self, timeout=None):
+            return self.verdict
+
+    with pytest.raises(TypeError, match="coroutine.*Gate.decide"):
+        Gate(GatePolicy()).release([_AsyncStream("a", pb.Verdict(request_id="a"))])
+
+
+def test_an_async_stream_whose_loop_has_closed_drops_and_counts_instead_of_raising():
+    import asyncio
+
+    import grpc
+
+    from canvaswatch.client.stream import AsyncWatchStream
+    from tests.conftest import free_port, info_for
+
+    async def open_one():
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}")
+        stream = AsyncWatchStream(channel, info_for("orphan", 4))
+        stream.cancel()
+        await channel.close()
+        return stream
+
+    stream = asyncio.run(open_one())  # the loop is closed once this returns
+    assert stream.send(pb.StepState(step=0)) is False and stream.dropped >= 1
 
 
 class _Watched(CanvasWatchStreamer):
