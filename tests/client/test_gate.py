@@ -82,10 +82,7 @@ def test_an_async_stream_whose_loop_has_closed_drops_and_counts_instead_of_raisi
 
     async def open_one():
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}")
-        stream = AsyncWatchStream(channel, info_for("orphan", 4))
-        stream.cancel()
-        await channel.close()
-        return stream
+        return AsyncWatchStream(channel, info_for("orphan", 4))  # left open: asyncio.run ends its tasks
 
     stream = asyncio.run(open_one())  # the loop is closed once this returns
     assert stream.send(pb.StepState(step=0)) is False and stream.dropped >= 1
