@@ -88,6 +88,7 @@ class CanvasWatchStreamer:
         self.step = 0
         self.steps_sent = 0
         self._prompt_seen = False
+        self._ended = False
         # Gate mode (client/gate.py): stop generate() at the next step after a severe flag, hold the
         # output until the verdict. None: monitor only.
         self.gate = Gate(gate) if isinstance(gate, GatePolicy) else gate
@@ -96,6 +97,11 @@ class CanvasWatchStreamer:
     # ---- the transformers streamer hooks ----------------------------------------------------
 
     def put(self, value: torch.Tensor) -> None:
+        if self._ended:
+            # generate()'s first call, with the prompt, before any denoising: its streams, outputs, verdicts and
+            # gate belong to the request that ended; a second generate() would mix them up
+            raise RuntimeError("CanvasWatchStreamer serves one generate() call and this one has ended; "
+                               "make a new streamer for each call")
         rows = _rows(value)
         if not self._prompt_seen:
             self._prompt_seen = True
@@ -139,6 +145,7 @@ class CanvasWatchStreamer:
                    functools.partial(self._build_from_topk, ids, probs, event, kept.top_p, signals))
 
     def end(self) -> None:
+        self._ended = True
         for row, stream in enumerate(self.streams):
             stream.finish(self.outputs[row] if row < len(self.outputs) else [])
         if self.gate is not None and self.gate.policy.hold:

@@ -268,6 +268,17 @@ def test_monitoring_errors_in_the_hook_never_reach_generate():
     assert hook.errors == MAX_CONSECUTIVE_ERRORS and hook.switched_off and "CUDA out of memory" in hook.last_error
 
 
+def test_a_streamer_used_for_a_second_generate_says_so_before_any_step():
+    streamer = _Collect()
+    streamer.put(torch.tensor([[2, 9259]]))
+    streamer.put_draft(logits=torch.randn(1, 3, 50))
+    streamer.put(torch.tensor([[5, 6, 7]]))
+    streamer.end()
+    with pytest.raises(RuntimeError, match="one generate\\(\\) call"):
+        streamer.put(torch.tensor([[2, 9259]]))  # the next generate()'s prompt: before its denoising starts
+    assert streamer.outputs == [[5, 6, 7]]  # the first request's output untouched
+
+
 def test_without_the_hook_no_sampler_signals_are_sent(vocab, tmp_path, monkeypatch):
     install_entry_point(tmp_path, monkeypatch, "recorder", "tests.recording_monitor:Recorder")
     recording_monitor.RECORDED.clear()
