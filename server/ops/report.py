@@ -50,7 +50,10 @@ class RequestHistory:
         self.steps.append((block, step, top1.astype(np.int32, copy=True), prob.astype(np.float16, copy=True)))
 
 
-def render(history: RequestHistory, vocab: Vocabulary) -> str:
+def render(history: RequestHistory, vocab: Vocabulary, content: bool = True) -> str:
+    """The report's HTML. `content=False` (the sidecar under logging.log_content = false): no decoded text,
+    neither the tokens' pieces, the evidence snippets nor the final output; probabilities, positions,
+    flags and their reasons stay, as in the audit log."""
     meta = history.meta
     simulated = meta.attributes.get("simulated") == "true"
     flagged_cells: set[tuple[int, int, int]] = set()
@@ -72,7 +75,7 @@ def render(history: RequestHistory, vocab: Vocabulary) -> str:
     for index, flag in enumerate(history.flags):
         evidence = "; ".join(
             f"block {e.block} step {e.step} positions {_positions(e.positions)}"
-            + (f": <q>{html.escape(e.snippet)}</q>" if e.snippet else "")
+            + (f": <q>{html.escape(e.snippet)}</q>" if e.snippet and content else "")
             for e in flag.evidence
         )
         parts.append(f'<li class="flag sev-{flag.severity.name}" data-monitor="{html.escape(flag.monitor)}" data-flag="{index}">'
@@ -83,7 +86,11 @@ def render(history: RequestHistory, vocab: Vocabulary) -> str:
     blocks = sorted({block for block, *_ in history.steps})
     for block in blocks:
         rows = [(step, ids, probs) for b, step, ids, probs in history.steps if b == block]
-        parts.append(_grid(block, rows, vocab, flagged_cells))
+        parts.append(_grid(block, rows, vocab, flagged_cells, content))
+    if not content:
+        parts.append('<h2>Final output</h2><p class="meta no-content">not kept: logging.log_content = false '
+                     '(no decoded text in this report)</p></body></html>')
+        return "".join(parts)
     parts.append('<h2>Final output</h2><p class="final">')
     length = meta.canvas_length
     for index, token in enumerate(history.output_ids):
@@ -102,9 +109,10 @@ class ReportWriter:
     At most `max_files` reports stay there (0: no limit): writing one more removes the oldest, those
     found at start by modification time first, then in the order written."""
 
-    def __init__(self, directory: str | Path, max_files: int = 0) -> None:
+    def __init__(self, directory: str | Path, max_files: int = 0, content: bool = True) -> None:
         self.directory = Path(directory)
         self.max_files = max_files
+        self.content = content  # decoded text in the reports (logging.log_content)
         found = sorted(self.directory.glob("*.html"), key=_mtime) if self.directory.is_dir() else []
         self._written: collections.OrderedDict[Path, None] = collections.OrderedDict((p, None) for p in found)
 
@@ -117,7 +125,7 @@ class ReportWriter:
         return self.directory / f"{safe}.html"
 
     def write(self, history: RequestHistory, vocab: Vocabulary, path: Path) -> Path:
-        written = write_report(history, vocab, path)
+        written = write_report(history, vocab, path, content=self.content)
         self._written.pop(written, None)
         self._written[written] = None
         while self.max_files and len(self._written) > self.max_files:
@@ -133,15 +141,15 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def write_report(history: RequestHistory, vocab: Vocabulary, path: str | Path) -> Path:
+def write_report(history: RequestHistory, vocab: Vocabulary, path: str | Path, content: bool = True) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(history, vocab), encoding="utf-8")
+    path.write_text(render(history, vocab, content), encoding="utf-8")
     return path
 
 
 def _grid(block: int, rows: list[tuple[int, np.ndarray, np.ndarray]], vocab: Vocabulary,
-          flagged: set[tuple[int, int, int]]) -> str:
+          flagged: set[tuple[int, int, int]], content: bool = True) -> str:
     length = len(rows[0][1]) if rows else 0
     commit = _commit_steps(rows)
     out = [f'<h2>Block {block}</h2><div class="scroll"><table class="grid" data-block="{block}" '
@@ -161,7 +169,7 @@ def _grid(block: int, rows: list[tuple[int, np.ndarray, np.ndarray]], vocab: Voc
                 classes.append("flip")
             if (block, step, position) in flagged:
                 classes.append("flagged")
-            tip = html.escape(f"{vocab.piece(token)!r} {prob:.2f}", quote=True)
+            tip = html.escape(f"{vocab.piece(token)!r} {prob:.2f}" if content else f"{prob:.2f}", quote=True)
             out.append(f'<td class="{" ".join(classes)}" data-pos="{position}" style="background:{_colour(prob)}" '
                        f'title="{tip}"></td>')
         out.append("</tr>")

@@ -52,7 +52,8 @@ class Engine:
         self.monitors = monitors if monitors is not None else config.build_monitors()
         self._monitors_closed = False
         link_phrase_matchers(self.monitors)
-        self.reports = (ReportWriter(config.logging.report_dir, config.logging.report_max_files)
+        self.reports = (ReportWriter(config.logging.report_dir, config.logging.report_max_files,
+                                     content=config.logging.log_content)
                         if config.logging.report_dir else None)
         self.sinks = self._build_sinks(config)
         self.dense: Decoder = dense if dense is not None else build_dense_decoder(config.dense, vocab.size)

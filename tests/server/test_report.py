@@ -92,8 +92,10 @@ def test_inspect_report_renders_the_grid_flags_and_evidence_in_chromium(vocab, t
     assert dom.axis == [str(p) for p in range(0, length, 10)]
 
 
-def test_flagged_requests_get_a_report_linked_from_the_audit_log(vocab, tmp_path: Path, dense):
-    running = start_sidecar(vocab, tmp_path, {"logging": {"report_dir": str(tmp_path / "reports")}}, dense=dense)
+@pytest.mark.parametrize("content", [False, True])
+def test_flagged_requests_get_a_report_linked_from_the_audit_log(vocab, tmp_path: Path, dense, content):
+    running = start_sidecar(vocab, tmp_path, {"logging": {"report_dir": str(tmp_path / "reports"),
+                                                          "log_content": content}}, dense=dense)
     try:
         with running.channel() as channel:
             replay(simulate.scenario("self_correction", vocab.encode, vocab.size, request_id="linked/1", seed=1), channel)
@@ -105,7 +107,14 @@ def test_flagged_requests_get_a_report_linked_from_the_audit_log(vocab, tmp_path
     report = Path(entry["report"])
     # "/" replaced: a hash of the id keeps the name apart from a request really called "linked_1"
     assert report.name.startswith("linked_1-") and report.exists()
-    assert "settled tokens flipped" in report.read_text()
+    text = report.read_text()
+    assert "settled tokens flipped" in text
+    # decoded text only where logging.log_content allows it, as in the audit log
+    final = vocab.decode(list(simulate.scenario("self_correction", vocab.encode, vocab.size, request_id="linked/1",
+                                                seed=1).steps[-1].output_ids))
+    words = [w for w in final.split() if len(w) > 6][:5]
+    assert words and all((w in text) == content for w in words), words
+    assert ('class="final"' in text) == content and ("not kept: logging.log_content" in text) != content
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [report.name]  # clean: no report
 
 
