@@ -61,10 +61,10 @@ def test_healthcheck_command_reports_serving_and_down(vocab, dense, tmp_path):
 
 @pytest.mark.skipif(_bin("kubernetes-validate") is None, reason="needs kubernetes-validate (in the test extras)")
 def test_core_manifests_validate_against_the_kubernetes_schemas():
-    manifests = [K8S / "configmap.yaml", K8S / "deployment.yaml"]
+    manifests = [K8S / "configmap.yaml", K8S / "deployment.yaml", K8S / "networkpolicy.yaml"]
     done = subprocess.run([_bin("kubernetes-validate"), "--strict", *map(str, manifests)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("passed") == 2
+    assert done.stdout.count("passed") == 3
 
 
 def test_sidecar_wiring_between_manifests_and_config():
@@ -90,7 +90,17 @@ def test_sidecar_wiring_between_manifests_and_config():
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod["metadata"]["labels"].items()
     model = next(c for c in pod["spec"]["containers"] if c["name"] == "model-server")
-    assert {"name": "CANVASWATCH_TARGET", "value": f"127.0.0.1:{config.server.grpc_port}"} in model["env"]
+    # the variable the vLLM plugin reads (a name nothing reads left the pod unmonitored)
+    from canvaswatch.client.vllm_config import load_config
+
+    env = {e["name"]: e["value"] for e in model["env"]}
+    assert load_config(env).target == f"127.0.0.1:{config.server.grpc_port}"
+    # other pods reach the model server and the metrics, not the sidecar's gRPC port
+    policy = yaml.safe_load((K8S / "networkpolicy.yaml").read_text())
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    model_ports = {p["name"] for p in model["ports"]}
+    assert allowed == model_ports | {"cw-metrics"} and "cw-grpc" not in allowed
 
 
 def test_compose_stack_mounts_files_that_exist_and_agree():
