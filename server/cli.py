@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--tls-client-ca", help="overrides server.tls_client_ca (PEM; require client certificates)")
 
     demo = sub.add_parser("demo", help="a sidecar on its defaults plus simulated traffic, to see it work")
-    demo.add_argument("--requests", type=int, default=None,
+    demo.add_argument("--requests", type=_positive, default=None,
                       help="simulated requests to stream (default: every scenario once)")
-    demo.add_argument("--concurrency", type=int, default=4, help="requests streamed at once (default: 4)")
+    demo.add_argument("--concurrency", type=_positive, default=4, help="requests streamed at once (default: 4)")
     demo.add_argument("--grpc-port", type=int, default=50051, help="the demo sidecar's gRPC port (default: 50051)")
     demo.add_argument("--metrics-port", type=int, default=9464, help="its /metrics port (default: 9464)")
     demo.add_argument("--serve-after", action="store_true", help="keep the sidecar up after the traffic (Ctrl-C to stop)")
@@ -67,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
     record = sub.add_parser("simulate", help="write simulated traces (labelled SIMULATED) to a .cwtrace file")
     record.add_argument("output")
-    record.add_argument("--requests", type=int, default=8, help="simulated requests to write (default: 8)")
+    record.add_argument("--requests", type=_positive, default=8, help="simulated requests to write (default: 8)")
     record.add_argument("--seed", type=int, default=0, help="seed of the simulation: same seed, same traces")
     record.add_argument("--corpus", action="store_true",
                         help="the labelled eval corpus: every scenario --per-scenario times (ignores --requests)")
-    record.add_argument("--per-scenario", type=int, default=20, help="with --corpus: requests per scenario (default: 20)")
+    record.add_argument("--per-scenario", type=_positive, default=20, help="with --corpus: requests per scenario (default: 20)")
     record.add_argument("--profile", default=None,
                         help="simulated dynamics calibrated to the real model: default, hot, high_entropy or "
                              "default_noise_drafts (default: default_noise_drafts)")
@@ -445,6 +445,17 @@ def _request_id(trace) -> str:
 
 def _some(ids: list[str]) -> str:
     return ", ".join(ids[:5]) + (f", ... ({len(ids)} in all)" if len(ids) > 5 else "")
+
+
+def _positive(value: str) -> int:
+    """A count of at least 1 (0 or less started a sidecar and then failed, or quietly did nothing)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return number
 
 
 def _host_port(value: str) -> str:

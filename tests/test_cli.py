@@ -237,6 +237,15 @@ def test_a_target_without_a_port_is_refused_instead_of_dialling_443(trace_file, 
     assert exited.value.code == 2 and "expected HOST:PORT" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["demo", "--concurrency", "0"], ["demo", "--requests", "-1"],
+                                  ["simulate", "x.cwtrace", "--requests", "0"], ["simulate", "x.cwtrace", "--requests", "2.5"]])
+def test_counts_below_one_are_refused_before_anything_starts(argv, capsys):
+    # demo --concurrency 0 started a sidecar, then died with a traceback; simulate --requests -1 wrote nothing, exit 0
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and "expected a whole number >= 1" in capsys.readouterr().err
+
+
 def test_check_says_simulated_for_simulated_traces(trace_file, capsys):
     assert main(["check", str(trace_file)]) == 0
     verdict_lines = [line for line in capsys.readouterr().out.splitlines() if " max=" in line]

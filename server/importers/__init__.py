@@ -63,6 +63,7 @@ FORMATS: dict[str, CaptureFormat] = {
 }
 
 DEFAULT_K = 4
+MAX_K = 1024  # as dense.k: a top-k wider than this is no bottleneck
 _OPTION_NAMES = tuple(f.name for f in dataclasses.fields(ImportOptions) if not f.name.startswith("_"))
 
 
@@ -81,8 +82,9 @@ def import_capture(format: str, path: Path, *, rule: str = "committed", k: int =
         raise ValueError(f"unknown capture format {format!r}; one of {', '.join(FORMATS)}")
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; one of {', '.join(RULES)}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if not isinstance(k, int) or not 1 <= k <= MAX_K:
+        # the traces hold [steps, L, k] ids and probabilities: --k 100000 grew past 11 GB without a word
+        raise ValueError(f"k must be an integer in [1, {MAX_K}] (the sidecar's own bound on dense.k), got {k!r}")
     unknown = sorted(set(opts) - set(_OPTION_NAMES))
     if unknown:
         raise ValueError(f"unknown option {unknown[0]!r}; options: {', '.join(_OPTION_NAMES)}")

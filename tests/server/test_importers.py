@@ -619,7 +619,8 @@ def _late_lock():
     (_late_lock(), ["{capture}"], "films_order.json: [0].lock[0]: lock step 8 is beyond T"),
     ({"not": "a list"}, ["{capture}"], "films_order.json: (top level): expected a list"),
     ([films_run()], ["{absent}"], "absent.json: (file): cannot read"),
-    ([films_run()], ["{capture}", "--k", "0"], "k must be a positive integer"),
+    ([films_run()], ["{capture}", "--k", "0"], "k must be an integer in [1, 1024]"),
+    ([films_run()], ["{capture}", "--k", "100000"], "k must be an integer in [1, 1024]"),  # grew past 11 GB
     ([films_run()], ["{capture}", "--rule", "entropy", "--curves", "{absent}"], "absent.json: (file)"),
 ])
 def test_import_command_refuses_bad_input_in_one_line_with_exit_2(tmp_path, capsys, data, argv, message):
