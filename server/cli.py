@@ -268,7 +268,11 @@ def _offline_engine(config_path: str | None):
     config = load_config(config_path)
     config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, audit_log=""))
     configure_logging("error")
-    return Engine(config, load_vocabulary(config.vocab.tokenizer))
+    engine = Engine(config, load_vocabulary(config.vocab.tokenizer))
+    if not engine.monitors:
+        print(f"canvaswatch: {config_path}: no monitor is enabled (a config with [monitors.*] tables runs only the "
+              "monitors it names and enables)", file=sys.stderr)
+    return engine
 
 
 def _check(args: argparse.Namespace) -> int:

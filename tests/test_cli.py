@@ -268,3 +268,11 @@ def test_version_names_the_installed_package(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["--version"])
     assert exited.value.code == 0 and capsys.readouterr().out.startswith("canvaswatch 0.")
+
+
+def test_a_config_that_enables_no_monitor_says_so(trace_file, tmp_path, capsys):
+    # "[monitors.lexicon] enabled = false" alone runs no monitor at all: a sidecar that watches nothing
+    config = tmp_path / "off.toml"
+    config.write_text("[monitors.lexicon]\nenabled = false\n")
+    assert main(["check", str(trace_file), "--config", str(config)]) == 0
+    assert "no monitor is enabled" in capsys.readouterr().err

@@ -51,6 +51,10 @@ class Engine:
         # Built once per engine and closed once in close(): a constructor may load a model or start a thread.
         self.monitors = monitors if monitors is not None else config.build_monitors()
         self._monitors_closed = False
+        if not self.monitors:
+            # A config that names monitors runs only those: one that only switches one off runs none at all.
+            log.warning("no_monitors_enabled", hint="a config with [monitors.*] tables runs only the monitors it "
+                        "names and enables; to drop one built-in from the defaults, name the others")
         link_phrase_matchers(self.monitors)
         self.reports = (ReportWriter(config.logging.report_dir, config.logging.report_max_files,
                                      content=config.logging.log_content)
