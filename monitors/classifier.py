@@ -77,13 +77,21 @@ class _BatchRunner:
     """The model in one thread; texts from every request batched within a short window."""
 
     def __init__(self, params: ClassifierParams) -> None:
+        from pathlib import Path
+
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        if not Path(params.model).is_dir():
+            # a hub name would be downloaded (or retried against the network for a minute): only local directories
+            raise ValueError(f"model: {params.model!r} is not a directory (a transformers sequence-classification "
+                             "model saved with save_pretrained; nothing is downloaded)")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(params.model)
-            self.model = AutoModelForSequenceClassification.from_pretrained(params.model).to(params.device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(params.model, local_files_only=True)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                params.model, local_files_only=True).to(params.device).eval()
         except Exception as err:
-            raise ValueError(f"model: cannot load a sequence classifier from {params.model!r}: {err}") from None
+            raise ValueError(f"model: cannot load a sequence classifier from {params.model!r}: "
+                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.params = params
         self._batcher: WindowBatcher[str, dict[str, float]] = WindowBatcher(

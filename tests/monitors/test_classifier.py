@@ -69,6 +69,9 @@ def test_configuration_errors_name_the_key(classifier_dir, tmp_path):
         build("classifier", {"model": str(classifier_dir), "flag_labels": ["toxic"]}, "monitors.classifier")
     with pytest.raises(MonitorConfigError, match="monitors.classifier.model: cannot load a sequence classifier"):
         build("classifier", {"model": str(tmp_path)}, "monitors.classifier")
+    # a hub name is not fetched (a networked machine downloaded it; an offline one retried for ~45 s)
+    with pytest.raises(MonitorConfigError, match="model: 'distilbert-base-uncased' is not a directory.*nothing is downloaded"):
+        build("classifier", {"model": "distilbert-base-uncased"}, "monitors.classifier")
 
 
 def test_close_stops_the_model_thread(classifier_dir):
