@@ -86,7 +86,12 @@ class Sidecar:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{s.host}:{s.grpc_port}"
-        if s.grpc_port and _in_use(s.host, s.grpc_port):  # found before gRPC tries: its C core logs a line of its own
+        # Found before gRPC tries (its C core logs a line of its own): a port in use, an address not of this machine.
+        problem = _bind_problem(s.host, s.grpc_port) if s.grpc_port else None
+        if problem is not None and problem.errno != errno.EADDRINUSE:
+            self._stop_workers()
+            raise OSError(f"server.host: cannot bind {s.host}:{s.grpc_port}: {problem.strerror}")
+        if problem is not None:
             self.grpc_port = 0
         else:
             try:
@@ -293,13 +298,15 @@ class SidecarThread:
         self.stop()
 
 
-def _in_use(host: str, port: int) -> bool:
-    """Whether another socket listens on host:port (bound the way gRPC binds, SO_REUSEADDR, so a port in
-    TIME_WAIT is free); False where it cannot tell (an address gRPC itself will judge)."""
+def _bind_problem(host: str, port: int) -> OSError | None:
+    """Why host:port cannot be bound the way gRPC binds it (SO_REUSEADDR, so a port in TIME_WAIT is free):
+    in use (EADDRINUSE), an address not of this machine (EADDRNOTAVAIL), ...; None where it can be, or where
+    this cannot tell (a name that does not resolve: gRPC itself judges)."""
     try:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError):
-        return False
+        return None
+    failures = []
     for family, kind, proto, _, sockaddr in infos:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -307,5 +314,7 @@ def _in_use(host: str, port: int) -> bool:
                 probe.bind(sockaddr)
             except OSError as err:
                 if err.errno == errno.EADDRINUSE:
-                    return True
-    return False
+                    return err
+                failures.append(err)
+    # gRPC binds every address the name gives: it fails only when none can be bound
+    return failures[0] if failures and len(failures) == len(infos) else None

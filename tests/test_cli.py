@@ -175,6 +175,15 @@ def test_a_port_in_use_is_a_clear_error_not_a_traceback(capsys):
     assert f"server.grpc_port: cannot bind 127.0.0.1:{port}" in err and "Traceback" not in err
 
 
+def test_a_host_not_of_this_machine_names_the_host_and_the_reason(capsys):
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine: it said "server.grpc_port ... (in use?)", after a
+    # line of gRPC's C core
+    assert main(["serve", "--host", "192.0.2.1", "--grpc-port", str(_free_port()), "--metrics-port", "-1"]) == 1
+    [line] = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("{")]  # (JSON: the log)
+    assert line.startswith("canvaswatch: server.host: cannot bind 192.0.2.1:") and "in use" not in line
+    assert "assign requested address" in line
+
+
 def test_a_missing_trace_file_is_a_clear_error(capsys, tmp_path):
     assert main(["check", str(tmp_path / "absent.cwtrace")]) == 2  # a usage error, like a file that is no trace
     assert capsys.readouterr().err.strip() == f"canvaswatch: {tmp_path / 'absent.cwtrace'}: no such file"
