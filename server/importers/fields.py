@@ -3,7 +3,7 @@
 Every refusal is a `CaptureError` whose message names the file and the field,
 the way the sidecar names a bad wire field:
 
-    clean.json: lily__0.final_ids: expected 256 integers, got 255
+    clean.json: lily__0.final_ids: expected 256 integers, got 255   (under --canvas-length 256)
 
 Field paths are `<record>.<field>[<index>]`: a record is its key in a JSON
 object (clean.json, anim_curves.json) or `[i]` in a JSON list (gallery.json,

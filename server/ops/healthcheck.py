@@ -13,18 +13,29 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from canvaswatch.server.transport.status import SERVICE_NAME as SERVICE
 
 
-def check(target: str, timeout: float = 2.0) -> bool:
+def status(target: str, timeout: float = 2.0) -> str:
+    """The service's health status name (SERVING, NOT_SERVING, ...), or why there is none."""
     with grpc.insecure_channel(target) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=timeout)
-        except grpc.RpcError:
-            return False
-    return response.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError as err:
+            return f"no answer ({err.code().name})"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def check(target: str, timeout: float = 2.0) -> bool:
+    return status(target, timeout) == "SERVING"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when SERVING; else 1, with one line saying what the sidecar answered (a container's health log)."""
     args = sys.argv[1:] if argv is None else argv
-    return 0 if check(args[0] if args else "127.0.0.1:50051") else 1
+    target = args[0] if args else "127.0.0.1:50051"
+    found = status(target)
+    if found == "SERVING":
+        return 0
+    print(f"canvaswatch healthcheck: {target}: {found}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

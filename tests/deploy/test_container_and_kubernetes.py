@@ -50,13 +50,14 @@ def test_dockerfile_is_multistage_non_root_with_a_grpc_health_check_and_ci_insta
     assert "--chown=10001:10001 /opt/canvaswatch-cache" in final_stage
 
 
-def test_healthcheck_command_reports_serving_and_down(vocab, dense, tmp_path):
+def test_healthcheck_command_reports_serving_and_down(vocab, dense, tmp_path, capsys):
     running = start_sidecar(vocab, tmp_path, dense=dense)
     try:
         assert healthcheck([running.target]) == 0
     finally:
         running.thread.stop()
     assert healthcheck([running.target]) == 1
+    assert capsys.readouterr().err.strip() == f"canvaswatch healthcheck: {running.target}: no answer (UNAVAILABLE)"
 
 
 @pytest.mark.skipif(_bin("kubernetes-validate") is None, reason="needs kubernetes-validate (in the test extras)")
