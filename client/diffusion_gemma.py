@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from typing import Sequence
 
 import grpc
@@ -155,7 +156,11 @@ class CanvasWatchStreamer:
     # ---- results ----------------------------------------------------------------------------
 
     def verdicts(self, timeout: float | None = 30.0) -> list[pb.Verdict]:
-        return [stream.result(timeout) for stream in self.streams]
+        """Every batch row's verdict, waiting at most `timeout` seconds in all (not per row)."""
+        if timeout is None:
+            return [stream.result(None) for stream in self.streams]
+        deadline = time.monotonic() + timeout
+        return [stream.result(max(0.0, deadline - time.monotonic())) for stream in self.streams]
 
     @property
     def dropped(self) -> int:

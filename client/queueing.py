@@ -92,6 +92,8 @@ class StepQueue:
             self._items.clear()
             self._closed = True
             self._ready.notify_all()
+        if self._on_put is not None:
+            self._on_put()  # an asyncio sender waiting for the next item sees the queue closed and ends
 
     @property
     def closed(self) -> bool:

@@ -112,6 +112,24 @@ def test_async_stream_end_to_end(sidecar):
     assert verdict.steps_seen + verdict.steps_dropped == 20 and verdict.steps_dropped == dropped
 
 
+def test_an_async_stream_the_sidecar_refused_leaves_no_task_waiting(sidecar):
+    # The sender waited for the next step forever once the call had failed (nothing woke it): a request
+    # that neither finishes nor cancels left a pending task per stream behind.
+    async def run():
+        async with grpc.aio.insecure_channel(sidecar.target, options=channel_options()) as channel:
+            stream = AsyncWatchStream(channel, info_for("refused", L + 1), max_pending=64)  # L + 1: shapes disagree
+            stream.send(_step(0))
+            with pytest.raises(WatchError):
+                await stream.result(timeout=30)
+            for _ in range(50):
+                await asyncio.sleep(0.02)
+                if len(asyncio.all_tasks()) == 1:
+                    break
+            return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    assert asyncio.run(run()) == []
+
+
 def test_many_concurrent_async_streams_each_get_their_verdict(sidecar, vocab):
     from canvaswatch.client import simulate
 
