@@ -25,7 +25,7 @@ from canvaswatch.server.ops.audit import AuditLog
 from canvaswatch.server.config import Config
 from canvaswatch.server.pipeline.wire import request_meta
 from canvaswatch.server.bottleneck.step_decoder import StepDecoder
-from canvaswatch.server.errors import invalid
+from canvaswatch.server.errors import StepError, invalid
 from canvaswatch.server.bottleneck.batching import DenseBatcher
 from canvaswatch.server.bottleneck.contract import Decoder
 from canvaswatch.server.bottleneck.dense import build_dense_decoder
@@ -40,6 +40,10 @@ from canvaswatch.server.pipeline.sinks.report import ReportSink
 from canvaswatch.v1 import monitor_pb2 as pb
 
 log = structlog.get_logger(__name__)
+
+# A request's output ids (the final message): its canvases' tokens, e.g. 256 blocks of L = 4,096. More is no
+# output but a memory attack: as Python ints the ids cost ~14x their wire size, under the GIL.
+MAX_OUTPUT_IDS = 1 << 20
 
 
 class Engine:
@@ -146,6 +150,10 @@ class Engine:
 
     def open(self, info: pb.RequestInfo, where: str, keep_history: bool = False) -> Session:
         meta = request_meta(info, where, self.config.server.max_prompt_ids)
+        ids = meta.prompt_ids
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab.size):
+            # as every other id field: a plugin decoding the prompt must not meet an id the vocabulary lacks
+            raise invalid(f"{where}.prompt_ids: id outside the vocabulary [0, {self.vocab.size})")
         # debug: request_finished is the one info line a request gets (it names the model and canvas too);
         # per-request log lines cost sidecar CPU under request-rate load (BENCHMARKS.md, "Per-request log lines")
         log.debug("request_started", request_id=meta.request_id, model=meta.model, canvas_length=meta.canvas_length)
@@ -158,6 +166,8 @@ class Engine:
         """Validate, decode and monitor one message (final ones included, for their state)."""
         if message.WhichOneof("state") is None and not message.final and message.HasField("info") and session.last is None:
             return []  # a header: the first message may carry only the request's info
+        if message.final:
+            self._output_of(message, where)  # refused before its state reaches the monitors and the sinks
         previous = session.last
         if message.WhichOneof("state") is not None:
             # A final message without a state carries no step, so only states are ordered.
@@ -176,10 +186,19 @@ class Engine:
         return session.on_step(decoded)
 
     def finish(self, session: Session, message: pb.StepState, where: str) -> tuple[list[Flag], SessionVerdict]:
-        output = tuple(message.output_ids)
-        if any(not 0 <= token < self.vocab.size for token in output):
-            raise invalid(f"{where}.output_ids: id outside the vocabulary [0, {self.vocab.size})")
+        output = self._output_of(message, where)
         return session.finish(output, self.vocab.decode(output))
+
+    def _output_of(self, message: pb.StepState, where: str) -> tuple[int, ...]:
+        """The final message's output ids, checked: at most MAX_OUTPUT_IDS, each in the vocabulary."""
+        count = len(message.output_ids)
+        if count > MAX_OUTPUT_IDS:
+            raise invalid(f"{where}.output_ids: {count} ids, more than {MAX_OUTPUT_IDS} (a request's output is "
+                          "its canvases' tokens)")
+        output = tuple(message.output_ids)
+        if output and (min(output) < 0 or max(output) >= self.vocab.size):
+            raise invalid(f"{where}.output_ids: id outside the vocabulary [0, {self.vocab.size})")
+        return output
 
     def history_of(self, trace: pb.Trace) -> RequestHistory:
         """Check a trace and keep what a report shows: every step's top-1, the flags, the output."""
@@ -200,18 +219,26 @@ class Engine:
         info = first.info if first.HasField("info") else trace.info
         if not info.request_id and not info.canvas_length:
             raise invalid("info: required on the trace or its first step")
-        session = self.open(info, "info", keep_history=keep_history)
+        try:
+            session = self.open(info, "info", keep_history=keep_history)
+        except StepError:
+            self.metrics.requests.labels(self.metrics.model_label(info.model), "invalid").inc()  # as Watch counts it
+            raise
         if opened is not None:
             opened(session)
-        for index, message in enumerate(trace.steps):
-            where = f"steps[{index}]"
-            self.step(session, message, where)
-            if message.final:
-                if index != len(trace.steps) - 1:
+        try:
+            for index, message in enumerate(trace.steps):
+                where = f"steps[{index}]"
+                if message.final and index != len(trace.steps) - 1:
                     raise invalid(f"{where}.final: the final step must be the last one")
-                _, verdict = self.finish(session, message, where)
-                self.metrics.requests.labels(session.model_label, "truncated" if verdict.flags_dropped else "ok").inc()
-                return verdict, session
+                self.step(session, message, where)
+                if message.final:
+                    _, verdict = self.finish(session, message, where)
+                    self.metrics.requests.labels(session.model_label, "truncated" if verdict.flags_dropped else "ok").inc()
+                    return verdict, session
+        except StepError:
+            self.metrics.requests.labels(session.model_label, "invalid").inc()
+            raise
         self.metrics.requests.labels(session.model_label, "incomplete").inc()
         raise invalid(f"steps[{len(trace.steps) - 1}].final: the trace ends without a final step")
 

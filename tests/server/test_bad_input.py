@@ -298,3 +298,50 @@ def test_bytes_that_are_not_protobuf_get_invalid_argument_and_no_traceback(vocab
     assert good.request_id == "after-bytes"
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
+
+
+def test_check_refusals_are_counted_and_a_bad_final_reaches_no_monitor(vocab):
+    """A refused Check counts as invalid (as Watch counts it); a final message refused for its output ids
+    is refused before its state reaches the monitors and the sinks; output ids and prompt ids are bounded."""
+    from canvaswatch.client import simulate
+    from canvaswatch.server.config import load_config
+    from canvaswatch.server.errors import StepError
+    from canvaswatch.server.pipeline.engine import MAX_OUTPUT_IDS, Engine
+
+    engine = Engine(load_config(None), vocab)
+
+    def invalid_count() -> float:
+        return sum(engine.metrics.registry.get_sample_value("canvaswatch_requests_total", {"model": m, "outcome": "invalid"})
+                   or 0.0 for m in ("simulated/diffusion", "other", ""))
+
+    def refused(trace, message: str) -> None:
+        before = invalid_count()
+        with pytest.raises(StepError) as caught:
+            engine.check_trace(trace)
+        assert message in caught.value.message and invalid_count() == before + 1
+
+    def trace(request_id: str):
+        return simulate.scenario("self_correction", vocab.encode, vocab.size, request_id=request_id, seed=1)
+
+    def steps_decoded() -> float:
+        return engine.metrics.registry.get_sample_value("canvaswatch_steps_total", {"model": "simulated/diffusion"}) or 0.0
+
+    bad_final = trace("bad-final")
+    del bad_final.steps[-1]  # the last state becomes the final message, with an id the vocabulary lacks
+    bad_final.steps[-1].final = True
+    bad_final.steps[-1].output_ids.extend([3000, vocab.size])
+    before = steps_decoded()
+    refused(bad_final, "output_ids: id outside the vocabulary")
+    assert steps_decoded() == before + len(bad_final.steps) - 1  # the final's state was never decoded or monitored
+    too_long = trace("too-long")
+    too_long.steps[-1].output_ids.extend([1] * (MAX_OUTPUT_IDS + 1))
+    refused(too_long, f"more than {MAX_OUTPUT_IDS}")
+    repeated = trace("repeated")
+    repeated.steps.insert(1, repeated.steps[1])
+    refused(repeated, "steps must increase")
+    bad_prompt = trace("bad-prompt")
+    info = bad_prompt.steps[0].info if bad_prompt.steps[0].HasField("info") else bad_prompt.info
+    info.prompt_ids.append(-1)
+    refused(bad_prompt, "prompt_ids: id outside the vocabulary")
+    assert engine.check_trace(trace("good")).steps_seen > 0
+    engine.close()
