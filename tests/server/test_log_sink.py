@@ -3,6 +3,7 @@ rest are counted in request_finished. The audit log and the events still get eve
 
 from __future__ import annotations
 
+import collections
 import types
 
 from canvaswatch.monitors.base import Flag, Severity
@@ -11,8 +12,16 @@ from canvaswatch.server.pipeline.sinks.log import LogSink
 from canvaswatch.server.pipeline.verdict import SessionVerdict
 
 
-def _record(request_id: str):
-    return types.SimpleNamespace(meta=types.SimpleNamespace(request_id=request_id, model="m", canvas_length=8))
+_RECORDS: dict[str, object] = {}
+
+
+def _record(request_id: str, fresh: bool = False):
+    """The request's one record (a session keeps one); `fresh`: a new request with the same id."""
+    if fresh or request_id not in _RECORDS:
+        _RECORDS[request_id] = types.SimpleNamespace(
+            meta=types.SimpleNamespace(request_id=request_id, model="m", canvas_length=8),
+            flags_by_monitor=collections.Counter())
+    return _RECORDS[request_id]
 
 
 class _Events(list):
@@ -32,6 +41,7 @@ def test_flag_lines_stop_at_the_bound_per_monitor_and_request_finished_counts_th
     events = _Events()
     monkeypatch.setattr(log_sink, "log", events)
     sink = LogSink(log_content=False, max_per_monitor=2)
+    _record("r1", fresh=True), _record("r2", fresh=True)
     for i in range(5):
         sink.on_flag(_record("r1"), Flag("storm", Severity.INFO, f"flag {i}"))
     sink.on_flag(_record("r1"), Flag("lexicon", Severity.WARNING, "phrase"))
@@ -45,13 +55,17 @@ def test_flag_lines_stop_at_the_bound_per_monitor_and_request_finished_counts_th
     assert finished["r1"]["flags_not_logged"] == 3
     assert finished["r1"]["model"] == "m" and finished["r1"]["canvas_length"] == 8  # the request's one info line
     assert "flags_not_logged" not in finished["r2"]
-    assert sink._counts == {}  # a finished request is forgotten
 
 
-def test_requests_that_never_finish_do_not_grow_the_table(monkeypatch):
-    monkeypatch.setattr(log_sink, "MAX_TRACKED_REQUESTS", 3)
-    monkeypatch.setattr(log_sink, "log", _Events())
-    sink = LogSink(log_content=False, max_per_monitor=1)
-    for i in range(10):
-        sink.on_flag(_record(f"cancelled-{i}"), Flag("m", Severity.INFO, "x"))
-    assert list(sink._counts) == ["cancelled-7", "cancelled-8", "cancelled-9"]
+def test_a_request_that_never_finished_passes_no_count_to_a_retry_with_its_id(monkeypatch):
+    # Counts were kept by request id until a verdict: a refused or cancelled request's counts went to its
+    # retry, whose flag lines were then suppressed from the first step.
+    events = _Events()
+    monkeypatch.setattr(log_sink, "log", events)
+    sink = LogSink(log_content=False, max_per_monitor=2)
+    refused = _record("req-1", fresh=True)
+    for _ in range(5):
+        sink.on_flag(refused, Flag("storm", Severity.INFO, "refused"))  # ... then refused: no verdict
+    retry = _record("req-1", fresh=True)
+    sink.on_flag(retry, Flag("storm", Severity.INFO, "retry"))
+    assert [e["reason"] for e in events if e["event"] == "flag_raised"] == ["refused", "refused", "retry"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import collections
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +20,9 @@ class RequestRecord:
     model_label: str  # the bounded metrics label for meta.model (Metrics.model_label)
     history: RequestHistory | None = None  # steps kept for a report, when one is wanted
     report_path: Path | None = None  # where the report goes if the request is flagged (logging.report_dir)
+    # flags raised so far per monitor, for the process log's bound (sinks/log.py): with the request, so a
+    # request that never finishes leaves nothing behind and another with the same id starts from zero
+    flags_by_monitor: collections.Counter = field(default_factory=collections.Counter, compare=False)
 
 
 class Sink(Protocol):
