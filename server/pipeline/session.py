@@ -52,6 +52,8 @@ log = structlog.get_logger(__name__)
 
 
 SUMMARY_MONITOR = "canvaswatch"  # the verdict's summary of the flags it left out
+# A verdict's bytes besides its flags, its request id and its monitor_errors: the counts, severity, tags.
+VERDICT_FIXED_BYTES = 64
 MAX_ERROR_CHARS = 1000  # a monitor_errors entry (a plugin's exception text can be anything)
 
 
@@ -167,17 +169,35 @@ class Session:
         return new, verdict
 
     def verdict(self) -> SessionVerdict:
-        flags = tuple(self.flags)
-        dropped = sum(self.dropped_by_monitor.values())
-        if dropped:
-            flags += (self._summary(dropped),)
+        """The verdict, within server.max_verdict_bytes as a whole: the kept flags are charged as they come,
+        and the rest (the id, monitor_errors, the summary flag) is made room for here by leaving out the
+        last kept flags (counted like any flag past the bounds), then by shortening monitor_errors."""
+        limit = self.settings.max_verdict_bytes
+        errors = tuple(self.errors)
+        while True:
+            flags = tuple(self.flags)
+            dropped = sum(self.dropped_by_monitor.values())
+            if dropped:
+                flags += (self._summary(dropped),)
+            size = (VERDICT_FIXED_BYTES + len(self.meta.request_id.encode()) + sum(map(wire_size, flags))
+                    + sum(len(e.encode()) + 6 for e in errors))
+            if size <= limit or not self.flags:
+                break
+            left_out = self.flags.pop()
+            self.kept_bytes -= wire_size(left_out)
+            self.kept_by_monitor[left_out.monitor] -= 1
+            self.dropped_by_monitor[left_out.monitor] += 1
+            self.dropped_severity = max(self.dropped_severity or left_out.severity, left_out.severity)
+        if size > limit and errors:
+            room = max(0, limit - (size - sum(len(e.encode()) + 6 for e in errors))) // len(errors) - 6
+            errors = tuple(e.encode()[:max(room, 0)].decode(errors="ignore") for e in errors)
         return SessionVerdict(
             request_id=self.meta.request_id,
             flags=flags,
             max_severity=max((f.severity for f in flags), default=None),
             steps_seen=self.steps_seen,
             steps_dropped=self.client_dropped,
-            monitor_errors=tuple(self.errors),
+            monitor_errors=errors,
             flags_dropped=dropped,
         )
 

@@ -259,7 +259,9 @@ def test_a_client_acting_on_events_sees_each_monitors_first_flag_at_each_severit
             counts[m] += 1
             expected_kept.append((m, s))
     kept = [(f.monitor, f.severity) for f in session.verdict().flags if f.monitor != "canvaswatch"]
-    assert kept == expected_kept  # each monitor's first `bound` flags while the bytes last, events or not
+    # each monitor's first `bound` flags while the bytes last, events or not; the last of them may have made
+    # room for the rest of the verdict (its id, the summary), which these tiny budgets cannot hold anyway
+    assert kept == expected_kept[:len(kept)]
 
 
 def _flag(reason: str = "r", positions: int = 3, attributes: int = 1) -> Flag:
@@ -327,3 +329,27 @@ def test_prompt_ids_off_the_wire_reach_monitors_as_the_ids_sent():
     meta = request_meta(_info(prompt_ids=ids), "message[0].info")
     assert meta.prompt_ids.dtype == np.int32 and meta.prompt_ids.tolist() == ids
     assert not meta.prompt_ids.flags.writeable
+
+
+def test_the_whole_verdict_fits_max_verdict_bytes_with_errors_and_the_summary():
+    """Only the kept flags were charged against server.max_verdict_bytes: the summary flag, monitor_errors
+    and the request id came on top (a review measured 7,482 bytes under a 4,096 limit)."""
+    import types
+
+    from canvaswatch.server.pipeline.session import Session, SessionSettings
+    from canvaswatch.server.pipeline.wire import verdict_to_pb
+
+    failing = [_FloodsThenFails(per_step=0, fails_at=1) for _ in range(3)]
+    for index, monitor in enumerate(failing):
+        monitor.name = f"fails_{index}"
+    monitors = [_FloodsThenFails(per_step=100, fails_at=0), *failing]
+    session = Session(meta=RequestMeta("r" * 256, "m", "", (), 8, 0, {}), monitors=monitors, metrics=Metrics(),
+                      sinks=[], settings=SessionSettings(max_flags_per_monitor=1000, max_verdict_bytes=4096))
+    for _ in range(3):
+        session.on_step(types.SimpleNamespace(residual_mean=None))
+    _, verdict = session.finish((), "")
+    message = verdict_to_pb(verdict)
+    assert message.ByteSize() <= 4096
+    assert len(message.monitor_errors) == 3 and verdict.flags_dropped > 0
+    assert message.flags[-1].monitor == "canvaswatch"  # the summary is there, counting what was left out
+    assert int(message.flags[-1].attributes["flags_dropped"]) == verdict.flags_dropped == 300 - (len(message.flags) - 1)
