@@ -49,13 +49,17 @@ instead of the full float32 pass an exact normalisation would cost.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from canvaswatch.server.bottleneck.contract import Candidates
-from canvaswatch.server.bottleneck.projection import Projection
+from canvaswatch.server.bottleneck.projection import Projection, project_topk_chunked
 
 _U32 = 2.0**-24  # unit roundoff of float32
 _BLOCK = 64  # columns per block maximum in the chunk filter
+# Candidates per position past which the screen has failed to screen (ordinary rows: 10-20 a position)
+MAX_CANDIDATES_PER_POSITION = 4096
 
 
 class ScreenedIndex:
@@ -140,6 +144,7 @@ class ScreenedIndex:
         best_maxima = None
         pieces_rows, pieces_ids, pieces_a = [], [], []
         chunk_log_z = []
+        candidates, most = 0, MAX_CANDIDATES_PER_POSITION * h.shape[0]
         for start in range(0, self.vocab_size, chunk):
             scores = torch._int_mm(p8, self.codes[start : start + chunk].T)  # [L, C] int32, exact
             blocked = scores.shape[1] % _BLOCK == 0
@@ -162,6 +167,15 @@ class ScreenedIndex:
                 kth = torch.maximum(kth, best_maxima.min(dim=1).values)
             threshold = (kth - torch.floor(2 * delta_int).long()).clamp(-(2**31), 2**31 - 1).to(torch.int32)
             rows, cols, values = _above(scores, block_max if blocked else None, threshold)
+            candidates += len(rows)
+            if candidates > most:
+                # The screen excludes (almost) nothing: rows whose logits (nearly) all tie, e.g. an all-zero
+                # hidden state. Rescoring every candidate would gather [candidates, d] matrices (hundreds of
+                # GB for a 256-position step over Gemma's vocabulary): the exact chunked path instead.
+                exact = project_topk_chunked(hidden, self.embeddings, k, projection)
+                return dataclasses.replace(exact, values=exact.values.double(),
+                                           log_z=exact.log_z if with_log_z else None,
+                                           rescored=torch.full((h.shape[0],), self.vocab_size, dtype=torch.long))
             pieces_rows.append(rows)
             pieces_ids.append(cols + start)
             pieces_a.append(values)

@@ -59,6 +59,29 @@ def test_ties_go_to_the_smaller_id():
     _assert_exact(found, hidden, embeddings, 4)
 
 
+def test_rows_the_screen_cannot_screen_take_the_exact_path_with_bounded_work(monkeypatch):
+    # An all-zero hidden state ties every logit: the screen excluded nothing and rescoring gathered a
+    # [L x V, d] matrix (hundreds of GB for a Gemma step). Past the candidate bound: the exact chunked path.
+    from canvaswatch.server.bottleneck import screened
+
+    generator = torch.Generator().manual_seed(4)
+    embeddings = torch.randn(16_384, 64, generator=generator)
+    index = ScreenedIndex(embeddings)
+    hidden = torch.zeros(4, 64)
+    hidden[3] = torch.randn(64, generator=generator)  # one ordinary row among them
+    gathered = []
+    original = ScreenedIndex._score_in_float32
+    monkeypatch.setattr(ScreenedIndex, "_score_in_float32",
+                        lambda self, h, rows, ids: gathered.append(len(ids)) or original(self, h, rows, ids))
+    found = index.topk(hidden, 8)
+    assert not gathered  # nothing rescored one token at a time
+    assert int(found.rescored.max()) == 16_384 <= screened.MAX_CANDIDATES_PER_POSITION * 4  # counted as all scored
+    values, ids, log_z = _brute_force(hidden, embeddings, 8)
+    assert torch.equal(found.ids[3], ids[3])
+    torch.testing.assert_close(found.values, values, atol=1e-4, rtol=0)  # the exact path computes in float32
+    torch.testing.assert_close(found.log_z.double(), log_z, atol=1e-4, rtol=0)
+
+
 def test_real_gemma_embeddings_match_the_brute_force(gemma_embeddings, vocab):
     ids = vocab.encode("To reset your router, unplug it for thirty seconds.")
     generator = torch.Generator().manual_seed(4)
