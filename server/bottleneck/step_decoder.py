@@ -197,7 +197,8 @@ class StepDecoder:
                 raise invalid(f"{where}.logits: every logit is -inf at position {position}; a position needs a finite logit")
             raise invalid(f"{where}.logits: logit {value:g} at position {position} is above {MAX_ABS_LOGIT:g}")
         kept = self.dense.decode_logits(logits)
-        return kept.ids.long(), kept.probs, kept.residual
+        # A slot of probability 0 (a row with fewer finite logits than k) is empty, id 0, as in the topk form
+        return kept.ids.long().masked_fill(kept.probs <= 0, 0), kept.probs, kept.residual
 
     def _read_embeddings(self, tensor: pb.Tensor, length: int, where: str) -> tuple[torch.Tensor, ...]:
         hidden = self._dense_rows(tensor, "embeddings", length, where)

@@ -78,3 +78,12 @@ def test_an_id_outside_the_vocabulary_in_a_padding_slot_is_cleared_not_refused()
     ids[1, 2] = 5000  # its slot holds probability 0
     step = _decoder().decode(_message(ids, PROBS), 2, "m")
     assert step.ids.tolist() == [[5, 6, 7], [8, 9, 0]]
+
+
+def test_the_logits_form_clears_empty_slots_like_the_topk_form():
+    # A row with fewer finite logits than k: its slots past them hold probability 0 and id 0 in both forms.
+    logits = torch.full((2, _Vocab.size), float("-inf"))
+    logits[:, 7], logits[:, 9] = 2.0, 1.0
+    step = _decoder().decode(pb.StepState(logits=encode_tensor(logits)), 2, "m")
+    assert step.ids_np[:, :2].tolist() == [[7, 9], [7, 9]]
+    assert (step.ids_np[:, 2:] == 0).all() and (step.probs_np[:, 2:] == 0).all()
