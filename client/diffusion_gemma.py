@@ -12,6 +12,11 @@ Two ways to feed it:
 - logits mode (default): transformers copies the full [B, L, V] logits to the
   CPU for the streamer every step (~268 MB at L=256, V=262,144, float32); the
   streamer only queues a reference and the top-k runs on its sender thread.
+  Each queued step keeps the whole [B, L, V] tensor alive until every row has
+  sent or dropped it, and the rows' queues (max_pending each) drain on their
+  own: max_pending steps' logits when the rows keep pace, up to
+  B x max_pending when they do not (a batch of 8 at max_pending 8: up to 64
+  copies of [8, L, V]). For batches, prefer on-device mode.
 - on-device mode (`attach_bottleneck(model, streamer)`): a hook computes the
   top-k where the logits live, right after each denoising step, and only the
   [B, L, k] ids and probabilities leave the device (k = 8: 16 KB a step at
