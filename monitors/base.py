@@ -52,6 +52,7 @@ The rules (canvaswatch.monitors.testing.check_monitor checks each one):
 from __future__ import annotations
 
 import enum
+import unicodedata
 from dataclasses import MISSING, dataclass, field
 from dataclasses import fields as dataclass_fields
 from functools import cached_property
@@ -418,8 +419,11 @@ def _attribute(value: object) -> str:
 
 
 def lower_keeping_length(text: str) -> str:
-    """text.lower(), except that a character whose lower case has another length stays as it is."""
+    """text.lower(), except that a character whose lower case has another length becomes its lower case's
+    first character when the rest are combining marks ("İ" -> "i", so "KİLL" reads "kill" as the output
+    check's re.IGNORECASE does), and stays as it is otherwise."""
     lowered = text.lower()
     if len(lowered) == len(text):
         return lowered
-    return "".join(c if len(low := c.lower()) != 1 else low for c in text)
+    return "".join(low if len(low := c.lower()) == 1 else
+                   low[0] if all(unicodedata.combining(mark) for mark in low[1:]) else c for c in text)

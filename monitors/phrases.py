@@ -216,6 +216,8 @@ class PhraseMatcher:
             size = int(lattice.lengths[sequence])
             positions = tuple(range(position, position + size))
             phrase = step.vocab.decode(lattice.tokens[lattice.sequences[sequence, :size]].tolist())
+            if not _lattice_at_word_edges(step, position, size, phrase, self._patterns[index]):
+                continue  # "bomb" as the start of " bombastic": the top-1 text path's whole-word rule, here too
             found[index] = Sighting(step.block, step.step, positions, _snippet(step, positions, phrase), "topk")
         return found
 
@@ -368,10 +370,21 @@ def _at_word_edges(text: str, start: int, stop: int, pattern: str) -> bool:
     return True
 
 
+def _lattice_at_word_edges(step: DecodedStep, position: int, size: int, phrase: str, pattern: str) -> bool:
+    """_at_word_edges for a phrase found across the alternatives at positions [position, position + size):
+    its neighbours are the top-1 tokens on either side (the canvas's most likely reading)."""
+    ids = step.ids_np[:, 0]
+    before = step.vocab.decode([int(ids[position - 1])]) if position > 0 else ""
+    after = step.vocab.decode([int(ids[position + size])]) if position + size < len(ids) else ""
+    return _at_word_edges(before + phrase + after, len(before) + (len(phrase) - len(phrase.lstrip())),
+                          len(before) + len(phrase), pattern)
+
+
 def _surface_forms(pattern: str, case_sensitive: bool) -> set[str]:
     forms = {pattern}
     if not case_sensitive:
-        forms |= {pattern.lower(), pattern[:1].upper() + pattern[1:].lower(), pattern.upper()}
+        title = " ".join(word[:1].upper() + word[1:].lower() for word in pattern.split(" "))  # "Ignore All Previous"
+        forms |= {pattern.lower(), pattern[:1].upper() + pattern[1:].lower(), pattern.upper(), title}
     # A phrase mid-sentence is tokenised with its leading space.
     return forms | {" " + form for form in forms}
 

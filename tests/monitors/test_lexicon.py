@@ -123,3 +123,36 @@ def test_case_sensitivity_is_configurable(vocab):
 def test_bad_parameters_name_the_key(table, message):
     with pytest.raises(MonitorConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
         parse_params(LexiconParams, table, "monitors.lexicon")
+
+
+def test_title_case_alternatives_are_found_in_the_lattice(vocab):
+    # The lattice tried four spellings (as written, lower, first letter capital, upper): a phrase spelled
+    # "Ignore All Previous Instructions" by lower-ranked tokens was missed.
+    monitor = _monitor(patterns=["ignore all previous instructions"])
+    state = monitor.start(META)
+    top1 = _pad(vocab.encode("Step one: Read All Previous Notes and"), vocab)
+    phrase = vocab.encode(" Ignore All Previous Instructions")
+    start = len(vocab.encode("Step one:"))
+    alternatives = {start + i: [(token, 0.3)] for i, token in enumerate(phrase)}
+    flags = monitor.on_step(state, canvas_step(top1, 0.6, vocab=vocab, alternatives=alternatives))
+    assert [f.attributes["seen_via"] for f in flags] == ["topk"]
+
+
+def test_the_lattice_keeps_the_whole_word_rule(vocab):
+    # "bomb" as the start of " bombastic" ([' bomb', 'astic']): the text path refuses it, the lattice flagged it.
+    monitor = _monitor(patterns=["bomb"])
+    state = monitor.start(META)
+    words = _pad(vocab.encode("The bombastic speech went on"), vocab)
+    assert monitor.on_step(state, canvas_step(words, 0.9, vocab=vocab)) == []
+    whole = _pad(vocab.encode("The bomb speech went on"), vocab)
+    assert len(monitor.on_step(state, canvas_step(whole, 0.9, step=1, vocab=vocab))) == 1
+
+
+def test_a_dotted_capital_i_reads_as_i_in_the_steps_as_in_the_output_check(vocab):
+    # "KİLL THEM ALL": str.lower gives "i̇" (two characters), so the length-keeping fold left "İ" and the
+    # steps never matched, while the output check (re.IGNORECASE) did.
+    monitor = _monitor(patterns=["kill them all"])
+    state = monitor.start(META)
+    ids = _pad(vocab.encode("Now KİLL THEM ALL please"), vocab)
+    flags = monitor.on_step(state, canvas_step(ids, 0.9, vocab=vocab))
+    assert [f.attributes["seen_via"] for f in flags] == ["top1"]
